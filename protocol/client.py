@@ -1,0 +1,341 @@
+"""The strict client: one persistent multiplexed connection, three possible endings per call.
+
+A call returns its result, raises `IpcHandlerError` (the peer answered an
+error object) or raises `IpcTransportError` (no answer was obtained; `sent`
+says whether the request reached the socket). There is no lenient variant.
+
+The connection opens lazily on the first call and again after a failure.
+When it drops, every pending call fails at once with `sent=True`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast, overload
+
+import anyio
+import msgspec
+from msgspec import UNSET, Raw
+
+from protocol.errors import FrameError, IpcHandlerError, IpcTransportError
+from protocol.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder
+from protocol.messages import ClientResponse, ErrorObject, encode_frame_of
+
+T = TypeVar("T")
+
+DEFAULT_CALL_TIMEOUT = 30.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+log = logging.getLogger("protocol.client")
+
+_response_decoder = msgspec.json.Decoder(ClientResponse)
+_batch_response_decoder = msgspec.json.Decoder(list[ClientResponse])
+_any_decoder = msgspec.json.Decoder()
+_typed_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+class _Call(msgspec.Struct, omit_defaults=True, gc=False):
+    jsonrpc: str
+    method: str
+    id: int | msgspec.UnsetType = UNSET
+    params: Any = UNSET
+
+
+@dataclass(frozen=True, slots=True)
+class BatchCall:
+    """One member of a batch; `notify` members get no answer."""
+
+    method: str
+    params: object = None
+    notify: bool = False
+
+
+def _decoder_for(result_type: Any) -> msgspec.json.Decoder[Any]:
+    decoder = _typed_decoders.get(result_type)
+    if decoder is None:
+        decoder = _typed_decoders[result_type] = msgspec.json.Decoder(result_type)
+    return decoder
+
+
+def handler_error(error: ErrorObject) -> IpcHandlerError:
+    """Rebuild the peer's error from its error object, keyed by `errorCode`."""
+    data = error.data if isinstance(error.data, dict) else {}
+    return IpcHandlerError(
+        error.message,
+        int(data.get("statusCode", 500)),
+        str(data.get("errorCode", "UNKNOWN")),
+        data,
+        rpc_code=error.code,
+    )
+
+
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._decoder = FrameDecoder(client.max_frame_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast("asyncio.Transport", transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for body in self._decoder.feed(data):
+                self._client._on_frame(body)
+        except (FrameError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+            self._client._fail_connection(self, f"protocol violation by the peer: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"connection lost: {exc}" if exc else "connection closed by the peer"
+        self._client._fail_connection(self, reason)
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.can_write.set()
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+
+class Client:
+    """A strict JSON-RPC client for one Unix socket path."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.max_frame_bytes = max_frame_bytes
+        self._protocol: _ClientProtocol | None = None
+        self._connect_lock = anyio.Lock()
+        self._pending: dict[int, asyncio.Future[ClientResponse]] = {}
+        self._ids = itertools.count(1)
+        self._batches: list[list[int]] = []
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def connected(self) -> bool:
+        return self._protocol is not None
+
+    @overload
+    async def call(
+        self, method: str, params: object = None, *, timeout: float | None = None
+    ) -> Any: ...
+
+    @overload
+    async def call(
+        self,
+        method: str,
+        params: object = None,
+        *,
+        timeout: float | None = None,
+        result_type: type[T],
+    ) -> T: ...
+
+    async def call(
+        self,
+        method: str,
+        params: object = None,
+        *,
+        timeout: float | None = None,
+        result_type: Any = None,
+    ) -> Any:
+        """Call `method`; the result (decoded as `result_type` when given) or an Ipc error."""
+        request_id = next(self._ids)
+        frame = encode_frame_of(_Call("2.0", method, request_id, _params(params)))
+        future = asyncio.get_running_loop().create_future()
+        try:
+            await self._send(frame, timeout, {request_id: future})
+            response = await self._wait(future, timeout, method)
+        finally:
+            self._pending.pop(request_id, None)
+        return _result_of(response, result_type)
+
+    async def notify(self, method: str, params: object = None) -> None:
+        """Send a notification: executed by the peer, never answered."""
+        await self._send(encode_frame_of(_Call("2.0", method, params=_params(params))), None, {})
+
+    async def batch(
+        self, calls: Sequence[BatchCall], *, timeout: float | None = None
+    ) -> list[Any | IpcHandlerError]:
+        """Send `calls` as one batch frame; per call, its result or its `IpcHandlerError`.
+
+        Notifications are left out of the returned list. A transport failure
+        raises `IpcTransportError` for the whole batch.
+        """
+        if not calls:
+            raise ValueError("a batch needs at least one call")
+        loop = asyncio.get_running_loop()
+        members: list[_Call] = []
+        waits: dict[int, asyncio.Future[ClientResponse]] = {}
+        for call in calls:
+            if call.notify:
+                members.append(_Call("2.0", call.method, params=_params(call.params)))
+                continue
+            request_id = next(self._ids)
+            waits[request_id] = loop.create_future()
+            members.append(_Call("2.0", call.method, request_id, _params(call.params)))
+        ids = list(waits)
+        if ids:
+            self._batches.append(ids)
+        try:
+            await self._send(encode_frame_of(members), timeout, waits)
+            results: list[Any | IpcHandlerError] = []
+            for future in waits.values():
+                response = await self._wait(future, timeout, "batch")
+                try:
+                    results.append(_result_of(response, None))
+                except IpcHandlerError as exc:
+                    results.append(exc)
+            return results
+        finally:
+            for request_id in ids:
+                self._pending.pop(request_id, None)
+            if ids in self._batches:
+                self._batches.remove(ids)
+
+    async def aclose(self) -> None:
+        """Close the connection; pending calls fail with `IpcTransportError`."""
+        protocol = self._protocol
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.close()
+            with anyio.move_on_after(1), anyio.CancelScope(shield=True):
+                await protocol.lost
+
+    # -- internals --------------------------------------------------------
+
+    async def _send(
+        self,
+        frame: bytes,
+        timeout: float | None,
+        awaiting: dict[int, asyncio.Future[ClientResponse]],
+    ) -> None:
+        """Write `frame`; its answers' futures are registered only once it is written."""
+        protocol = self._protocol or await self._connect()
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            raise IpcTransportError(f"connection to {self.path} is closed", sent=False)
+        self._pending.update(awaiting)
+        transport.write(frame)
+        if not protocol.can_write.is_set():
+            with anyio.fail_after(timeout or self.timeout):
+                await protocol.can_write.wait()
+
+    async def _wait(
+        self, future: asyncio.Future[ClientResponse], timeout: float | None, method: str
+    ) -> ClientResponse:
+        limit = self.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(limit, _expire, future, method, limit)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    async def _connect(self) -> _ClientProtocol:
+        async with self._connect_lock:
+            if self._protocol is not None:
+                return self._protocol
+            loop = asyncio.get_running_loop()
+            try:
+                with anyio.fail_after(self.connect_timeout):
+                    _, protocol = await loop.create_unix_connection(
+                        lambda: _ClientProtocol(self), self.path
+                    )
+            except (OSError, TimeoutError) as exc:
+                raise IpcTransportError(
+                    f"cannot connect to {self.path}: {_describe(exc)}", sent=False
+                ) from exc
+            self._protocol = protocol
+            return protocol
+
+    def _on_frame(self, body: bytes) -> None:
+        if body.lstrip()[:1] == b"[":
+            for response in _batch_response_decoder.decode(body):
+                self._resolve(response)
+        else:
+            self._resolve(_response_decoder.decode(body))
+
+    def _resolve(self, response: ClientResponse) -> None:
+        if isinstance(response.id, int):
+            future = self._pending.get(response.id)
+            if future is not None and not future.done():
+                future.set_result(response)
+            return
+        if response.error is not UNSET and self._batches:
+            # An error with no id answers a whole batch (empty, too large) or a
+            # frame; fail the oldest batch's calls with it.
+            for request_id in self._batches.pop(0):
+                future = self._pending.get(request_id)
+                if future is not None and not future.done():
+                    future.set_result(response)
+            return
+        log.warning("answer with unknown id %r ignored", response.id)
+
+    def _fail_connection(self, protocol: _ClientProtocol, reason: str) -> None:
+        if protocol.transport is not None:
+            protocol.transport.abort()
+        if self._protocol is not protocol:
+            return
+        self._protocol = None
+        self._batches.clear()
+        error = IpcTransportError(f"{self.path}: {reason}", sent=True)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+
+def _expire(future: asyncio.Future[ClientResponse], method: str, limit: float) -> None:
+    if not future.done():
+        future.set_exception(IpcTransportError(f"{method}: no answer within {limit:g}s", sent=True))
+
+
+def _params(params: object) -> object:
+    return UNSET if params is None else params
+
+
+def _result_of(response: ClientResponse, result_type: Any) -> Any:
+    if response.error is not UNSET:
+        raise handler_error(response.error)
+    raw: Raw = response.result
+    if not raw:
+        raise IpcTransportError("answer has neither result nor error", sent=True)
+    if result_type is None:
+        return _any_decoder.decode(raw)
+    try:
+        return _decoder_for(result_type).decode(raw)
+    except msgspec.ValidationError as exc:
+        raise IpcTransportError(
+            f"answer does not match the expected type: {exc}", sent=True
+        ) from exc
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, FileNotFoundError):
+        return "no such socket (is the daemon running?)"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the daemon running?)"
+    return str(exc)

@@ -1,0 +1,263 @@
+"""What both daemons share around their routes: flags, logging, the listener, the life cycle.
+
+Life cycle: bind (or inherit) the socket -> open the app's resources (its
+database) -> serve -> `READY=1`; on SIGTERM/SIGINT: `STOPPING=1` -> stop
+accepting -> drain under the grace period -> close the resources -> exit 0.
+A fatal start-up problem is one line on stderr and a sysexits code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from protocol.dispatch import Router
+from protocol.framing import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_FRAME_BYTES
+from protocol.listener import EX_CONFIG, Listener, ListenerError, open_listener
+from protocol.server import Server, ServerLimits
+from protocol.systemd import Notifier, run_watchdog, watchdog_interval
+
+EX_SOFTWARE = 70
+
+log = logging.getLogger("daemon")
+
+
+class StartupError(Exception):
+    """A fatal start-up problem: printed as one line, then exit with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    name: str
+    runtime_dir: Path
+    state_dir: Path
+    socket_path: str
+    log_level: str
+    log_format: str
+    limits: ServerLimits
+    allowed_uids: frozenset[int]
+    socket_mode: int
+    socket_group: str | None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class App(Protocol):
+    """A daemon's own part: its routes and the resources they need."""
+
+    router: Router
+
+    async def open(self) -> None:
+        """Open (and migrate) the database; raise `StartupError` when it cannot be."""
+
+    async def run_background(self, task_group: TaskGroup) -> None:
+        """Start the app's background tasks in `task_group` (cancelled at shutdown)."""
+
+    async def close(self) -> None:
+        """Release the resources after the drain."""
+
+    def status(self) -> str:
+        """One line for systemd's STATUS=."""
+
+
+def default_runtime_dir() -> Path:
+    for variable in ("PAIR_RUNTIME_DIR", "RUNTIME_DIRECTORY"):
+        value = os.environ.get(variable)
+        if value:
+            return Path(value.split(":")[0])
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "pair" if xdg else Path(".pair/run")
+
+
+def default_state_dir() -> Path:
+    for variable in ("PAIR_STATE_DIR", "STATE_DIRECTORY"):
+        value = os.environ.get(variable)
+        if value:
+            return Path(value.split(":")[0])
+    return Path(".pair/state")
+
+
+def argument_parser(name: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"{name}d", description=description)
+    add = parser.add_argument
+    add("--runtime-dir", type=Path, help="directory of the sockets (default: see README)")
+    add("--state-dir", type=Path, help="directory of the databases (default: see README)")
+    add("--socket", help=f"path of {name}.sock (default: RUNTIME_DIR/{name}.sock)")
+    add("--log-level", default=os.environ.get("PAIR_LOG_LEVEL", "INFO"))
+    add("--log-format", choices=("text", "json"), default=os.environ.get("PAIR_LOG_FORMAT", "text"))
+    add("--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown")
+    add("--allow-uid", type=int, action="append", default=[], help="also accept this peer uid")
+    add("--socket-mode", type=lambda v: int(v, 8), default=0o600, help="octal, e.g. 660")
+    add("--socket-group", help="group of the socket file (with --socket-mode 660)")
+    add("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
+    add("--frame-timeout", type=float, default=DEFAULT_FRAME_TIMEOUT)
+    add("--max-in-flight", type=int, default=256)
+    add("--max-connections", type=int, default=2048)
+    return parser
+
+
+def config_from_args(name: str, args: argparse.Namespace) -> DaemonConfig:
+    runtime_dir = args.runtime_dir or default_runtime_dir()
+    state_dir = args.state_dir or default_state_dir()
+    if args.log_level.upper() not in logging.getLevelNamesMapping():
+        raise StartupError(f"unknown --log-level {args.log_level!r}", EX_CONFIG)
+    positive = {
+        "--grace": args.grace,
+        "--max-frame-bytes": args.max_frame_bytes,
+        "--frame-timeout": args.frame_timeout,
+        "--max-in-flight": args.max_in_flight,
+        "--max-connections": args.max_connections,
+    }
+    for flag, value in positive.items():
+        if value <= 0:
+            raise StartupError(f"{flag} must be positive, got {value}", EX_CONFIG)
+    limits = ServerLimits(
+        max_frame_bytes=args.max_frame_bytes,
+        frame_timeout=args.frame_timeout,
+        max_in_flight=args.max_in_flight,
+        max_connections=args.max_connections,
+        grace=args.grace,
+    )
+    return DaemonConfig(
+        name=name,
+        runtime_dir=runtime_dir,
+        state_dir=state_dir,
+        socket_path=args.socket or str(runtime_dir / f"{name}.sock"),
+        log_level=args.log_level.upper(),
+        log_format=args.log_format,
+        limits=limits,
+        allowed_uids=frozenset({os.getuid(), 0, *args.allow_uid}),
+        socket_mode=args.socket_mode,
+        socket_group=args.socket_group,
+    )
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 6),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "pid": record.process,
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(name: str, level: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def raise_fd_limit() -> None:
+    """Let the connection cap, not the default soft fd limit, bound connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def serve_app(config: DaemonConfig, app: App, listener: Listener) -> None:
+    """Serve `app` on `listener` until SIGTERM/SIGINT, then drain and close."""
+    notifier = Notifier()
+    started = time.monotonic()
+    # Installed first, so a signal during start-up is queued, not fatal.
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        try:
+            await app.open()
+            server = Server(
+                app.router,
+                listener.sock,
+                limits=config.limits,
+                allowed_uids=config.allowed_uids,
+                logger=logging.getLogger(f"{config.name}.server"),
+            )
+            async with anyio.create_task_group() as task_group:
+                await task_group.start(_serve, server, task_group.cancel_scope)
+                interval = watchdog_interval()
+                if interval is not None:
+                    task_group.start_soon(run_watchdog, notifier, interval)
+                await app.run_background(task_group)
+                notifier.ready(app.status())
+                log.info(
+                    "%sd ready on %s (%s) in %.0f ms",
+                    config.name,
+                    listener.path,
+                    "inherited from systemd" if listener.inherited else "bound",
+                    (time.monotonic() - started) * 1000,
+                )
+                async for signum in signals:
+                    log.info("received %s: stopping", signal.Signals(signum).name)
+                    notifier.stopping()
+                    server.shutdown()
+                    break
+        finally:
+            with anyio.CancelScope(shield=True):
+                await app.close()
+                listener.close()
+                notifier.close()
+    log.info("%sd stopped", config.name)
+
+
+async def _serve(
+    server: Server, scope: anyio.CancelScope, *, task_status: TaskStatus[None]
+) -> None:
+    # Once the drain is over, the app's background tasks go too.
+    await server.serve(task_status=task_status)
+    scope.cancel()
+
+
+def run(name: str, config: DaemonConfig, make_app: Callable[[DaemonConfig], App]) -> int:
+    """Start the daemon and block until it stops; the process exit code."""
+    setup_logging(name, config.log_level, config.log_format)
+    raise_fd_limit()
+    try:
+        listener = open_listener(
+            config.socket_path,
+            daemon_name=f"{name}d",
+            mode=config.socket_mode,
+            group=config.socket_group,
+            fd_name=f"{name}.sock",
+        )
+    except ListenerError as exc:
+        print(f"{name}d: {exc}", file=sys.stderr)
+        return exc.exit_code
+    try:
+        anyio.run(
+            serve_app,
+            config,
+            make_app(config),
+            listener,
+            backend="asyncio",
+            backend_options={"use_uvloop": sys.platform == "linux"},
+        )
+    except StartupError as exc:
+        listener.close()
+        print(f"{name}d: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0

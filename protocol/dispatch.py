@@ -1,0 +1,175 @@
+"""The dispatch table: method name -> typed handler, params decoding, and `rpc.discover`.
+
+A handler takes one params Struct and returns its result; its type hints are
+the method's contract, used both to decode params (stage two of decoding)
+and to generate the OpenRPC document.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from msgspec import Raw, Struct
+
+from protocol.errors import InvalidParams, MethodNotFound, ParseError
+
+Handler = Callable[[Any], Awaitable[Any]] | Callable[[Any], Any]
+
+_PATH_SUFFIX = re.compile(r" - at `(?P<path>\$[^`]*)`$")
+_FIELD_IN_MESSAGE = re.compile(
+    r"^Object (?:contains unknown|missing required) field `(?P<f>[^`]*)`"
+)
+_EMPTY_OBJECT = b"{}"
+
+
+class NoParams(Struct, forbid_unknown_fields=True):
+    """Params of a method that takes none."""
+
+
+@dataclass(slots=True)
+class Method:
+    """One registered method.
+
+    Coroutine handlers run in a task of the server's task group; plain
+    functions run in a worker thread, unless registered `inline`: those never
+    block and are called on the loop, with no task at all.
+    """
+
+    name: str
+    handler: Handler
+    params_type: type[Struct]
+    result_type: Any
+    inline: bool
+    is_async: bool
+    summary: str
+    decoder: msgspec.json.Decoder[Any]
+
+    def decode_params(self, raw: Raw) -> Any:
+        """Stage two: the raw params into this method's Struct, or `InvalidParams`."""
+        body = bytes(raw) or _EMPTY_OBJECT
+        try:
+            if body[:1] == b"[":
+                return self._decode_positional(body)
+            return self.decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            raise invalid_params(exc) from exc
+        except UnicodeDecodeError as exc:
+            raise ParseError(f"invalid JSON: {exc}") from exc
+
+    def _decode_positional(self, body: bytes) -> Any:
+        values = msgspec.json.decode(body, type=list[Any])
+        fields = msgspec.structs.fields(self.params_type)
+        if len(values) > len(fields):
+            raise InvalidParams(
+                f"{self.name} takes at most {len(fields)} positional params, got {len(values)}",
+                path=f"$[{len(fields)}]",
+            )
+        named = {field.encode_name: value for field, value in zip(fields, values, strict=False)}
+        return msgspec.convert(named, self.params_type)
+
+
+def invalid_params(exc: msgspec.ValidationError) -> InvalidParams:
+    """Translate msgspec's message into `InvalidParams` with `data.path` set to the field."""
+    message = str(exc)
+    match = _PATH_SUFFIX.search(message)
+    path = match["path"] if match else "$"
+    field = _FIELD_IN_MESSAGE.match(message)
+    if field:
+        path = f"{path}.{field['f']}"
+    return InvalidParams(message, path=path)
+
+
+class Router:
+    """The dispatch table of one server."""
+
+    def __init__(self, name: str, version: str) -> None:
+        self.name = name
+        self.version = version
+        self._methods: dict[str, Method] = {}
+        self.add("rpc.discover", self._discover, inline=True)
+
+    def add(self, name: str, handler: Handler, *, inline: bool = False) -> None:
+        """Register `handler` under `name`; its annotations give the params and result types."""
+        if name in self._methods:
+            raise ValueError(f"method {name!r} is registered twice")
+        hints = typing.get_type_hints(handler)
+        params = [hint for key, hint in hints.items() if key != "return"]
+        params_type = params[0] if params else NoParams
+        if not (isinstance(params_type, type) and issubclass(params_type, Struct)):
+            raise TypeError(f"{name}: the params annotation must be a msgspec Struct")
+        is_async = inspect.iscoroutinefunction(handler)
+        if inline and is_async:
+            raise TypeError(f"{name}: an inline handler is a plain function")
+        self._methods[name] = Method(
+            name=name,
+            handler=handler,
+            params_type=params_type,
+            result_type=hints.get("return", Any),
+            inline=inline,
+            is_async=is_async,
+            summary=inspect.getdoc(handler) or "",
+            decoder=msgspec.json.Decoder(params_type),
+        )
+
+    def route(self, name: str, *, inline: bool = False) -> Callable[[Handler], Handler]:
+        def register(handler: Handler) -> Handler:
+            self.add(name, handler, inline=inline)
+            return handler
+
+        return register
+
+    def lookup(self, name: str) -> Method:
+        method = self._methods.get(name)
+        if method is None:
+            raise MethodNotFound(f"method not found: {name}")
+        return method
+
+    @property
+    def methods(self) -> list[Method]:
+        return list(self._methods.values())
+
+    def _discover(self, params: NoParams) -> dict[str, Any]:
+        """An OpenRPC document of every method, its params and result as JSON Schema."""
+        return openrpc_document(self)
+
+
+def openrpc_document(router: Router) -> dict[str, Any]:
+    """Generate the OpenRPC document from the registered handlers' msgspec types."""
+    types = [m.params_type for m in router.methods] + [m.result_type for m in router.methods]
+    schemas, components = msgspec.json.schema_components(
+        types, ref_template="#/components/schemas/{name}"
+    )
+    count = len(router.methods)
+    methods = [
+        {
+            "name": method.name,
+            "summary": method.summary.split("\n\n")[0],
+            "description": method.summary,
+            "paramStructure": "either",
+            "params": _params_of(schemas[index], components),
+            "result": {"name": "result", "schema": schemas[count + index]},
+        }
+        for index, method in enumerate(router.methods)
+    ]
+    return {
+        "openrpc": "1.3.2",
+        "info": {"title": router.name, "version": router.version},
+        "methods": methods,
+        "components": {"schemas": components},
+    }
+
+
+def _params_of(schema: dict[str, Any], components: dict[str, Any]) -> list[dict[str, Any]]:
+    name = schema["$ref"].rsplit("/", 1)[-1]
+    struct = components[name]
+    required = set(struct.get("required", ()))
+    return [
+        {"name": field, "required": field in required, "schema": field_schema}
+        for field, field_schema in struct.get("properties", {}).items()
+    ]

@@ -1,0 +1,149 @@
+"""JSON-RPC 2.0 envelopes as msgspec Structs, with their encoders and decoders built once.
+
+Requests are decoded in two stages: the envelope here (with `params` kept as
+raw JSON), then the method's own params type in `protocol.dispatch`, so that
+each failure maps to exactly one JSON-RPC code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from msgspec import UNSET, Raw, Struct, UnsetType
+
+from protocol.errors import InvalidRequest, ParseError, RpcError
+from protocol.framing import HEADER
+
+RequestId = int | str | None
+
+JSONRPC_VERSION = "2.0"
+
+
+class Request(Struct, gc=False):
+    """A request or, when `id` is UNSET, a notification. Unknown members are ignored."""
+
+    jsonrpc: str
+    method: str
+    id: RequestId | UnsetType = UNSET
+    params: Raw = Raw()
+
+    @property
+    def is_notification(self) -> bool:
+        return self.id is UNSET
+
+
+class ErrorObject(Struct, gc=False):
+    code: int
+    message: str
+    data: dict[str, Any]
+
+
+class SuccessResponse(Struct, gc=False):
+    jsonrpc: str
+    id: RequestId
+    result: Any
+
+
+class ErrorResponse(Struct, gc=False):
+    jsonrpc: str
+    id: RequestId
+    error: ErrorObject
+
+
+class ClientResponse(Struct, gc=False):
+    """A response as a client reads it: exactly one of `result` / `error` is set."""
+
+    id: RequestId
+    jsonrpc: str = JSONRPC_VERSION
+    result: Raw = Raw()
+    error: ErrorObject | UnsetType = UNSET
+
+
+Response = SuccessResponse | ErrorResponse
+
+_request_decoder = msgspec.json.Decoder(Request)
+_batch_decoder = msgspec.json.Decoder(list[Raw])
+_any_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+def error_response(request_id: RequestId, error: RpcError) -> ErrorResponse:
+    return ErrorResponse(
+        JSONRPC_VERSION,
+        request_id,
+        ErrorObject(error.code, error.message, error.error_data()),
+    )
+
+
+def success_response(request_id: RequestId, result: Any) -> SuccessResponse:
+    return SuccessResponse(JSONRPC_VERSION, request_id, result)
+
+
+def encode_frame_of(message: object) -> bytes:
+    """Encode `message` as JSON straight into a frame (no second copy for the header)."""
+    buffer = bytearray(HEADER.size)
+    _encoder.encode_into(message, buffer, HEADER.size)
+    HEADER.pack_into(buffer, 0, len(buffer) - HEADER.size)
+    return bytes(buffer)
+
+
+def encode_json(message: object) -> bytes:
+    return _encoder.encode(message)
+
+
+def is_batch(body: bytes) -> bool:
+    """True when the body's first non-blank byte opens a JSON array."""
+    return body.lstrip(b" \t\r\n")[:1] == b"["
+
+
+def decode_request(body: bytes | Raw) -> Request:
+    """Decode one request envelope.
+
+    Raises `ParseError` when the body is not UTF-8 JSON and `InvalidRequest`
+    when it is JSON but not a request; the latter carries the request's id in
+    `request_id` when one could be read, so the answer can echo it.
+    """
+    try:
+        request = _request_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise _invalid_request(body, str(exc)) from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ParseError(f"invalid JSON: {exc}") from exc
+    if request.jsonrpc != JSONRPC_VERSION:
+        raise _with_id(
+            InvalidRequest(f'"jsonrpc" must be "2.0", got {request.jsonrpc!r}'), request.id
+        )
+    first = bytes(request.params)[:1]
+    if first and first not in (b"{", b"["):
+        raise _with_id(InvalidRequest('"params" must be an object or an array'), request.id)
+    return request
+
+
+def _with_id(error: RpcError, request_id: RequestId | UnsetType) -> RpcError:
+    if request_id is not UNSET:
+        error.request_id = request_id
+    return error
+
+
+def _invalid_request(body: bytes | Raw, reason: str) -> RpcError:
+    # msgspec validates while it parses, so a body that is broken JSON after a
+    # type mismatch reports the mismatch; re-parse untyped to classify it.
+    try:
+        value = _any_decoder.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        return ParseError(f"invalid JSON: {exc}")
+    error = InvalidRequest(f"not a valid JSON-RPC 2.0 request: {reason}")
+    if isinstance(value, dict):
+        request_id = value.get("id")
+        if isinstance(request_id, str | int) and not isinstance(request_id, bool):
+            error.request_id = request_id
+    return error
+
+
+def decode_batch(body: bytes) -> list[Raw]:
+    """Decode a batch body into its members, each still raw JSON."""
+    try:
+        return _batch_decoder.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ParseError(f"invalid JSON: {exc}") from exc

@@ -1,0 +1,91 @@
+"""A daemon with a few test routes, run as a real subprocess by the protocol tests.
+
+`python -m tests.support.demo_server --runtime-dir D --state-dir S` serves D/demo.sock.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+
+from protocol.daemon import DaemonConfig, argument_parser, config_from_args, run
+from protocol.dispatch import NoParams, Router
+from protocol.errors import RouteError
+from protocol.values import WireValue
+
+
+class EchoParams(msgspec.Struct, forbid_unknown_fields=True):
+    value: WireValue = None
+    text: str = ""
+
+
+class SleepParams(msgspec.Struct, forbid_unknown_fields=True):
+    seconds: float
+
+
+class FailParams(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
+    status_code: int = 409
+    error_code: str = "DEMO_CONFLICT"
+
+
+class DemoApp:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.router = Router("demo", "0.1.0")
+        self.router.add("echo", self.echo, inline=True)
+        self.router.add("echo_async", self.echo_async)
+        self.router.add("echo_thread", self.echo_thread)
+        self.router.add("sleep", self.sleep)
+        self.router.add("fail", self.fail, inline=True)
+        self.router.add("boom", self.boom)
+        self.router.add("pid", self.pid, inline=True)
+        self.calls = 0
+
+    def echo(self, params: EchoParams) -> EchoParams:
+        """Answer the params unchanged."""
+        return params
+
+    async def echo_async(self, params: EchoParams) -> EchoParams:
+        await anyio.sleep(0)
+        return params
+
+    def echo_thread(self, params: EchoParams) -> EchoParams:
+        return params
+
+    async def sleep(self, params: SleepParams) -> float:
+        await anyio.sleep(params.seconds)
+        return params.seconds
+
+    def fail(self, params: FailParams) -> None:
+        raise RouteError("demo failure", params.status_code, params.error_code, data={"x": 1})
+
+    async def boom(self, params: NoParams) -> None:
+        raise ZeroDivisionError("secret detail")
+
+    def pid(self, params: NoParams) -> int:
+        return os.getpid()
+
+    async def open(self) -> None:
+        pass
+
+    async def run_background(self, task_group: TaskGroup) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def status(self) -> str:
+        return "demo ready"
+
+
+def main() -> int:
+    args = argument_parser("demo", "protocol test daemon").parse_args()
+    config = config_from_args("demo", args)
+    return run("demo", config, DemoApp)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import msgspec
+import pytest
+from msgspec import Raw
+
+from protocol.dispatch import Router, openrpc_document
+from protocol.errors import InvalidParams, MethodNotFound
+
+
+class Step(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
+    sql: str
+    require_changes: int | None = None
+
+
+class TxParams(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
+    steps: list[Step]
+    timeout_ms: int = 5000
+
+
+class TxResult(msgspec.Struct):
+    ok: bool
+
+
+async def transaction(params: TxParams) -> TxResult:
+    """Run steps.
+
+    In one transaction."""
+    return TxResult(ok=True)
+
+
+def make_router() -> Router:
+    router = Router("test", "1.2.3")
+    router.add("tx", transaction)
+    return router
+
+
+def decode(raw: bytes) -> object:
+    return make_router().lookup("tx").decode_params(Raw(raw))
+
+
+def test_named_params_decode_into_the_methods_struct() -> None:
+    params = decode(b'{"steps":[{"sql":"x","requireChanges":1}],"timeoutMs":9}')
+    assert params == TxParams(steps=[Step("x", 1)], timeout_ms=9)
+
+
+def test_positional_params_map_onto_the_fields_in_order() -> None:
+    assert decode(b'[[{"sql":"y"}], 7]') == TxParams(steps=[Step("y")], timeout_ms=7)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message", "path"),
+    [
+        (
+            b'{"steps":[{"sql":"x","requireChanges":"1"}]}',
+            "Expected `int | null`, got `str` - at `$.steps[0].requireChanges`",
+            "$.steps[0].requireChanges",
+        ),
+        (
+            b'{"steps":[{"sql":"x"}],"timeout":1}',
+            "Object contains unknown field `timeout`",
+            "$.timeout",
+        ),
+        (
+            b'{"steps":[{}]}',
+            "Object missing required field `sql` - at `$.steps[0]`",
+            "$.steps[0].sql",
+        ),
+        (b"{}", "Object missing required field `steps`", "$.steps"),
+        (b"[[], 1, 2]", "tx takes at most 2 positional params, got 3", "$[2]"),
+    ],
+)
+def test_invalid_params_carry_msgspecs_message_and_the_field_path(
+    raw: bytes, message: str, path: str
+) -> None:
+    with pytest.raises(InvalidParams) as caught:
+        decode(raw)
+    assert caught.value.message == message
+    assert caught.value.error_data()["path"] == path
+
+
+def test_an_unknown_method_is_method_not_found() -> None:
+    with pytest.raises(MethodNotFound, match="method not found: nope"):
+        make_router().lookup("nope")
+
+
+def test_a_method_registered_twice_is_a_programming_error() -> None:
+    router = make_router()
+    with pytest.raises(ValueError, match="registered twice"):
+        router.add("tx", transaction)
+
+
+def test_the_openrpc_document_describes_params_and_result_from_the_types() -> None:
+    document = openrpc_document(make_router())
+    assert document["info"] == {"title": "test", "version": "1.2.3"}
+    tx = next(m for m in document["methods"] if m["name"] == "tx")
+    assert tx["summary"] == "Run steps."
+    assert [(p["name"], p["required"]) for p in tx["params"]] == [
+        ("steps", True),
+        ("timeoutMs", False),
+    ]
+    step = document["components"]["schemas"]["Step"]
+    assert set(step["properties"]) == {"sql", "requireChanges"}
+    assert tx["result"]["schema"] == {"$ref": "#/components/schemas/TxResult"}
