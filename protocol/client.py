@@ -181,8 +181,9 @@ class Client:
     ) -> list[Any | IpcHandlerError]:
         """Send `calls` as one batch frame; per call, its result or its `IpcHandlerError`.
 
-        Notifications are left out of the returned list. A transport failure
-        raises `IpcTransportError` for the whole batch.
+        Notifications are left out of the returned list. An error answered for
+        the batch as a whole (too large) raises `IpcHandlerError`; a transport
+        failure raises `IpcTransportError`.
         """
         if not calls:
             raise ValueError("a batch needs at least one call")
@@ -284,12 +285,13 @@ class Client:
                 future.set_result(response)
             return
         if response.error is not UNSET and self._batches:
-            # An error with no id answers a whole batch (empty, too large) or a
-            # frame; fail the oldest batch's calls with it.
+            # An error with no id answers a whole batch (empty, too large):
+            # the oldest batch raises it.
+            error = handler_error(response.error)
             for request_id in self._batches.pop(0):
                 future = self._pending.get(request_id)
                 if future is not None and not future.done():
-                    future.set_result(response)
+                    future.set_exception(error)
             return
         log.warning("answer with unknown id %r ignored", response.id)
 

@@ -16,7 +16,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -216,12 +216,21 @@ async def serve_app(config: DaemonConfig, app: App, listener: Listener) -> None:
                     notifier.stopping()
                     server.shutdown()
                     break
+                task_group.start_soon(_ignore_signals, signals)
         finally:
             with anyio.CancelScope(shield=True):
                 await app.close()
                 listener.close()
                 notifier.close()
+    # The event loop resets the handler to the default on leaving the
+    # receiver; a late SIGTERM must not kill the process during exit.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log.info("%sd stopped", config.name)
+
+
+async def _ignore_signals(signals: AsyncIterator[int]) -> None:
+    async for signum in signals:
+        log.info("received %s: already stopping", signal.Signals(signum).name)
 
 
 async def _serve(
@@ -232,11 +241,25 @@ async def _serve(
     scope.cancel()
 
 
-def run(name: str, config: DaemonConfig, make_app: Callable[[DaemonConfig], App]) -> int:
-    """Start the daemon and block until it stops; the process exit code."""
-    setup_logging(name, config.log_level, config.log_format)
-    raise_fd_limit()
+AppFactory = Callable[[DaemonConfig, argparse.Namespace], App]
+
+
+def main(
+    name: str,
+    description: str,
+    make_app: AppFactory,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: list[str] | None = None,
+) -> int:
+    """Parse flags, start the daemon and block until it stops; the process exit code."""
+    parser = argument_parser(name, description)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
     try:
+        config = config_from_args(name, args)
+        setup_logging(name, config.log_level, config.log_format)
+        raise_fd_limit()
         listener = open_listener(
             config.socket_path,
             daemon_name=f"{name}d",
@@ -244,14 +267,14 @@ def run(name: str, config: DaemonConfig, make_app: Callable[[DaemonConfig], App]
             group=config.socket_group,
             fd_name=f"{name}.sock",
         )
-    except ListenerError as exc:
+    except (StartupError, ListenerError) as exc:
         print(f"{name}d: {exc}", file=sys.stderr)
         return exc.exit_code
     try:
         anyio.run(
             serve_app,
             config,
-            make_app(config),
+            make_app(config, args),
             listener,
             backend="asyncio",
             backend_options={"use_uvloop": sys.platform == "linux"},

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -12,7 +13,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
-from protocol.daemon import DaemonConfig, argument_parser, config_from_args, run
+from protocol.daemon import DaemonConfig, main
 from protocol.dispatch import NoParams, Router
 from protocol.errors import RouteError
 from protocol.values import WireValue
@@ -33,7 +34,7 @@ class FailParams(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
 
 
 class DemoApp:
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(self, config: DaemonConfig, args: argparse.Namespace) -> None:
         self.router = Router("demo", "0.1.0")
         self.router.add("echo", self.echo, inline=True)
         self.router.add("echo_async", self.echo_async)
@@ -81,11 +82,5 @@ class DemoApp:
         return "demo ready"
 
 
-def main() -> int:
-    args = argument_parser("demo", "protocol test daemon").parse_args()
-    config = config_from_args("demo", args)
-    return run("demo", config, DemoApp)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main("demo", "protocol test daemon", DemoApp))

@@ -1,0 +1,1 @@
+"""The benchmark (`make bench`): the real daemons and the real client against a bare floor."""

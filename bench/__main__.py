@@ -1,0 +1,282 @@
+"""`make bench`: real daemons, the real client, and the bare floor, in one run.
+
+Each case runs sequentially (one call at a time: p50/p99 latency) and with 64
+calls in flight on one connection (calls/s, and the server's CPU per call),
+after a warm-up, several times; medians are reported, with the ratio to the
+floor of the same run. Results go to bench/results/<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from bench.floor import FloorClient
+from protocol.client import BatchCall, Client
+
+Call = Callable[[], Awaitable[Any]]
+IN_FLIGHT = 64
+
+
+@dataclass
+class CaseResult:
+    name: str
+    target: str
+    seq_calls_per_s: float
+    seq_p50_us: float
+    seq_p99_us: float
+    par_calls_per_s: float
+    server_cpu_us_per_call: float | None
+    ratio_seq_p50: float | None = None
+    ratio_par: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    date: str
+    machine: str
+    python: str
+    cases: list[CaseResult] = field(default_factory=list)
+    rss_kib: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+class Daemon:
+    """A daemon subprocess whose readiness is its READY=1 on a private NOTIFY_SOCKET."""
+
+    def __init__(self, name: str, args: list[str], workdir: Path) -> None:
+        self.name = name
+        notify_path = str(workdir / f".{name}.notify")
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(notify_path)
+        self._notify.settimeout(30)
+        env = {**os.environ, "NOTIFY_SOCKET": notify_path, "PAIR_LOG_LEVEL": "INFO"}
+        log = (workdir / f"{name}.log").open("wb")
+        self.proc = subprocess.Popen([sys.executable, *args], env=env, stderr=log)
+
+    def wait_ready(self) -> None:
+        while b"READY=1" not in self._notify.recv(4096):
+            pass
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def rss(self) -> dict[str, int]:
+        values = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0])
+        return values
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+        self._notify.close()
+
+
+async def sequential(call: Call, count: int) -> tuple[float, float, float]:
+    latencies = []
+    started = time.perf_counter()
+    for _ in range(count):
+        begin = time.perf_counter()
+        await call()
+        latencies.append(time.perf_counter() - begin)
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    return count / elapsed, statistics.median(latencies) * 1e6, p99 * 1e6
+
+
+async def concurrent(call: Call, seconds: float) -> tuple[float, int]:
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            await call()
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+    return done / (time.perf_counter() - started), done
+
+
+async def measure(
+    name: str,
+    target: str,
+    call: Call,
+    daemon: Daemon | None,
+    args: argparse.Namespace,
+    note: str = "",
+) -> CaseResult:
+    for _ in range(args.warmup):
+        await call()
+    seq_runs, par_runs, cpu_runs = [], [], []
+    for _ in range(args.repeat):
+        seq_runs.append(await sequential(call, args.calls))
+        cpu_before = daemon.cpu_seconds() if daemon else 0.0
+        rate, done = await concurrent(call, args.seconds)
+        if daemon:
+            cpu_runs.append((daemon.cpu_seconds() - cpu_before) / done * 1e6)
+        par_runs.append(rate)
+    seq_rate = statistics.median(run[0] for run in seq_runs)
+    result = CaseResult(
+        name=name,
+        target=target,
+        seq_calls_per_s=round(seq_rate),
+        seq_p50_us=round(statistics.median(run[1] for run in seq_runs), 1),
+        seq_p99_us=round(statistics.median(run[2] for run in seq_runs), 1),
+        par_calls_per_s=round(statistics.median(par_runs)),
+        server_cpu_us_per_call=round(statistics.median(cpu_runs), 1) if cpu_runs else None,
+        note=note,
+    )
+    print(
+        f"  {name:<34} seq p50 {result.seq_p50_us:7.1f} us"
+        f"   64 in flight {result.par_calls_per_s:9,.0f}/s",
+        flush=True,
+    )
+    return result
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> Report:
+    report = Report(
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        machine=f"{platform.machine()} {os.cpu_count()} cores",
+        python=platform.python_version(),
+    )
+    floor = Daemon("floor", ["-m", "bench.floor", str(workdir / "floor.sock")], workdir)
+    demo = Daemon(
+        "demo",
+        [
+            "-m",
+            "tests.support.demo_server",
+            "--runtime-dir",
+            str(workdir),
+            "--state-dir",
+            str(workdir),
+        ],
+        workdir,
+    )
+    daemons = [demo]
+    for daemon in daemons:
+        daemon.wait_ready()
+    await wait_for_socket(workdir / "floor.sock")
+    floor_client = FloorClient(str(workdir / "floor.sock"))
+    await floor_client.connect()
+    small = {"value": 1}
+    payload_4k = {"text": "x" * 4096}
+    print("cases (median of runs):", flush=True)
+    floor_ping = await measure(
+        "floor: echo", "floor", lambda: floor_client.call("echo", small), None, args
+    )
+    floor_4k = await measure(
+        "floor: echo 4 KiB", "floor", lambda: floor_client.call("echo", payload_4k), None, args
+    )
+    report.cases += [floor_ping, floor_4k]
+    async with Client(str(workdir / "demo.sock")) as demo_client:
+        batch = [BatchCall("echo", small)] * 100
+        cases: list[tuple[str, Call, CaseResult | None, str]] = [
+            ("protocol: echo (inline)", lambda: demo_client.call("echo", small), floor_ping, ""),
+            (
+                "protocol: echo (task)",
+                lambda: demo_client.call("echo_async", small),
+                floor_ping,
+                "",
+            ),
+            ("protocol: echo 4 KiB", lambda: demo_client.call("echo", payload_4k), floor_4k, ""),
+            ("protocol: 100-call batch", lambda: demo_client.batch(batch), None, "per batch"),
+        ]
+        for name, call, floor_case, note in cases:
+            result = await measure(name, "demo", call, demo, args, note)
+            report.cases.append(with_ratio(result, floor_case))
+    for daemon in daemons:
+        report.rss_kib[daemon.name] = daemon.rss()
+    await floor_client.aclose()
+    for daemon in [*daemons, floor]:
+        daemon.proc.terminate() if daemon is floor else daemon.stop()
+    return report
+
+
+def with_ratio(result: CaseResult, floor: CaseResult | None) -> CaseResult:
+    if floor is None:
+        return result
+    result.ratio_seq_p50 = round(result.seq_p50_us / floor.seq_p50_us, 2)
+    result.ratio_par = round(result.par_calls_per_s / floor.par_calls_per_s, 2)
+    return result
+
+
+async def wait_for_socket(path: Path) -> None:
+    while True:
+        try:
+            _, writer = await asyncio.open_unix_connection(str(path))
+        except OSError:
+            await asyncio.sleep(0.02)
+            continue
+        writer.close()
+        return
+
+
+def print_table(report: Report) -> None:
+    header = (
+        f"{'case':<34} {'seq/s':>8} {'p50 us':>8} {'p99 us':>8} {'x floor':>8}"
+        f" {'64 in flight/s':>15} {'x floor':>8} {'srv cpu us':>10}"
+    )
+    print("\n" + header)
+    print("-" * len(header))
+    for case in report.cases:
+        print(
+            f"{case.name:<34} {case.seq_calls_per_s:>8,.0f} {case.seq_p50_us:>8.1f}"
+            f" {case.seq_p99_us:>8.1f} "
+            f"{fmt(case.ratio_seq_p50):>8} {case.par_calls_per_s:>15,.0f} {fmt(case.ratio_par):>8} "
+            f"{fmt(case.server_cpu_us_per_call):>10}"
+        )
+    for name, rss in report.rss_kib.items():
+        print(
+            f"{name}: RSS {rss.get('VmRSS', 0) / 1024:.1f} MiB,"
+            f" peak {rss.get('VmHWM', 0) / 1024:.1f} MiB"
+        )
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--calls", type=int, default=3000, help="sequential calls per run")
+    parser.add_argument("--seconds", type=float, default=1.5, help="length of a 64-in-flight run")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-", dir="/tmp") as tmp:
+        report = uvloop.run(run(args, Path(tmp)))
+    print_table(report)
+    out = args.out or Path("bench/results") / f"{datetime.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The strict client against a real daemon process: multiplexing, failures, reconnection."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from protocol.client import BatchCall, Client
+from protocol.errors import IpcHandlerError, IpcTransportError
+from tests.support.proc import DaemonProcess
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_thousand_pipelined_calls_on_one_connection(demo_socket: str) -> None:
+    results: dict[int, object] = {}
+    async with Client(demo_socket) as client:
+
+        async def one(n: int) -> None:
+            method = ("echo", "echo_async", "echo_thread")[n % 3]
+            results[n] = (await client.call(method, {"value": n}))["value"]
+
+        async with anyio.create_task_group() as task_group:
+            for n in range(1000):
+                task_group.start_soon(one, n)
+    assert results == {n: n for n in range(1000)}
+
+
+async def test_answers_arrive_out_of_order_and_are_matched_by_id(demo_socket: str) -> None:
+    order: list[str] = []
+    async with Client(demo_socket) as client:
+
+        async def slow() -> None:
+            await client.call("sleep", {"seconds": 0.3})
+            order.append("slow")
+
+        async def fast() -> None:
+            await client.call("echo", {"text": "fast"})
+            order.append("fast")
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(slow)
+            await anyio.sleep(0.05)
+            task_group.start_soon(fast)
+    assert order == ["fast", "slow"]
+
+
+async def test_a_handler_error_keeps_status_code_and_data(demo_socket: str) -> None:
+    async with Client(demo_socket) as client:
+        with pytest.raises(IpcHandlerError) as caught:
+            await client.call("fail", {"statusCode": 422, "errorCode": "NOPE"})
+    assert (caught.value.status_code, caught.value.code, caught.value.message) == (
+        422,
+        "NOPE",
+        "demo failure",
+    )
+    assert caught.value.data["x"] == 1
+
+
+async def test_a_missing_socket_is_a_transport_error_not_sent(short_tmp: Path) -> None:
+    async with Client(str(short_tmp / "absent.sock")) as client:
+        with pytest.raises(IpcTransportError) as caught:
+            await client.call("echo")
+    assert caught.value.sent is False
+    assert "no such socket" in caught.value.message
+
+
+async def test_a_daemon_killed_mid_call_fails_the_call_at_once_then_the_client_reconnects(
+    demo: DaemonProcess, demo_socket: str
+) -> None:
+    async with Client(demo_socket, timeout=30) as client:
+        first_pid = await client.call("pid")
+        failure: list[IpcTransportError] = []
+
+        async def stuck() -> None:
+            try:
+                await client.call("sleep", {"seconds": 20})
+            except IpcTransportError as exc:
+                failure.append(exc)
+
+        started = time.monotonic()
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(stuck)
+            await anyio.sleep(0.2)
+            demo.kill()
+        assert failure
+        assert failure[0].sent is True
+        assert time.monotonic() - started < 10
+        with pytest.raises(IpcTransportError) as caught:
+            await client.call("pid")
+        assert caught.value.sent is False
+        demo.restart()
+        assert await client.call("pid") not in (first_pid, None)
+
+
+async def test_a_call_past_its_timeout_is_a_transport_error_sent(demo_socket: str) -> None:
+    async with Client(demo_socket) as client:
+        with pytest.raises(IpcTransportError) as caught:
+            await client.call("sleep", {"seconds": 2}, timeout=0.1)
+        assert caught.value.sent is True
+        assert "no answer within 0.1s" in caught.value.message
+        assert (await client.call("echo", {"value": 3}))["value"] == 3
+
+
+async def test_batches_and_notifications_through_the_client(demo_socket: str) -> None:
+    async with Client(demo_socket) as client:
+        await client.notify("echo", {"value": 1})
+        results = await client.batch(
+            [
+                BatchCall("echo", {"value": 1}),
+                BatchCall("echo", {"value": 2}, notify=True),
+                BatchCall("fail", {"errorCode": "BAD"}),
+            ]
+        )
+        assert results[0] == {"value": 1, "text": ""}
+        assert isinstance(results[1], IpcHandlerError)
+        assert results[1].code == "BAD"
+        too_many = [BatchCall("echo") for _ in range(1001)]
+        with pytest.raises(IpcHandlerError) as caught:
+            await client.batch(too_many)
+        assert caught.value.code == "BATCH_TOO_LARGE"
+
+
+async def test_sigterm_lets_in_flight_calls_finish_and_refuses_new_ones(
+    demo: DaemonProcess, demo_socket: str
+) -> None:
+    async with Client(demo_socket) as client:
+        answers: list[object] = []
+
+        async def slow() -> None:
+            answers.append(await client.call("sleep", {"seconds": 0.5}))
+
+        async with anyio.create_task_group() as task_group:
+            for _ in range(5):
+                task_group.start_soon(slow)
+            await anyio.sleep(0.1)
+            demo.signal(signal.SIGTERM)
+            await anyio.to_thread.run_sync(demo.wait_for, "STOPPING=1")
+            with pytest.raises(IpcHandlerError) as caught:
+                await client.call("echo")
+            assert caught.value.code == "SHUTTING_DOWN"
+            assert caught.value.retryable
+    assert answers == [0.5] * 5
+    assert demo.terminate() == 0
+    assert not (demo.runtime_dir / "demo.sock").exists()

@@ -1,0 +1,268 @@
+"""The wire contract (PROTOCOL.md) against a real daemon process, byte by byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.proc import DaemonProcess
+from tests.support.raw import RawConnection
+
+
+def request(method: str, params: object = None, request_id: object = 1) -> dict[str, object]:
+    message: dict[str, object] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+    if params is not None:
+        message["params"] = params
+    return message
+
+
+def error_of(answer: dict[str, object]) -> tuple[int, int, str]:
+    error = answer["error"]
+    assert isinstance(error, dict)
+    data = error["data"]
+    return error["code"], data["statusCode"], data["errorCode"]
+
+
+def test_a_result_of_null_is_present_and_ids_are_echoed(demo_socket: str) -> None:
+    with RawConnection(demo_socket) as conn:
+        assert conn.call(request("fail", {"statusCode": 409}, "abc"))["id"] == "abc"
+        answer = conn.call({"jsonrpc": "2.0", "id": None, "method": "echo", "params": {}})
+        assert answer == {"jsonrpc": "2.0", "id": None, "result": {"value": None, "text": ""}}
+        big_id = 2**70
+        assert conn.call(request("echo", {}, big_id))["id"] == big_id
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"not json", (-32700, 400, "PARSE_ERROR")),
+        (
+            b'{"jsonrpc":"2.0","id":1,"method":"echo","params":{"text":"\xff"}}',
+            (-32700, 400, "PARSE_ERROR"),
+        ),
+        (b'"just a string"', (-32600, 400, "INVALID_REQUEST")),
+        (b'{"jsonrpc":"1.0","id":1,"method":"echo"}', (-32600, 400, "INVALID_REQUEST")),
+        (b'{"jsonrpc":"2.0","id":true,"method":"echo"}', (-32600, 400, "INVALID_REQUEST")),
+        (b'{"jsonrpc":"2.0","id":1,"method":"echo","params":5}', (-32600, 400, "INVALID_REQUEST")),
+        (b'{"jsonrpc":"2.0","id":1,"method":"nope"}', (-32601, 404, "METHOD_NOT_FOUND")),
+        (b'{"jsonrpc":"2.0","id":1,"method":"rpc.nope"}', (-32601, 404, "METHOD_NOT_FOUND")),
+        (
+            b'{"jsonrpc":"2.0","id":1,"method":"echo","params":{"x":1}}',
+            (-32602, 400, "INVALID_PARAMS"),
+        ),
+        (b'{"jsonrpc":"2.0","id":1,"method":"boom"}', (-32603, 500, "INTERNAL_ERROR")),
+        (
+            b'{"jsonrpc":"2.0","id":1,"method":"fail","params":{"statusCode":410,"errorCode":"GONE"}}',
+            (-32000, 410, "GONE"),
+        ),
+    ],
+)
+def test_each_row_of_the_error_table_and_the_connection_stays_usable(
+    demo_socket: str, body: bytes, expected: tuple[int, int, str]
+) -> None:
+    with RawConnection(demo_socket) as conn:
+        conn.send_frame(body)
+        answer = conn.recv_json()
+        assert error_of(answer) == expected
+        assert answer["error"]["data"]["retryable"] is False
+        assert (
+            conn.call(request("echo", {"text": "still here"}, 2))["result"]["text"] == "still here"
+        )
+
+
+def test_an_internal_error_sends_no_traceback_but_logs_it(
+    demo: DaemonProcess, demo_socket: str
+) -> None:
+    with RawConnection(demo_socket) as conn:
+        answer = conn.call(request("boom"))
+    assert "secret detail" not in json.dumps(answer)
+    assert "Traceback" not in json.dumps(answer)
+    assert "ZeroDivisionError: secret detail" in demo.stderr()
+
+
+def test_invalid_params_name_the_field(demo_socket: str) -> None:
+    with RawConnection(demo_socket) as conn:
+        answer = conn.call(request("sleep", {"seconds": "soon"}))
+    assert answer["error"]["message"] == "Expected `float`, got `str` - at `$.seconds`"
+    assert answer["error"]["data"]["path"] == "$.seconds"
+
+
+def test_an_unreadable_id_is_answered_with_null(demo_socket: str) -> None:
+    with RawConnection(demo_socket) as conn:
+        answer = conn.call({"jsonrpc": "2.0", "id": [1], "method": "echo"})
+    assert answer["id"] is None
+    assert error_of(answer)[2] == "INVALID_REQUEST"
+
+
+@pytest.mark.parametrize(
+    ("header", "code", "status"),
+    [(b"\x00\x00\x00\x00", "INVALID_FRAME", 400), (b"\xff\xff\xff\xff", "FRAME_TOO_LARGE", 413)],
+)
+def test_a_rejected_length_gets_one_error_then_the_connection_closes(
+    demo_socket: str, header: bytes, code: str, status: int
+) -> None:
+    with RawConnection(demo_socket) as conn:
+        conn.send_bytes(header)
+        answer = conn.recv_json()
+        assert answer["id"] is None
+        assert error_of(answer) == (-32600, status, code)
+        assert conn.is_closed_by_peer()
+
+
+def test_a_peer_that_stalls_mid_frame_is_disconnected(demo_socket: str) -> None:
+    with RawConnection(demo_socket) as conn:
+        conn.send_bytes(struct.pack(">I", 100) + b'{"jsonrpc"')
+        started = time.monotonic()
+        assert conn.is_closed_by_peer()
+        assert time.monotonic() - started < 5
+    with RawConnection(demo_socket) as conn:
+        assert conn.call(request("echo", {}))["result"] == {"value": None, "text": ""}
+
+
+def test_notifications_are_never_answered_not_even_errors(demo_socket: str) -> None:
+    with RawConnection(demo_socket) as conn:
+        conn.send_json({"jsonrpc": "2.0", "method": "echo", "params": {}})
+        conn.send_json({"jsonrpc": "2.0", "method": "nope"})
+        conn.send_json({"jsonrpc": "2.0", "method": "boom"})
+        conn.send_json({"jsonrpc": "2.0", "method": "echo", "params": {"bad": 1}})
+        assert conn.call(request("echo", {"text": "first answer"}, 9)) == {
+            "jsonrpc": "2.0",
+            "id": 9,
+            "result": {"value": None, "text": "first answer"},
+        }
+
+
+def test_a_batch_is_answered_by_one_array_matched_by_id(demo_socket: str) -> None:
+    with RawConnection(demo_socket) as conn:
+        answers = conn.call(
+            [
+                request("echo", {"value": 1}, 1),
+                {"jsonrpc": "2.0", "method": "echo"},
+                request("nope", None, 2),
+                42,
+                request("sleep", {"seconds": 0.05}, 3),
+            ]
+        )
+    assert isinstance(answers, list)
+    by_id = {answer["id"]: answer for answer in answers}
+    assert len(answers) == 4
+    assert by_id[1]["result"]["value"] == 1
+    assert error_of(by_id[2])[2] == "METHOD_NOT_FOUND"
+    assert error_of(by_id[None])[2] == "INVALID_REQUEST"
+    assert by_id[3]["result"] == 0.05
+
+
+def test_empty_and_oversized_batches_get_a_single_error(demo_socket: str) -> None:
+    with RawConnection(demo_socket) as conn:
+        empty = conn.call([])
+        assert isinstance(empty, dict)
+        assert error_of(empty) == (-32600, 400, "INVALID_REQUEST")
+        huge = conn.call([request("echo", {}, n) for n in range(10_000)])
+        assert isinstance(huge, dict)
+        assert error_of(huge) == (-32600, 413, "BATCH_TOO_LARGE")
+        assert conn.call(request("echo", {}, 5))["id"] == 5
+
+
+def test_a_batch_of_notifications_gets_no_answer(demo_socket: str) -> None:
+    with RawConnection(demo_socket) as conn:
+        conn.send_json([{"jsonrpc": "2.0", "method": "echo"}, {"jsonrpc": "2.0", "method": "nope"}])
+        assert conn.call(request("echo", {}, 77))["id"] == 77
+
+
+def test_a_client_that_never_reads_does_not_grow_the_server_or_block_others(
+    demo: DaemonProcess, demo_socket: str
+) -> None:
+    rss_before = rss_kib(demo.pid)
+    hog = RawConnection(demo_socket, timeout=0.2)
+    hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    body = json.dumps(request("echo", {"text": "x" * 4000})).encode()
+    frame = struct.pack(">I", len(body)) + body
+    sent = 0
+    try:
+        for _ in range(20_000):
+            hog.sock.sendall(frame)
+            sent += 1
+    except TimeoutError:
+        pass
+    assert sent < 20_000, "the server kept reading from a peer that never reads"
+    with RawConnection(demo_socket) as other:
+        assert other.call(request("echo", {"text": "fine"}))["result"]["text"] == "fine"
+    assert rss_kib(demo.pid) - rss_before < 64 * 1024
+    hog.close()
+
+
+def test_random_and_mutated_frames_never_stop_the_server(demo_socket: str) -> None:
+    rng = random.Random(20261127)
+    valid = json.dumps(request("echo", {"value": 1, "text": "fuzz"})).encode()
+    for _ in range(200):
+        with RawConnection(demo_socket, timeout=2) as conn:
+            choice = rng.random()
+            if choice < 0.3:
+                conn.send_bytes(rng.randbytes(rng.randint(1, 64)))
+            elif choice < 0.8:
+                body = bytearray(valid)
+                for _ in range(rng.randint(1, 6)):
+                    body[rng.randrange(len(body))] = rng.randrange(256)
+                conn.send_frame(bytes(body))
+            else:
+                cut = rng.randint(1, len(valid))
+                conn.send_frame(valid[:cut])
+            conn.sock.shutdown(socket.SHUT_WR)
+            drain(conn)
+    with RawConnection(demo_socket) as conn:
+        assert conn.call(request("echo", {"text": "alive"}))["result"]["text"] == "alive"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+def test_a_peer_with_another_uid_is_forbidden_and_disconnected(short_tmp: Path) -> None:
+    daemon = DaemonProcess(
+        "tests.support.demo_server", short_tmp, short_tmp, "--socket-mode", "666"
+    )
+    daemon.start()
+    os.chmod(short_tmp, 0o755)
+    path = str(short_tmp / "demo.sock")
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            with RawConnection(path) as conn:
+                answer = conn.recv_json()
+                closed = conn.is_closed_by_peer()
+            os.write(write_end, json.dumps([answer, closed]).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        _, status = os.waitpid(child, 0)
+        answer, closed = json.loads(os.read(read_end, 65536))
+    finally:
+        os.close(read_end)
+        daemon.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert error_of(answer) == (-32001, 403, "FORBIDDEN")
+    assert closed
+
+
+def drain(conn: RawConnection) -> None:
+    try:
+        while conn.sock.recv(65536):
+            pass
+    except OSError:
+        pass
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
