@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import types
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -141,28 +142,43 @@ class Router:
 
 def openrpc_document(router: Router) -> dict[str, Any]:
     """Generate the OpenRPC document from the registered handlers' msgspec types."""
-    types = [m.params_type for m in router.methods] + [m.result_type for m in router.methods]
+    methods = router.methods
+    # Untagged unions of Structs have no single schema in msgspec: each member
+    # gets its own and the result is their anyOf.
+    result_members = [_union_members(m.result_type) for m in methods]
+    all_types: list[Any] = [m.params_type for m in methods]
+    for members in result_members:
+        all_types.extend(members)
     schemas, components = msgspec.json.schema_components(
-        types, ref_template="#/components/schemas/{name}"
+        all_types, ref_template="#/components/schemas/{name}"
     )
-    count = len(router.methods)
-    methods = [
-        {
-            "name": method.name,
-            "summary": method.summary.split("\n\n")[0],
-            "description": method.summary,
-            "paramStructure": "either",
-            "params": _params_of(schemas[index], components),
-            "result": {"name": "result", "schema": schemas[count + index]},
-        }
-        for index, method in enumerate(router.methods)
-    ]
+    result_schemas = iter(schemas[len(methods) :])
+    described = []
+    for index, method in enumerate(methods):
+        members = [next(result_schemas) for _ in result_members[index]]
+        result = members[0] if len(members) == 1 else {"anyOf": members}
+        described.append(
+            {
+                "name": method.name,
+                "summary": method.summary.split("\n\n")[0],
+                "description": method.summary,
+                "paramStructure": "either",
+                "params": _params_of(schemas[index], components),
+                "result": {"name": "result", "schema": result},
+            }
+        )
     return {
         "openrpc": "1.3.2",
         "info": {"title": router.name, "version": router.version},
-        "methods": methods,
+        "methods": described,
         "components": {"schemas": components},
     }
+
+
+def _union_members(annotation: Any) -> list[Any]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return list(typing.get_args(annotation))
+    return [annotation]
 
 
 def _params_of(schema: dict[str, Any], components: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,0 +1,1 @@
+"""assistantd: owns assistant.db and serves it on assistant.sock."""

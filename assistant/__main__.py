@@ -1,0 +1,5 @@
+import sys
+
+from assistant.app import main
+
+sys.exit(main())

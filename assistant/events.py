@@ -1,0 +1,18 @@
+"""Events the gateway emits (`emit_event`), stored once per event id."""
+
+from __future__ import annotations
+
+from assistant.db import Conn, now_ms, trusted
+
+
+def insert_event(conn: Conn, event_id: str, kind: str, payload: str) -> bool:
+    """Store the event; False when an event with this id was already stored."""
+    before = conn.db.total_changes()
+    trusted(
+        conn,
+        "INSERT INTO events (id, kind, payload, received_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (id) DO NOTHING",
+        (event_id, kind, payload, now_ms()),
+        cacheable=True,
+    )
+    return conn.db.total_changes() != before

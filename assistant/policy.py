@@ -1,0 +1,122 @@
+"""The statement policy every db_proxy caller is held to, enforced by an SQLite authorizer.
+
+A read-only check is not enough: `is_readonly` is true for BEGIN and ATTACH.
+The authorizer sees every action a statement would take when it is
+prepared, so a forbidden statement never runs at all.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import apsw
+
+# Pragmas a caller may use to look (never to set anything). The first set
+# takes an argument naming what to inspect; the second only reads a value,
+# since an argument there would set it.
+INSPECTING_PRAGMAS = frozenset(
+    {
+        "foreign_key_check",
+        "foreign_key_list",
+        "index_info",
+        "index_list",
+        "index_xinfo",
+        "integrity_check",
+        "quick_check",
+        "table_info",
+        "table_list",
+        "table_xinfo",
+    }
+)
+READ_ONLY_PRAGMAS = frozenset(
+    {
+        "collation_list",
+        "compile_options",
+        "data_version",
+        "database_list",
+        "freelist_count",
+        "function_list",
+        "page_count",
+        "page_size",
+        "pragma_list",
+        "schema_version",
+        "user_version",
+    }
+)
+
+_READ_ACTIONS = frozenset(
+    {apsw.SQLITE_SELECT, apsw.SQLITE_READ, apsw.SQLITE_FUNCTION, apsw.SQLITE_RECURSIVE}
+)
+_TABLE_WRITES = frozenset(
+    {
+        apsw.SQLITE_INSERT,
+        apsw.SQLITE_UPDATE,
+        apsw.SQLITE_DELETE,
+        apsw.SQLITE_DROP_TABLE,
+        apsw.SQLITE_ALTER_TABLE,
+        apsw.SQLITE_CREATE_INDEX,
+        apsw.SQLITE_CREATE_TRIGGER,
+    }
+)
+
+
+class Mode(enum.Enum):
+    TRUSTED = "trusted"  # our own statements: migrations, BEGIN/COMMIT, idempotency keys
+    READ = "read"  # db_proxy query
+    WRITE = "write"  # db_proxy run/exec and transaction steps
+
+
+class Denial(enum.Enum):
+    FORBIDDEN = "forbidden"
+    WRITE_IN_READ = "write_in_read"
+
+
+class Guard:
+    """Per-connection authorizer state: the current mode and why the last statement was denied."""
+
+    def __init__(self, internal_tables: frozenset[str]) -> None:
+        self.mode = Mode.TRUSTED
+        self.internal_tables = internal_tables
+        self.denial: Denial | None = None
+        self.reason = ""
+
+    def authorize(
+        self, action: int, arg1: str | None, arg2: str | None, _db: str | None, _trigger: str | None
+    ) -> int:
+        if self.mode is Mode.TRUSTED:
+            return apsw.SQLITE_OK
+        reason = self._forbidden(action, arg1, arg2)
+        if reason:
+            return self._deny(Denial.FORBIDDEN, reason)
+        if self.mode is Mode.READ and action not in _READ_ACTIONS and action != apsw.SQLITE_PRAGMA:
+            return self._deny(Denial.WRITE_IN_READ, "query mode takes read-only statements")
+        return apsw.SQLITE_OK
+
+    def _forbidden(self, action: int, arg1: str | None, arg2: str | None) -> str:
+        if action in (apsw.SQLITE_TRANSACTION, apsw.SQLITE_SAVEPOINT):
+            return (
+                "transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE) is not allowed"
+            )
+        if action in (apsw.SQLITE_ATTACH, apsw.SQLITE_DETACH):
+            return "ATTACH and DETACH are not allowed"
+        if action == apsw.SQLITE_FUNCTION and arg2 == "load_extension":
+            return "extension loading is not allowed"
+        if action == apsw.SQLITE_PRAGMA:
+            name = (arg1 or "").lower()
+            if name in INSPECTING_PRAGMAS or (name in READ_ONLY_PRAGMAS and arg2 is None):
+                return ""
+            allowed = ", ".join(sorted(INSPECTING_PRAGMAS | READ_ONLY_PRAGMAS))
+            return f"PRAGMA {name} is not allowed; callers may read only: {allowed}"
+        if action in _TABLE_WRITES and arg1 in self.internal_tables:
+            return f"table {arg1} is internal to the assistant"
+        return ""
+
+    def _deny(self, denial: Denial, reason: str) -> int:
+        if self.denial is None:
+            self.denial, self.reason = denial, reason
+        return apsw.SQLITE_DENY
+
+    def begin(self, mode: Mode) -> None:
+        self.mode = mode
+        self.denial = None
+        self.reason = ""

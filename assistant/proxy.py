@@ -1,0 +1,316 @@
+"""db_proxy and db_proxy_transaction: running a caller's SQL under the statement policy.
+
+Every function here runs on a database thread with the connection it owns
+(see `assistant.db`); none of them touches the event loop.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import apsw
+import msgspec
+from msgspec import UNSET, Struct, UnsetType
+
+from assistant.db import Conn, now_ms, timeout_error, trusted
+from assistant.policy import Denial, Mode
+from protocol.errors import InvalidParams, RouteError, RpcError
+from protocol.values import SqlBind, to_wire
+
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?(\*/|$)", re.DOTALL)
+
+
+class QueryResult(Struct, gc=False):
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    truncated: bool = False
+
+
+class RunResult(Struct, rename="camel", omit_defaults=True, gc=False):
+    changes: int
+    last_insert_rowid: int
+    rows: list[dict[str, Any]] | UnsetType = UNSET
+    truncated: bool = False
+
+
+class ExecResult(Struct, gc=False):
+    pass
+
+
+class TransactionOk(Struct, kw_only=True, gc=False):
+    ok: bool = True
+    results: list[RunResult]
+
+
+class TransactionFailed(Struct, kw_only=True, rename="camel", gc=False):
+    ok: bool = False
+    reason: str = "require_changes_failed"
+    failed_step: int
+    actual_changes: int
+    required_changes: int
+
+
+TransactionResult = TransactionOk | TransactionFailed
+
+
+class Step(Struct, gc=False):
+    """A statement of a transaction, with its binds already converted for apsw."""
+
+    sql: str
+    bind: SqlBind | None
+    require_changes: int | None
+
+
+_stored_result = msgspec.json.Decoder(TransactionOk)
+_encoder = msgspec.json.Encoder()
+
+
+class _Statement:
+    """One caller statement: policy mode, single-statement and bind checks at prepare time."""
+
+    __slots__ = ("bind", "columns", "conn", "path", "sql")
+
+    def __init__(self, conn: Conn, sql: str, bind: SqlBind | None, path: str) -> None:
+        self.conn = conn
+        self.sql = sql
+        self.bind = bind
+        self.path = path
+        self.columns: list[str] = []
+
+    def execute(self, mode: Mode, *, single: bool = True) -> apsw.Cursor:
+        self.conn.guard.begin(mode)
+        cursor = self.conn.db.cursor()
+        cursor.exec_trace = self._check_single if single else self._check_script
+        cursor.execute(self.sql, self.bind)
+        return cursor
+
+    def _check_single(self, cursor: apsw.Cursor, statement: str, _bindings: object) -> bool:
+        start = self.sql.find(statement)
+        rest = self.sql[start + len(statement) :] if start >= 0 else ""
+        if _COMMENTS.sub("", rest).strip(" \t\r\n;"):
+            raise InvalidParams(
+                "sql must be exactly one statement (use mode=exec for a script)",
+                path=f"{self.path}.sql",
+            )
+        self._check_bind(cursor)
+        description = cursor.description
+        self.columns = [column[0] for column in description] if description else []
+        return True
+
+    def _check_script(self, cursor: apsw.Cursor, _statement: str, _bindings: object) -> bool:
+        if cursor.bindings_count:
+            raise InvalidParams("exec takes no parameters; use mode=run", path=f"{self.path}.sql")
+        return True
+
+    def _check_bind(self, cursor: apsw.Cursor) -> None:
+        count = cursor.bindings_count
+        bind = self.bind
+        path = f"{self.path}.bind"
+        if bind is None:
+            if count:
+                raise InvalidParams(
+                    f"the statement has {count} parameter(s); bind is missing", path=path
+                )
+            return
+        if isinstance(bind, tuple):
+            if len(bind) != count:
+                raise InvalidParams(
+                    f"the statement has {count} parameter(s) but bind has {len(bind)}", path=path
+                )
+            return
+        names = cursor.bindings_names
+        if any(name is None for name in names):
+            raise InvalidParams(
+                "the statement uses positional ? parameters; bind an array", path=path
+            )
+        missing = [name for name in names if name not in bind]
+        if missing:
+            raise InvalidParams(f"bind is missing named parameter {missing[0]!r}", path=path)
+        unknown = sorted(set(bind) - set(names))
+        if unknown:
+            raise InvalidParams(
+                f"bind has a parameter the statement does not use: {unknown[0]!r}",
+                path=f"{path}.{unknown[0]}",
+            )
+
+    def read_rows(self, cursor: apsw.Cursor, max_rows: int) -> tuple[list[dict[str, Any]], bool]:
+        """All rows as objects, keeping at most `max_rows`; the statement always runs to the end."""
+        columns = self.columns
+        rows: list[dict[str, Any]] = []
+        truncated = False
+        for row in cursor:
+            if len(rows) < max_rows:
+                rows.append(
+                    {name: to_wire(value) for name, value in zip(columns, row, strict=True)}
+                )
+            else:
+                truncated = True
+        return rows, truncated
+
+
+def query(conn: Conn, sql: str, bind: SqlBind | None, max_rows: int) -> QueryResult:
+    """One read-only statement on a reader connection."""
+    statement = _Statement(conn, sql, bind, "$")
+    try:
+        cursor = statement.execute(Mode.READ)
+        rows, truncated = statement.read_rows(cursor, max_rows)
+    except apsw.Error as exc:
+        raise translate(exc, conn, "DB_PROXY_FAILED") from exc
+    return QueryResult(statement.columns, rows, truncated)
+
+
+def run(conn: Conn, sql: str, bind: SqlBind | None, max_rows: int) -> RunResult:
+    """One statement in its own write transaction."""
+    with _WriteTransaction(conn):
+        try:
+            return _run_one(conn, _Statement(conn, sql, bind, "$"), max_rows)
+        except apsw.Error as exc:
+            raise translate(exc, conn, "DB_PROXY_FAILED") from exc
+
+
+def execute_script(conn: Conn, sql: str) -> ExecResult:
+    """A script of statements in one write transaction; all or nothing."""
+    with _WriteTransaction(conn):
+        try:
+            statement = _Statement(conn, sql, None, "$")
+            for _ in statement.execute(Mode.WRITE, single=False):
+                pass
+        except apsw.Error as exc:
+            raise translate(exc, conn, "DB_PROXY_FAILED") from exc
+    return ExecResult()
+
+
+def transaction(
+    conn: Conn, steps: list[Step], idempotency_key: str | None, max_rows: int
+) -> TransactionResult:
+    """All steps in one BEGIN IMMEDIATE; `requireChanges` unmet -> everything rolled back."""
+    with _WriteTransaction(conn) as tx:
+        if idempotency_key is not None:
+            stored = trusted(
+                conn,
+                "SELECT result FROM idempotency_keys WHERE key = ?",
+                (idempotency_key,),
+                cacheable=True,
+            )
+            if stored:
+                return _stored_result.decode(stored[0][0])
+        results = []
+        for index, step in enumerate(steps):
+            result = _run_step(conn, index, step, max_rows)
+            required = step.require_changes
+            if required is not None and result.changes < required:
+                tx.rollback()
+                return TransactionFailed(
+                    failed_step=index, actual_changes=result.changes, required_changes=required
+                )
+            results.append(result)
+        outcome = TransactionOk(results=results)
+        if idempotency_key is not None:
+            trusted(
+                conn,
+                "INSERT INTO idempotency_keys (key, result, created_at) VALUES (?, ?, ?)",
+                (idempotency_key, _encoder.encode(outcome).decode(), now_ms()),
+            )
+        return outcome
+
+
+def _run_step(conn: Conn, index: int, step: Step, max_rows: int) -> RunResult:
+    statement = _Statement(conn, step.sql, step.bind, f"$.steps[{index}]")
+    try:
+        return _run_one(conn, statement, max_rows)
+    except apsw.Error as exc:
+        raise translate(exc, conn, "DB_PROXY_TRANSACTION_FAILED", step=index) from exc
+    except InvalidParams as exc:
+        if "exactly one statement" in exc.message:
+            raise RouteError(
+                "a transaction step must be exactly one statement",
+                403,
+                "SQL_FORBIDDEN",
+                data={"failedStep": index, "path": exc.path},
+            ) from exc
+        exc.data["failedStep"] = index
+        raise
+
+
+def _run_one(conn: Conn, statement: _Statement, max_rows: int) -> RunResult:
+    db = conn.db
+    before = db.total_changes()
+    cursor = statement.execute(Mode.WRITE)
+    rows, truncated = statement.read_rows(cursor, max_rows)
+    # sqlite3_changes() keeps the last DML's count across SELECT and DDL, so
+    # it is only this statement's when the total moved.
+    changes = db.changes() if db.total_changes() != before else 0
+    if statement.columns:
+        return RunResult(changes, db.last_insert_rowid(), rows, truncated)
+    return RunResult(changes, db.last_insert_rowid())
+
+
+class _WriteTransaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception or on `rollback()`."""
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self.done = False
+
+    def __enter__(self) -> _WriteTransaction:
+        try:
+            trusted(self.conn, "BEGIN IMMEDIATE")
+        except apsw.Error as exc:
+            raise translate(exc, self.conn, "DB_PROXY_FAILED") from exc
+        return self
+
+    def rollback(self) -> None:
+        self.done = True
+        if self.conn.db.in_transaction:
+            trusted(self.conn, "ROLLBACK")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self.done:
+            return
+        if exc_type is not None:
+            self.rollback()
+            return
+        try:
+            trusted(self.conn, "COMMIT")
+        except apsw.Error as commit_error:
+            self.rollback()
+            raise translate(commit_error, self.conn, "DB_PROXY_FAILED") from commit_error
+
+
+def translate(exc: apsw.Error, conn: Conn, error_code: str, step: int | None = None) -> RpcError:
+    """An apsw failure as the RouteError the caller gets, SQLite's message kept."""
+    extra: dict[str, Any] = {} if step is None else {"failedStep": step}
+    guard = conn.guard
+    if isinstance(exc, apsw.AuthError) and guard.denial is Denial.WRITE_IN_READ:
+        return InvalidParams(f"{guard.reason}; use mode=run", path="$.sql")
+    if isinstance(exc, apsw.AuthError) and guard.denial is Denial.FORBIDDEN:
+        return RouteError(guard.reason, 403, "SQL_FORBIDDEN", data=extra)
+    if isinstance(exc, apsw.InterruptError):
+        return timeout_error(extra)
+    if isinstance(exc, apsw.BindingsError):
+        path = "$.bind" if step is None else f"$.steps[{step}].bind"
+        return InvalidParams(str(exc), path=path, data=extra)
+    if isinstance(exc, apsw.BusyError):
+        return RouteError(
+            f"the database stayed locked past the busy timeout: {exc}",
+            503,
+            "DB_BUSY",
+            data=extra,
+            retryable=True,
+        )
+    assert isinstance(exc, apsw.Error)
+    extended = getattr(exc, "extendedresult", 0)
+    result_code = getattr(exc, "result", 0)
+    name = apsw.mapping_extended_result_codes.get(extended) or apsw.mapping_result_codes.get(
+        result_code, "SQLITE_ERROR"
+    )
+    sqlite = {"code": result_code, "extendedCode": extended, "name": name}
+    return RouteError(str(exc), 500, error_code, data={**extra, "sqlite": sqlite})
+
+
+def sweep_idempotency_keys(conn: Conn, older_than_ms: int) -> int:
+    """Forget idempotency keys stored before `older_than_ms`; how many were removed."""
+    before = conn.db.total_changes()
+    trusted(conn, "DELETE FROM idempotency_keys WHERE created_at < ?", (older_than_ms,))
+    return conn.db.total_changes() - before

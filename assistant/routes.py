@@ -1,0 +1,158 @@
+"""assistant.sock's methods: the wire types and the handlers that map them onto the database."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from assistant import proxy
+from assistant.db import Database
+from assistant.events import insert_event
+from assistant.proxy import ExecResult, QueryResult, RunResult, Step, TransactionResult
+from protocol import __version__
+from protocol.dispatch import NoParams, Router
+from protocol.errors import InvalidParams
+from protocol.values import WireBind, bind_from_wire
+
+MAX_SQL_CHARS = 1024 * 1024
+MAX_STEPS = 1000
+MAX_PARAMETERS = 32766
+DEFAULT_TIMEOUT_MS = 5000
+MAX_TIMEOUT_MS = 60_000
+DEFAULT_MAX_ROWS = 10_000
+MAX_MAX_ROWS = 1_000_000
+EVENT_KINDS = ("invite_redeemed", "contacts_changed")
+
+Sql = Annotated[str, Meta(min_length=1, max_length=MAX_SQL_CHARS)]
+Bind = WireBind | None
+TimeoutMs = Annotated[int, Meta(ge=1, le=MAX_TIMEOUT_MS)]
+MaxRows = Annotated[int, Meta(ge=1, le=MAX_MAX_ROWS)]
+Key = Annotated[str, Meta(min_length=1, max_length=200)]
+
+
+class DbProxyParams(Struct, forbid_unknown_fields=True, rename="camel"):
+    sql: Sql
+    mode: Literal["query", "run", "exec"]
+    bind: Bind = None
+    timeout_ms: TimeoutMs = DEFAULT_TIMEOUT_MS
+    max_rows: MaxRows = DEFAULT_MAX_ROWS
+
+
+class StepParams(Struct, forbid_unknown_fields=True, rename="camel"):
+    sql: Sql
+    bind: Bind = None
+    require_changes: Annotated[int, Meta(ge=0)] | None = None
+
+
+class TransactionParams(Struct, forbid_unknown_fields=True, rename="camel"):
+    steps: Annotated[list[StepParams], Meta(max_length=MAX_STEPS)]
+    idempotency_key: Key | None = None
+    timeout_ms: TimeoutMs = DEFAULT_TIMEOUT_MS
+    max_rows: MaxRows = DEFAULT_MAX_ROWS
+
+
+class EmitEventParams(Struct, forbid_unknown_fields=True):
+    id: Key
+    kind: Literal["invite_redeemed", "contacts_changed"]
+    payload: dict[str, Any]
+
+
+class EmitEventResult(Struct):
+    accepted: bool
+    duplicate: bool
+
+
+class DbInfo(Struct, rename="camel"):
+    path: str
+    schema_version: int
+
+
+class HealthResult(Struct, rename="camel"):
+    status: str
+    version: str
+    pid: int
+    uptime_ms: int
+    db: DbInfo
+
+
+class AssistantRoutes:
+    """The handlers of assistant.sock over one open `Database`."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.started = time.monotonic()
+        self.pid = os.getpid()
+        self.router = Router("assistantd", __version__)
+        self.router.add("health", self.health, inline=True)
+        self.router.add("db_proxy", self.db_proxy)
+        self.router.add("db_proxy_transaction", self.db_proxy_transaction)
+        self.router.add("emit_event", self.emit_event)
+
+    def health(self, params: NoParams) -> HealthResult:
+        """Liveness and identity; never touches the database, so it answers during long queries."""
+        return HealthResult(
+            status="ok",
+            version=__version__,
+            pid=self.pid,
+            uptime_ms=int((time.monotonic() - self.started) * 1000),
+            db=DbInfo(self.db.path, self.db.schema_version),
+        )
+
+    async def db_proxy(self, params: DbProxyParams) -> QueryResult | RunResult | ExecResult:
+        """One statement (`query` from a reader, `run` in its own write transaction) or a script
+        (`exec`, all or nothing), under the statement policy."""
+        _check_bind_size(params.bind, "$.bind")
+        bind = bind_from_wire(params.bind)
+        deadline = time.monotonic() + params.timeout_ms / 1000
+        sql, max_rows = params.sql, params.max_rows
+        if params.mode == "query":
+            query = functools.partial(proxy.query, sql=sql, bind=bind, max_rows=max_rows)
+            return await self.db.read(query, deadline)
+        if params.mode == "run":
+            run = functools.partial(proxy.run, sql=sql, bind=bind, max_rows=max_rows)
+            return await self.db.write(run, deadline)
+        if params.bind is not None:
+            raise InvalidParams("exec takes no bind; use mode=run", path="$.bind")
+        return await self.db.write(
+            functools.partial(proxy.execute_script, sql=params.sql), deadline
+        )
+
+    async def db_proxy_transaction(self, params: TransactionParams) -> TransactionResult:
+        """Several statements in one BEGIN IMMEDIATE: all applied or none.
+
+        An unmet `requireChanges` rolls back and answers `ok: false`; an
+        `idempotencyKey` already applied answers the stored result."""
+        if not params.steps:
+            raise InvalidParams("db_proxy_transaction needs at least one step", path="$.steps")
+        if sum(len(step.sql) for step in params.steps) > MAX_SQL_CHARS:
+            raise InvalidParams(
+                f"the steps hold more than {MAX_SQL_CHARS} characters of SQL", path="$.steps"
+            )
+        steps = []
+        for index, step in enumerate(params.steps):
+            _check_bind_size(step.bind, f"$.steps[{index}].bind")
+            steps.append(Step(step.sql, bind_from_wire(step.bind), step.require_changes))
+        job = functools.partial(
+            proxy.transaction,
+            steps=steps,
+            idempotency_key=params.idempotency_key,
+            max_rows=params.max_rows,
+        )
+        return await self.db.write(job, time.monotonic() + params.timeout_ms / 1000)
+
+    async def emit_event(self, params: EmitEventParams) -> EmitEventResult:
+        """Store an event once per id; a repeated id is accepted and reported as a duplicate."""
+        payload = msgspec.json.encode(params.payload).decode()
+        job = functools.partial(insert_event, event_id=params.id, kind=params.kind, payload=payload)
+        inserted = await self.db.write(job)
+        return EmitEventResult(accepted=True, duplicate=not inserted)
+
+
+def _check_bind_size(bind: Bind, path: str) -> None:
+    if bind is not None and len(bind) > MAX_PARAMETERS:
+        raise InvalidParams(f"bind holds more than {MAX_PARAMETERS} parameters", path=path)
