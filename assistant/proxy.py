@@ -82,7 +82,12 @@ class _Statement:
         self.conn.guard.begin(mode)
         cursor = self.conn.db.cursor()
         cursor.exec_trace = self._check_single if single else self._check_script
-        cursor.execute(self.sql, self.bind)
+        try:
+            cursor.execute(self.sql, self.bind)
+        except KeyError as exc:
+            raise InvalidParams(
+                f"bind is missing named parameter {exc.args[0]!r}", path=f"{self.path}.bind"
+            ) from exc
         return cursor
 
     def _check_single(self, cursor: apsw.Cursor, statement: str, _bindings: object) -> bool:
@@ -99,39 +104,19 @@ class _Statement:
         return True
 
     def _check_script(self, cursor: apsw.Cursor, _statement: str, _bindings: object) -> bool:
-        if cursor.bindings_count:
-            raise InvalidParams("exec takes no parameters; use mode=run", path=f"{self.path}.sql")
         return True
 
     def _check_bind(self, cursor: apsw.Cursor) -> None:
-        count = cursor.bindings_count
+        # apsw has already checked counts, positional-vs-named and missing
+        # names when it bound; what it lets pass is a name nobody uses.
         bind = self.bind
-        path = f"{self.path}.bind"
-        if bind is None:
-            if count:
-                raise InvalidParams(
-                    f"the statement has {count} parameter(s); bind is missing", path=path
-                )
+        if not isinstance(bind, dict):
             return
-        if isinstance(bind, tuple):
-            if len(bind) != count:
-                raise InvalidParams(
-                    f"the statement has {count} parameter(s) but bind has {len(bind)}", path=path
-                )
-            return
-        names = cursor.bindings_names
-        if any(name is None for name in names):
-            raise InvalidParams(
-                "the statement uses positional ? parameters; bind an array", path=path
-            )
-        missing = [name for name in names if name not in bind]
-        if missing:
-            raise InvalidParams(f"bind is missing named parameter {missing[0]!r}", path=path)
-        unknown = sorted(set(bind) - set(names))
+        unknown = sorted(set(bind) - set(cursor.bindings_names))
         if unknown:
             raise InvalidParams(
                 f"bind has a parameter the statement does not use: {unknown[0]!r}",
-                path=f"{path}.{unknown[0]}",
+                path=f"{self.path}.bind.{unknown[0]}",
             )
 
     def read_rows(self, cursor: apsw.Cursor, max_rows: int) -> tuple[list[dict[str, Any]], bool]:
@@ -281,10 +266,12 @@ class _WriteTransaction:
 def translate(exc: apsw.Error, conn: Conn, error_code: str, step: int | None = None) -> RpcError:
     """An apsw failure as the RouteError the caller gets, SQLite's message kept."""
     extra: dict[str, Any] = {} if step is None else {"failedStep": step}
+    # A denial recorded while this statement was prepared is why it failed,
+    # whatever the code (a denied function is SQLITE_ERROR, not SQLITE_AUTH).
     guard = conn.guard
-    if isinstance(exc, apsw.AuthError) and guard.denial is Denial.WRITE_IN_READ:
+    if guard.denial is Denial.WRITE_IN_READ:
         return InvalidParams(f"{guard.reason}; use mode=run", path="$.sql")
-    if isinstance(exc, apsw.AuthError) and guard.denial is Denial.FORBIDDEN:
+    if guard.denial is Denial.FORBIDDEN:
         return RouteError(guard.reason, 403, "SQL_FORBIDDEN", data=extra)
     if isinstance(exc, apsw.InterruptError):
         return timeout_error(extra)

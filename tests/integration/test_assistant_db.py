@@ -1,0 +1,243 @@
+"""assistantd's database methods, through the real client against the real daemon."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from protocol.client import Client
+from protocol.errors import IpcHandlerError
+
+pytestmark = pytest.mark.anyio
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+async def sql(client: Client, statement: str, mode: str = "run", **extra: Any) -> Any:
+    return await client.call("db_proxy", {"sql": statement, "mode": mode, **extra})
+
+
+async def rows(client: Client, statement: str, **extra: Any) -> list[dict[str, Any]]:
+    result = await sql(client, statement, "query", **extra)
+    return result["rows"]  # type: ignore[no-any-return]
+
+
+async def tx(client: Client, *steps: dict[str, Any], **extra: Any) -> Any:
+    return await client.call("db_proxy_transaction", {"steps": list(steps), **extra})
+
+
+async def failure(call: Any) -> IpcHandlerError:
+    with pytest.raises(IpcHandlerError) as caught:
+        await call
+    return caught.value
+
+
+@pytest.fixture
+async def client(assistant_socket: str) -> Any:
+    async with Client(assistant_socket) as client:
+        await sql(client, "CREATE TABLE t (id INTEGER PRIMARY KEY, v)", "exec")
+        yield client
+
+
+async def test_two_inserts_commit_atomically(client: Client) -> None:
+    result = await tx(
+        client,
+        {"sql": "INSERT INTO t (id, v) VALUES (1, 'a')"},
+        {"sql": "INSERT INTO t (id, v) VALUES (2, 'b')"},
+    )
+    assert result == {
+        "ok": True,
+        "results": [{"changes": 1, "lastInsertRowid": 1}, {"changes": 1, "lastInsertRowid": 2}],
+    }
+    assert await rows(client, "SELECT id, v FROM t ORDER BY id") == [
+        {"id": 1, "v": "a"},
+        {"id": 2, "v": "b"},
+    ]
+
+
+async def test_a_collision_at_step_two_rolls_back_step_one_and_keeps_sqlites_message(
+    client: Client,
+) -> None:
+    await sql(client, "INSERT INTO t (id) VALUES (7)")
+    error = await failure(
+        tx(
+            client,
+            {"sql": "INSERT INTO t (id) VALUES (8)"},
+            {"sql": "INSERT INTO t (id) VALUES (7)"},
+        )
+    )
+    assert (error.code, error.status_code) == ("DB_PROXY_TRANSACTION_FAILED", 500)
+    assert "UNIQUE constraint failed: t.id" in error.message
+    assert error.data["failedStep"] == 1
+    assert error.data["sqlite"]["name"] == "SQLITE_CONSTRAINT_PRIMARYKEY"
+    assert error.data["sqlite"]["code"] == 19
+    assert error.retryable is False
+    assert await rows(client, "SELECT id FROM t") == [{"id": 7}]
+
+
+async def test_an_unmet_require_changes_rolls_back_and_reports_step_actual_required(
+    client: Client,
+) -> None:
+    result = await tx(
+        client,
+        {"sql": "INSERT INTO t (id) VALUES (1)"},
+        {"sql": "UPDATE t SET v = 'x' WHERE id = 99", "requireChanges": 1},
+    )
+    assert result == {
+        "ok": False,
+        "reason": "require_changes_failed",
+        "failedStep": 1,
+        "actualChanges": 0,
+        "requiredChanges": 1,
+    }
+    assert await rows(client, "SELECT id FROM t") == []
+
+
+async def test_a_met_require_changes_commits(client: Client) -> None:
+    await sql(client, "INSERT INTO t (id) VALUES (1), (2)")
+    result = await tx(client, {"sql": "UPDATE t SET v = 'y'", "requireChanges": 2})
+    assert result["ok"] is True
+    assert result["results"][0]["changes"] == 2
+    assert await rows(client, "SELECT v FROM t") == [{"v": "y"}, {"v": "y"}]
+
+
+async def test_empty_steps_are_invalid_params(client: Client) -> None:
+    error = await failure(client.call("db_proxy_transaction", {"steps": []}))
+    assert (error.code, error.status_code, error.data["path"]) == ("INVALID_PARAMS", 400, "$.steps")
+    assert "at least one step" in error.message
+
+
+async def test_last_insert_rowid_and_returning_rows(client: Client) -> None:
+    result = await sql(client, "INSERT INTO t (v) VALUES (?) RETURNING id, v", bind=["r"])
+    assert result["lastInsertRowid"] > 0
+    assert result["rows"] == [{"id": result["lastInsertRowid"], "v": "r"}]
+    plain = await sql(client, "INSERT INTO t (v) VALUES ('p')")
+    assert plain == {"changes": 1, "lastInsertRowid": result["lastInsertRowid"] + 1}
+
+
+async def test_int64_extremes_reals_and_blobs_round_trip_exactly(client: Client) -> None:
+    values = [INT64_MIN, INT64_MAX, 0, -1, 1.0, 2.5, "täxt", {"$blob": "AP8Q"}, None]
+    for value in values:
+        await sql(client, "INSERT INTO t (v) VALUES (?)", bind=[value])
+    stored = [row["v"] for row in await rows(client, "SELECT v FROM t ORDER BY id")]
+    assert stored == values
+    assert isinstance(stored[4], float)
+    assert await rows(client, "SELECT typeof(v) AS t FROM t WHERE v = ?", bind=[INT64_MAX]) == [
+        {"t": "integer"}
+    ]
+
+
+async def test_named_binds_accept_each_prefix(client: Client) -> None:
+    await sql(client, "INSERT INTO t (id, v) VALUES (:id, $v)", bind={"id": 5, "v": "n"})
+    assert await rows(client, "SELECT v FROM t WHERE id = @id", bind={"id": 5}) == [{"v": "n"}]
+
+
+async def test_changes_count_only_what_the_statement_changed(client: Client) -> None:
+    result = await tx(
+        client,
+        {"sql": "INSERT INTO t (id) VALUES (1), (2), (3)"},
+        {"sql": "SELECT count(*) AS n FROM t"},
+        {"sql": "CREATE TABLE u (x)"},
+        {"sql": "DELETE FROM t WHERE id > 1"},
+    )
+    assert [step["changes"] for step in result["results"]] == [3, 0, 0, 2]
+    assert result["results"][1]["rows"] == [{"n": 3}]
+
+
+async def test_max_rows_truncates_a_query(client: Client) -> None:
+    await sql(
+        client,
+        "WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < 50)"
+        " INSERT INTO t (id) SELECT n FROM s",
+    )
+    result = await sql(client, "SELECT id FROM t ORDER BY id", "query", maxRows=10)
+    assert len(result["rows"]) == 10
+    assert result["truncated"] is True
+    assert result["columns"] == ["id"]
+
+
+async def test_a_query_with_no_rows_still_names_its_columns(client: Client) -> None:
+    result = await sql(client, "SELECT id, v AS value FROM t", "query")
+    assert result == {"columns": ["id", "value"], "rows": [], "truncated": False}
+
+
+async def test_a_slow_query_times_out_while_health_answers_on_another_connection(
+    client: Client, assistant_socket: str
+) -> None:
+    order: list[str] = []
+    slow_sql = (
+        "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT count(*) FROM r"
+    )
+    async with Client(assistant_socket) as other:
+
+        async def slow() -> None:
+            error = await failure(sql(client, slow_sql, "query", timeoutMs=1500))
+            assert (error.code, error.status_code) == ("DB_TIMEOUT", 504)
+            order.append("timeout")
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(slow)
+            await anyio.sleep(0.1)
+            for _ in range(20):
+                assert (await other.call("health"))["status"] == "ok"
+            order.append("health")
+            await sql(other, "INSERT INTO t (id) VALUES (1)")
+            order.append("write")
+    assert order == ["health", "write", "timeout"]
+
+
+async def test_a_transaction_step_that_times_out_applies_nothing(client: Client) -> None:
+    slow = (
+        "INSERT INTO t (v) SELECT count(*) FROM"
+        " (WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT x FROM r)"
+    )
+    error = await failure(
+        tx(client, {"sql": "INSERT INTO t (id) VALUES (1)"}, {"sql": slow}, timeoutMs=300)
+    )
+    assert (error.code, error.status_code, error.data["failedStep"]) == ("DB_TIMEOUT", 504, 1)
+    assert await rows(client, "SELECT * FROM t") == []
+    await sql(client, "INSERT INTO t (id) VALUES (2)")
+    assert await rows(client, "SELECT id FROM t") == [{"id": 2}]
+
+
+async def test_an_idempotency_key_applies_a_transaction_once(client: Client) -> None:
+    step = {"sql": "INSERT INTO t (v) VALUES ('once')"}
+    first = await tx(client, step, idempotencyKey="key-1")
+    second = await tx(client, step, idempotencyKey="key-1")
+    assert first == second
+    assert await rows(client, "SELECT count(*) AS n FROM t") == [{"n": 1}]
+    await tx(client, step, idempotencyKey="key-2")
+    assert await rows(client, "SELECT count(*) AS n FROM t") == [{"n": 2}]
+
+
+async def test_a_failed_transaction_does_not_burn_its_idempotency_key(client: Client) -> None:
+    await sql(client, "INSERT INTO t (id) VALUES (1)")
+    collide = {"sql": "INSERT INTO t (id) VALUES (1)"}
+    await failure(tx(client, collide, idempotencyKey="retry-me"))
+    await sql(client, "DELETE FROM t")
+    assert (await tx(client, collide, idempotencyKey="retry-me"))["ok"] is True
+    assert await rows(client, "SELECT id FROM t") == [{"id": 1}]
+
+
+async def test_emit_event_is_idempotent_by_id(client: Client) -> None:
+    event = {"id": "ev-1", "kind": "invite_redeemed", "payload": {"inviteId": "i", "n": 1}}
+    assert await client.call("emit_event", event) == {"accepted": True, "duplicate": False}
+    assert await client.call("emit_event", event) == {"accepted": True, "duplicate": True}
+    stored = await rows(client, "SELECT id, kind, payload FROM events")
+    assert stored == [
+        {"id": "ev-1", "kind": "invite_redeemed", "payload": '{"inviteId":"i","n":1}'}
+    ]
+
+
+async def test_rpc_discover_describes_every_method_from_the_types(client: Client) -> None:
+    document = await client.call("rpc.discover")
+    methods = {method["name"]: method for method in document["methods"]}
+    assert {"health", "db_proxy", "db_proxy_transaction", "emit_event", "rpc.discover"} <= set(
+        methods
+    )
+    params = {p["name"]: p["required"] for p in methods["db_proxy_transaction"]["params"]}
+    assert params == {"steps": True, "idempotencyKey": False, "timeoutMs": False, "maxRows": False}
+    assert document["info"]["title"] == "assistantd"
