@@ -177,7 +177,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
         ],
         workdir,
     )
-    daemons = [demo]
+    assistant = Daemon(
+        "assistant",
+        ["-m", "assistant", "--runtime-dir", str(workdir), "--state-dir", str(workdir)],
+        workdir,
+    )
+    daemons = [demo, assistant]
     for daemon in daemons:
         daemon.wait_ready()
     await wait_for_socket(workdir / "floor.sock")
@@ -187,14 +192,13 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
     payload_4k = {"text": "x" * 4096}
     print("cases (median of runs):", flush=True)
     floor_ping = await measure(
-        "floor: echo", "floor", lambda: floor_client.call("echo", small), None, args
+        "floor: echo", "floor", lambda: floor_client.call("echo", small), floor, args
     )
     floor_4k = await measure(
-        "floor: echo 4 KiB", "floor", lambda: floor_client.call("echo", payload_4k), None, args
+        "floor: echo 4 KiB", "floor", lambda: floor_client.call("echo", payload_4k), floor, args
     )
     report.cases += [floor_ping, floor_4k]
     async with Client(str(workdir / "demo.sock")) as demo_client:
-        batch = [BatchCall("echo", small)] * 100
         cases: list[tuple[str, Call, CaseResult | None, str]] = [
             ("protocol: echo (inline)", lambda: demo_client.call("echo", small), floor_ping, ""),
             (
@@ -203,11 +207,14 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
                 floor_ping,
                 "",
             ),
-            ("protocol: echo 4 KiB", lambda: demo_client.call("echo", payload_4k), floor_4k, ""),
-            ("protocol: 100-call batch", lambda: demo_client.batch(batch), None, "per batch"),
         ]
         for name, call, floor_case, note in cases:
             result = await measure(name, "demo", call, demo, args, note)
+            report.cases.append(with_ratio(result, floor_case))
+    async with Client(str(workdir / "assistant.sock")) as client:
+        await prepare_assistant(client)
+        for name, call, floor_case, note in assistant_cases(client, floor_ping, floor_4k):
+            result = await measure(name, "assistant", call, assistant, args, note)
             report.cases.append(with_ratio(result, floor_case))
     for daemon in daemons:
         report.rss_kib[daemon.name] = daemon.rss()
@@ -215,6 +222,52 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
     for daemon in [*daemons, floor]:
         daemon.proc.terminate() if daemon is floor else daemon.stop()
     return report
+
+
+ROWS = 10_000
+
+
+async def prepare_assistant(client: Client) -> None:
+    await client.call(
+        "db_proxy",
+        {
+            "sql": "CREATE TABLE kv (id INTEGER PRIMARY KEY, v TEXT);"
+            " CREATE TABLE log (id INTEGER PRIMARY KEY, v TEXT);"
+            " CREATE TABLE big (id INTEGER PRIMARY KEY, v TEXT);"
+            " WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < 10000)"
+            " INSERT INTO kv (id, v) SELECT n, 'value-' || n FROM s;"
+            " INSERT INTO big (id, v) VALUES (1, printf('%.4096c', 'x'));",
+            "mode": "exec",
+        },
+    )
+
+
+def assistant_cases(
+    client: Client, floor_ping: CaseResult, floor_4k: CaseResult
+) -> list[tuple[str, Call, CaseResult | None, str]]:
+    counter = iter(range(1, 1 << 62))
+    point = {"sql": "SELECT v FROM kv WHERE id = ?", "mode": "query"}
+    insert = {"sql": "INSERT INTO log (v) VALUES (?)", "mode": "run", "bind": ["x"]}
+    steps = [{"sql": "INSERT INTO log (v) VALUES (?)", "bind": [f"s{i}"]} for i in range(5)]
+    big = {"sql": "SELECT v FROM big WHERE id = 1", "mode": "query"}
+    batch = [BatchCall("health")] * 100
+
+    def point_query() -> Awaitable[Any]:
+        return client.call("db_proxy", {**point, "bind": [next(counter) % ROWS + 1]})
+
+    return [
+        ("health", lambda: client.call("health"), floor_ping, ""),
+        ("db_proxy query (point, 10k rows)", point_query, floor_ping, ""),
+        ("db_proxy run (insert)", lambda: client.call("db_proxy", insert), floor_ping, "FULL"),
+        (
+            "db_proxy_transaction (5 steps)",
+            lambda: client.call("db_proxy_transaction", {"steps": steps}),
+            floor_ping,
+            "synchronous=FULL",
+        ),
+        ("db_proxy query (4 KiB result)", lambda: client.call("db_proxy", big), floor_4k, ""),
+        ("100-call batch of health", lambda: client.batch(batch), None, "per batch"),
+    ]
 
 
 def with_ratio(result: CaseResult, floor: CaseResult | None) -> CaseResult:

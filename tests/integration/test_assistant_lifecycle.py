@@ -1,0 +1,164 @@
+"""assistantd under signals and restarts: drain on SIGTERM, nothing half-applied after SIGKILL."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import anyio
+import apsw
+import pytest
+
+from protocol.client import Client
+from protocol.errors import IpcHandlerError, IpcTransportError
+from tests.support.proc import DaemonProcess, run_once
+
+pytestmark = pytest.mark.anyio
+
+SLOW_WRITE = (
+    "INSERT INTO t (v) SELECT count(*) FROM (WITH RECURSIVE r(x) AS"
+    " (SELECT 1 UNION ALL SELECT x + 1 FROM r WHERE x < ?) SELECT x FROM r)"
+)
+
+
+async def setup_table(client: Client) -> None:
+    await client.call(
+        "db_proxy", {"sql": "CREATE TABLE t (id INTEGER PRIMARY KEY, v)", "mode": "exec"}
+    )
+
+
+async def test_sigterm_answers_every_call_in_flight_then_exits_zero(
+    assistant: DaemonProcess, assistant_socket: str
+) -> None:
+    async with Client(assistant_socket) as client:
+        await setup_table(client)
+        answers: list[Any] = []
+
+        async def slow_write() -> None:
+            params = {"sql": SLOW_WRITE, "mode": "run", "bind": [300_000], "timeoutMs": 20_000}
+            answers.append(await client.call("db_proxy", params))
+
+        async with anyio.create_task_group() as task_group:
+            for _ in range(4):
+                task_group.start_soon(slow_write)
+            await anyio.sleep(0.1)
+            assistant.signal(signal.SIGTERM)
+        assert [answer["changes"] for answer in answers] == [1, 1, 1, 1]
+    assert assistant.terminate() == 0
+    db = apsw.Connection(str(assistant.state_dir / "assistant.db"))
+    assert db.execute("SELECT count(*) FROM t").fetchall() == [(4,)]
+
+
+async def test_health_answers_while_a_long_write_holds_the_writer(
+    assistant: DaemonProcess, assistant_socket: str
+) -> None:
+    order: list[str] = []
+    async with Client(assistant_socket) as client, Client(assistant_socket) as other:
+        await setup_table(client)
+
+        async def long_write() -> None:
+            params = {"sql": SLOW_WRITE, "mode": "run", "bind": [2_000_000], "timeoutMs": 30_000}
+            await client.call("db_proxy", params)
+            order.append("write")
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(long_write)
+            await anyio.sleep(0.1)
+            health = await other.call("health")
+            order.append("health")
+            reads = await other.call(
+                "db_proxy", {"sql": "SELECT count(*) AS n FROM t", "mode": "query"}
+            )
+            order.append("read")
+    assert health["db"]["schemaVersion"] == 1
+    assert reads["rows"] == [{"n": 0}]
+    assert order == ["health", "read", "write"]
+
+
+async def test_sigkill_during_idempotent_transactions_then_retries_apply_each_once(
+    assistant: DaemonProcess, assistant_socket: str
+) -> None:
+    count = 300
+    unsure: set[int] = set()
+    acknowledged: set[int] = set()
+
+    def params(n: int) -> dict[str, Any]:
+        steps = [
+            {"sql": "INSERT INTO t (v) VALUES (?)", "bind": [n]},
+            {"sql": "INSERT INTO t (v) VALUES (?)", "bind": [-n]},
+        ]
+        return {"steps": steps, "idempotencyKey": f"tx-{n}"}
+
+    async with Client(assistant_socket, timeout=10) as client:
+        await setup_table(client)
+
+        async def worker(numbers: list[int]) -> None:
+            for n in numbers:
+                try:
+                    await client.call("db_proxy_transaction", params(n))
+                    acknowledged.add(n)
+                except IpcTransportError:
+                    unsure.add(n)
+
+        async def killer() -> None:
+            while len(acknowledged) < count // 4:
+                await anyio.sleep(0.005)
+            assistant.kill()
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(killer)
+            for lane in range(8):
+                task_group.start_soon(worker, list(range(lane, count, 8)))
+
+    assert unsure, "the kill landed after every transaction was done"
+    assistant.restart()
+    async with Client(assistant_socket) as client:
+        for n in sorted(unsure):
+            result = await client.call("db_proxy_transaction", params(n))
+            assert result["ok"] is True
+        stored = await client.call("db_proxy", {"sql": "SELECT v FROM t", "mode": "query"})
+    values = sorted(row["v"] for row in stored["rows"])
+    assert values == sorted([*range(count), *(-n for n in range(count))])
+
+
+async def test_a_database_newer_than_the_program_is_refused(short_tmp: Path) -> None:
+    state = short_tmp / "state"
+    state.mkdir()
+    db = apsw.Connection(str(state / "assistant.db"))
+    db.execute("PRAGMA user_version = 42")
+    db.close()
+    result = run_once("assistant", "--runtime-dir", str(short_tmp), "--state-dir", str(state))
+    assert result.returncode == 65
+    assert "schema version 42, newer than this program's 1" in result.stderr
+    assert not (short_tmp / "assistant.sock").exists()
+
+
+async def test_an_unopenable_database_is_a_one_line_error(short_tmp: Path) -> None:
+    (short_tmp / "state").write_text("a file where the state dir should be")
+    result = run_once(
+        "assistant", "--runtime-dir", str(short_tmp), "--state-dir", str(short_tmp / "state")
+    )
+    assert result.returncode == 73
+    assert result.stderr.startswith("assistantd: cannot open database")
+    assert not (short_tmp / "assistant.sock").exists()
+
+
+async def test_a_restart_keeps_every_acknowledged_write(
+    assistant: DaemonProcess, assistant_socket: str
+) -> None:
+    async with Client(assistant_socket) as client:
+        await setup_table(client)
+        for n in range(20):
+            await client.call(
+                "db_proxy", {"sql": "INSERT INTO t (v) VALUES (?)", "mode": "run", "bind": [n]}
+            )
+    assistant.kill()
+    assistant.restart()
+    async with Client(assistant_socket) as client:
+        result = await client.call(
+            "db_proxy", {"sql": "SELECT count(*) AS n FROM t", "mode": "query"}
+        )
+        with pytest.raises(IpcHandlerError):
+            await setup_table(client)
+    assert result["rows"] == [{"n": 20}]
