@@ -10,11 +10,12 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
-from assistant.db import Database, DbOpenError, now_ms
+from assistant.db import Database
 from assistant.proxy import sweep_idempotency_keys
 from assistant.routes import AssistantRoutes
 from protocol import daemon
 from protocol.daemon import DaemonConfig, StartupError
+from protocol.sqlite import DbOpenError, now_ms
 
 IDEMPOTENCY_KEEP_MS = 48 * 3600 * 1000
 SWEEP_INTERVAL = 3600.0

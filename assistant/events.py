@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from assistant.db import Conn, now_ms, trusted
+from assistant.db import GuardedConn
+from protocol.sqlite import now_ms
 
 
-def insert_event(conn: Conn, event_id: str, kind: str, payload: str) -> bool:
+def insert_event(conn: GuardedConn, event_id: str, kind: str, payload: str) -> bool:
     """Store the event; False when an event with this id was already stored."""
     before = conn.db.total_changes()
-    trusted(
-        conn,
+    conn.execute(
         "INSERT INTO events (id, kind, payload, received_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (id) DO NOTHING",
         (event_id, kind, payload, now_ms()),

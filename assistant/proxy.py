@@ -13,9 +13,10 @@ import apsw
 import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
-from assistant.db import Conn, now_ms, timeout_error, trusted
+from assistant.db import GuardedConn, timeout_error
 from assistant.policy import Denial, Mode
 from protocol.errors import InvalidParams, RouteError, RpcError
+from protocol.sqlite import now_ms
 from protocol.values import SqlBind, to_wire
 
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?(\*/|$)", re.DOTALL)
@@ -71,7 +72,7 @@ class _Statement:
 
     __slots__ = ("bind", "columns", "conn", "path", "sql")
 
-    def __init__(self, conn: Conn, sql: str, bind: SqlBind | None, path: str) -> None:
+    def __init__(self, conn: GuardedConn, sql: str, bind: SqlBind | None, path: str) -> None:
         self.conn = conn
         self.sql = sql
         self.bind = bind
@@ -134,7 +135,7 @@ class _Statement:
         return rows, truncated
 
 
-def query(conn: Conn, sql: str, bind: SqlBind | None, max_rows: int) -> QueryResult:
+def query(conn: GuardedConn, sql: str, bind: SqlBind | None, max_rows: int) -> QueryResult:
     """One read-only statement on a reader connection."""
     statement = _Statement(conn, sql, bind, "$")
     try:
@@ -145,7 +146,7 @@ def query(conn: Conn, sql: str, bind: SqlBind | None, max_rows: int) -> QueryRes
     return QueryResult(statement.columns, rows, truncated)
 
 
-def run(conn: Conn, sql: str, bind: SqlBind | None, max_rows: int) -> RunResult:
+def run(conn: GuardedConn, sql: str, bind: SqlBind | None, max_rows: int) -> RunResult:
     """One statement in its own write transaction."""
     with _WriteTransaction(conn):
         try:
@@ -154,7 +155,7 @@ def run(conn: Conn, sql: str, bind: SqlBind | None, max_rows: int) -> RunResult:
             raise translate(exc, conn, "DB_PROXY_FAILED") from exc
 
 
-def execute_script(conn: Conn, sql: str) -> ExecResult:
+def execute_script(conn: GuardedConn, sql: str) -> ExecResult:
     """A script of statements in one write transaction; all or nothing."""
     with _WriteTransaction(conn):
         try:
@@ -167,13 +168,12 @@ def execute_script(conn: Conn, sql: str) -> ExecResult:
 
 
 def transaction(
-    conn: Conn, steps: list[Step], idempotency_key: str | None, max_rows: int
+    conn: GuardedConn, steps: list[Step], idempotency_key: str | None, max_rows: int
 ) -> TransactionResult:
     """All steps in one BEGIN IMMEDIATE; `requireChanges` unmet -> everything rolled back."""
     with _WriteTransaction(conn) as tx:
         if idempotency_key is not None:
-            stored = trusted(
-                conn,
+            stored = conn.execute(
                 "SELECT result FROM idempotency_keys WHERE key = ?",
                 (idempotency_key,),
                 cacheable=True,
@@ -192,15 +192,14 @@ def transaction(
             results.append(result)
         outcome = TransactionOk(results=results)
         if idempotency_key is not None:
-            trusted(
-                conn,
+            conn.execute(
                 "INSERT INTO idempotency_keys (key, result, created_at) VALUES (?, ?, ?)",
                 (idempotency_key, _encoder.encode(outcome).decode(), now_ms()),
             )
         return outcome
 
 
-def _run_step(conn: Conn, index: int, step: Step, max_rows: int) -> RunResult:
+def _run_step(conn: GuardedConn, index: int, step: Step, max_rows: int) -> RunResult:
     statement = _Statement(conn, step.sql, step.bind, f"$.steps[{index}]")
     try:
         return _run_one(conn, statement, max_rows)
@@ -218,7 +217,7 @@ def _run_step(conn: Conn, index: int, step: Step, max_rows: int) -> RunResult:
         raise
 
 
-def _run_one(conn: Conn, statement: _Statement, max_rows: int) -> RunResult:
+def _run_one(conn: GuardedConn, statement: _Statement, max_rows: int) -> RunResult:
     db = conn.db
     before = db.total_changes()
     cursor = statement.execute(Mode.WRITE)
@@ -234,13 +233,13 @@ def _run_one(conn: Conn, statement: _Statement, max_rows: int) -> RunResult:
 class _WriteTransaction:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception or on `rollback()`."""
 
-    def __init__(self, conn: Conn) -> None:
+    def __init__(self, conn: GuardedConn) -> None:
         self.conn = conn
         self.done = False
 
     def __enter__(self) -> _WriteTransaction:
         try:
-            trusted(self.conn, "BEGIN IMMEDIATE")
+            self.conn.execute("BEGIN IMMEDIATE")
         except apsw.Error as exc:
             raise translate(exc, self.conn, "DB_PROXY_FAILED") from exc
         return self
@@ -248,7 +247,7 @@ class _WriteTransaction:
     def rollback(self) -> None:
         self.done = True
         if self.conn.db.in_transaction:
-            trusted(self.conn, "ROLLBACK")
+            self.conn.execute("ROLLBACK")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if self.done:
@@ -257,13 +256,15 @@ class _WriteTransaction:
             self.rollback()
             return
         try:
-            trusted(self.conn, "COMMIT")
+            self.conn.execute("COMMIT")
         except apsw.Error as commit_error:
             self.rollback()
             raise translate(commit_error, self.conn, "DB_PROXY_FAILED") from commit_error
 
 
-def translate(exc: apsw.Error, conn: Conn, error_code: str, step: int | None = None) -> RpcError:
+def translate(
+    exc: apsw.Error, conn: GuardedConn, error_code: str, step: int | None = None
+) -> RpcError:
     """An apsw failure as the RouteError the caller gets, SQLite's message kept."""
     extra: dict[str, Any] = {} if step is None else {"failedStep": step}
     # A denial recorded while this statement was prepared is why it failed,
@@ -296,8 +297,8 @@ def translate(exc: apsw.Error, conn: Conn, error_code: str, step: int | None = N
     return RouteError(str(exc), 500, error_code, data={**extra, "sqlite": sqlite})
 
 
-def sweep_idempotency_keys(conn: Conn, older_than_ms: int) -> int:
+def sweep_idempotency_keys(conn: GuardedConn, older_than_ms: int) -> int:
     """Forget idempotency keys stored before `older_than_ms`; how many were removed."""
     before = conn.db.total_changes()
-    trusted(conn, "DELETE FROM idempotency_keys WHERE created_at < ?", (older_than_ms,))
+    conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (older_than_ms,))
     return conn.db.total_changes() - before
