@@ -23,8 +23,9 @@ types: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest
 
+# Both daemons on the default paths (./.pair/run, ./.pair/state); Ctrl-C stops both.
 run: $(STAMP)
-	$(BIN)/assistantd
+	@trap 'kill 0' INT TERM; $(BIN)/assistantd & $(BIN)/gatewayd & wait
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -1,0 +1,1 @@
+"""gatewayd: owns gateway.db (contacts, channels, invites) and serves gateway.sock."""

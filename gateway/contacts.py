@@ -1,0 +1,117 @@
+"""Contacts and their channels in gateway.db. Every function runs on the database thread."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from gateway.db import transaction
+from gateway.outbox import queue_event
+from gateway.records import (
+    CHANNEL_COLUMNS,
+    CONTACT_COLUMNS,
+    Channel,
+    Contact,
+    channel_of,
+    contact_of,
+    new_id,
+)
+from protocol.errors import InvalidParams, RouteError
+from protocol.sqlite import Conn, now_ms
+
+
+def not_found(what: str, record_id: str) -> RouteError:
+    return RouteError(f"no {what} with id {record_id!r}", 404, "NOT_FOUND")
+
+
+def encode_cursor(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> str:
+    """The id a page starts after; '' for the first page."""
+    if not cursor:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidParams("cursor is not one this server returned", path="$.cursor") from exc
+
+
+def create_contact(conn: Conn, display_name: str, role: str, principal_id: str | None) -> Contact:
+    now = now_ms()
+    contact = Contact(new_id("ct"), display_name, role, principal_id, now, now)
+    with transaction(conn):
+        conn.execute(
+            f"INSERT INTO contacts ({CONTACT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (contact.id, display_name, role, principal_id, now, now),
+        )
+        queue_event(conn, "contacts_changed", {"contactId": contact.id, "change": "created"})
+    return contact
+
+
+def find_contact(conn: Conn, contact_id: str) -> Contact | None:
+    rows = conn.execute(f"SELECT {CONTACT_COLUMNS} FROM contacts WHERE id = ?", (contact_id,))
+    return contact_of(rows[0]) if rows else None
+
+
+def get_contact(conn: Conn, contact_id: str) -> tuple[Contact, list[Channel]]:
+    contact = find_contact(conn, contact_id)
+    if contact is None:
+        raise not_found("contact", contact_id)
+    rows = conn.execute(
+        f"SELECT {CHANNEL_COLUMNS} FROM contact_channels WHERE contact_id = ?"
+        " ORDER BY created_at, id",
+        (contact_id,),
+    )
+    return contact, [channel_of(row) for row in rows]
+
+
+def list_contacts(conn: Conn, limit: int, cursor: str | None) -> tuple[list[Contact], str | None]:
+    after = decode_cursor(cursor)
+    rows = conn.execute(
+        f"SELECT {CONTACT_COLUMNS} FROM contacts WHERE id > ? ORDER BY id LIMIT ?",
+        (after, limit + 1),
+    )
+    contacts = [contact_of(row) for row in rows[:limit]]
+    next_cursor = encode_cursor(contacts[-1].id) if len(rows) > limit else None
+    return contacts, next_cursor
+
+
+def delete_contact(conn: Conn, contact_id: str) -> None:
+    """Delete the contact, its channels and invites (cascade), and queue `contacts_changed`."""
+    with transaction(conn):
+        before = conn.db.total_changes()
+        conn.execute("DELETE FROM contacts WHERE id = ?", (contact_id,))
+        if conn.db.total_changes() == before:
+            raise not_found("contact", contact_id)
+        queue_event(conn, "contacts_changed", {"contactId": contact_id, "change": "deleted"})
+
+
+def find_sender_channel(
+    conn: Conn, channel_type: str, external_user_id: str | None, external_chat_id: str | None
+) -> Channel | None:
+    """The channel this sender is known by: matched on user id, else on chat id."""
+    for column, value in (
+        ("external_user_id", external_user_id),
+        ("external_chat_id", external_chat_id),
+    ):
+        if value is None:
+            continue
+        rows = conn.execute(
+            f"SELECT {CHANNEL_COLUMNS} FROM contact_channels WHERE type = ? AND {column} = ?"
+            " ORDER BY status = 'active' DESC, created_at LIMIT 1",
+            (channel_type, value),
+        )
+        if rows:
+            return channel_of(rows[0])
+    return None
+
+
+def touch_channel(conn: Conn, channel_id: str) -> None:
+    now = now_ms()
+    conn.execute(
+        "UPDATE contact_channels SET last_seen_at = ?, last_interaction = ?,"
+        " interaction_count = interaction_count + 1, updated_at = ? WHERE id = ?",
+        (now, now, now, channel_id),
+    )

@@ -1,0 +1,165 @@
+"""gateway.db: its schema and the one connection thread every gateway statement runs on.
+
+Everything the gateway stores is small and local, so one writer thread
+serves reads and writes alike: redemptions are serialised by it, and each
+runs in one BEGIN IMMEDIATE. See `protocol.sqlite` for the thread model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import apsw
+
+from protocol.sqlite import (
+    EX_CANTCREAT,
+    Conn,
+    DbOpenError,
+    Worker,
+    connect,
+    make_state_dir,
+    migrate,
+    watch_deadline,
+)
+
+T = TypeVar("T")
+
+log = logging.getLogger("gateway.db")
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE contacts (
+        id TEXT PRIMARY KEY,
+        display_name TEXT NOT NULL,
+        role TEXT NOT NULL DEFAULT 'contact',
+        principal_id TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE contact_channels (
+        id TEXT PRIMARY KEY,
+        contact_id TEXT NOT NULL REFERENCES contacts (id) ON DELETE CASCADE,
+        type TEXT NOT NULL,
+        address TEXT NOT NULL,
+        is_primary INTEGER NOT NULL DEFAULT 0,
+        external_user_id TEXT,
+        external_chat_id TEXT,
+        status TEXT NOT NULL DEFAULT 'unverified',
+        policy TEXT NOT NULL DEFAULT 'allow',
+        verified_at INTEGER,
+        verified_via TEXT,
+        invite_id TEXT,
+        revoked_reason TEXT,
+        blocked_reason TEXT,
+        last_seen_at INTEGER,
+        interaction_count INTEGER NOT NULL DEFAULT 0,
+        last_interaction INTEGER,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER
+    );
+    CREATE INDEX idx_contact_channels_type_user ON contact_channels (type, external_user_id);
+    CREATE INDEX idx_contact_channels_type_chat ON contact_channels (type, external_chat_id);
+    CREATE INDEX idx_contact_channels_contact ON contact_channels (contact_id);
+    CREATE TABLE ingress_invites (
+        id TEXT PRIMARY KEY,
+        source_channel TEXT NOT NULL,
+        invite_code_hash TEXT NOT NULL,
+        note TEXT,
+        max_uses INTEGER NOT NULL DEFAULT 1,
+        use_count INTEGER NOT NULL DEFAULT 0,
+        expires_at INTEGER NOT NULL,
+        status TEXT NOT NULL DEFAULT 'active',
+        redeemed_by_external_user_id TEXT,
+        redeemed_by_external_chat_id TEXT,
+        redeemed_at INTEGER,
+        contact_id TEXT NOT NULL REFERENCES contacts (id) ON DELETE CASCADE,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX idx_ingress_invites_code_lookup
+        ON ingress_invites (invite_code_hash, source_channel);
+    CREATE INDEX idx_ingress_invites_contact ON ingress_invites (contact_id);
+    CREATE TABLE one_time_migrations (
+        key TEXT PRIMARY KEY,
+        ran_at INTEGER NOT NULL
+    );
+    CREATE TABLE redeem_failures (
+        scope TEXT NOT NULL,
+        at INTEGER NOT NULL
+    );
+    CREATE INDEX idx_redeem_failures_scope_at ON redeem_failures (scope, at);
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+    );
+    """,
+)
+
+
+class Database:
+    """gateway.db on one connection thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.schema_version = 0
+        self._worker: Worker[Conn] | None = None
+
+    def open(self) -> None:
+        """Open, migrate and start the thread (blocking; call off the loop)."""
+        make_state_dir(self.path)
+        try:
+            db = connect(self.path)
+            conn = Conn(db, watch_deadline(db))
+        except apsw.Error as exc:
+            raise DbOpenError(f"cannot open database {self.path}: {exc}", EX_CANTCREAT) from exc
+        try:
+            self.schema_version = migrate(conn, MIGRATIONS, log=log.info)
+        except apsw.Error as exc:
+            db.close()
+            raise DbOpenError(f"cannot migrate database {self.path}: {exc}", EX_CANTCREAT) from exc
+        self._worker = Worker("gateway-db", [conn])
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+    async def run(self, job: Callable[[Conn], T]) -> T:
+        assert self._worker is not None, "database is not open"
+        return await self._worker.run(job)
+
+
+@contextmanager
+def transaction(conn: Conn) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT; rolled back when the block raises anything but `Commit`.
+
+    A domain error that must still keep what the block wrote (a failed
+    redemption attempt is recorded, then refused) raises `Commit(error)`.
+    """
+    conn.execute("BEGIN IMMEDIATE", cacheable=True)
+    try:
+        yield
+    except Commit as keep:
+        conn.execute("COMMIT", cacheable=True)
+        raise keep.error from None
+    except BaseException:
+        if conn.db.in_transaction:
+            conn.execute("ROLLBACK", cacheable=True)
+        raise
+    conn.execute("COMMIT", cacheable=True)
+
+
+class Commit(Exception):
+    """Commit what the transaction wrote, then raise `error` to the caller."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error

@@ -1,0 +1,133 @@
+"""The event outbox: events are queued in the transaction that caused them, then delivered.
+
+Delivery sends them to the assistant's `emit_event` one at a time, oldest
+first, and removes a row only once the assistant has acknowledged it; the
+event id makes a re-delivery after a lost answer harmless.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import anyio
+import msgspec
+
+from gateway.db import Database
+from gateway.link import AssistantLink
+from gateway.records import new_id
+from protocol.errors import IpcError
+from protocol.sqlite import Conn, now_ms
+
+log = logging.getLogger("gateway.outbox")
+
+BATCH = 100
+DELIVERY_BACKOFF_START = 0.05
+DELIVERY_BACKOFF_CAP = 5.0
+IDLE_POLL = 5.0
+
+_encoder = msgspec.json.Encoder()
+
+
+class PendingEvent(msgspec.Struct, gc=False):
+    seq: int
+    event_id: str
+    kind: str
+    payload: str
+
+
+def queue_event(conn: Conn, kind: str, payload: dict[str, Any]) -> str:
+    """Add an event inside the caller's transaction; its id."""
+    event_id = new_id("ev")
+    conn.execute(
+        "INSERT INTO outbox (event_id, kind, payload, created_at) VALUES (?, ?, ?, ?)",
+        (event_id, kind, _encoder.encode(payload).decode(), now_ms()),
+    )
+    return event_id
+
+
+def pending_events(conn: Conn, limit: int = BATCH) -> list[PendingEvent]:
+    rows = conn.execute(
+        "SELECT seq, event_id, kind, payload FROM outbox ORDER BY seq LIMIT ?", (limit,)
+    )
+    return [PendingEvent(*row) for row in rows]
+
+
+def pending_count(conn: Conn) -> int:
+    return int(conn.execute("SELECT count(*) FROM outbox")[0][0])
+
+
+def mark_delivered(conn: Conn, seq: int) -> None:
+    conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+
+def mark_failed(conn: Conn, seq: int, error: str) -> None:
+    conn.execute(
+        "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?", (error, seq)
+    )
+
+
+class Signal:
+    """Wakes the delivery task when a transaction queued something."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+        self._event = anyio.Event()
+
+
+class Delivery:
+    """Sends queued events to the assistant in order, retrying with backoff while it is away."""
+
+    def __init__(self, db: Database, link: AssistantLink) -> None:
+        self._db = db
+        self._link = link
+        self._wake = Signal()
+        self.pending = 0
+        self.last_error: str | None = None
+
+    def wake(self) -> None:
+        """A transaction that may have queued events is over: look for them now."""
+        self._wake.set()
+
+    async def run_forever(self) -> None:
+        self.pending = await self._db.run(pending_count)
+        delay = DELIVERY_BACKOFF_START
+        while True:
+            events = await self._db.run(pending_events)
+            if len(events) < BATCH:
+                self.pending = len(events)
+            if not events:
+                await self._wake.wait(IDLE_POLL)
+                continue
+            if await self._deliver(events):
+                delay = DELIVERY_BACKOFF_START
+                continue
+            await anyio.sleep(delay)
+            delay = min(delay * 2, DELIVERY_BACKOFF_CAP)
+
+    async def _deliver(self, events: list[PendingEvent]) -> bool:
+        """Deliver in order; False at the first event the assistant did not take."""
+        for event in events:
+            params = {
+                "id": event.event_id,
+                "kind": event.kind,
+                "payload": msgspec.Raw(event.payload.encode()),
+            }
+            try:
+                await self._link.call_assistant("emit_event", params)
+            except IpcError as exc:
+                self.last_error = str(exc)
+                await self._db.run(functools.partial(mark_failed, seq=event.seq, error=str(exc)))
+                return False
+            await self._db.run(functools.partial(mark_delivered, seq=event.seq))
+            self.pending = max(0, self.pending - 1)
+            self.last_error = None
+        return True

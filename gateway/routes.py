@@ -1,0 +1,294 @@
+"""gateway.sock's methods: the wire types and the handlers that map them onto the services."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from typing import Annotated, Literal, TypeVar
+
+from msgspec import Meta, Struct
+
+from gateway import contacts, invites
+from gateway.codes import CodeHasher
+from gateway.db import Database
+from gateway.inbound import Inbound, inbound
+from gateway.invites import GuessLimits, Redemption, Sender
+from gateway.link import AssistantLink
+from gateway.migrations import MigrationRunner
+from gateway.outbox import Delivery
+from gateway.records import Channel, Contact, Invite
+from protocol import __version__
+from protocol.dispatch import NoParams, Router
+from protocol.errors import InvalidParams
+
+T = TypeVar("T")
+
+ChannelName = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,32}$")]
+Code = Annotated[str, Meta(pattern=r"^[0-9]{6}$")]
+RecordId = Annotated[str, Meta(min_length=1, max_length=200)]
+ExternalId = Annotated[str, Meta(min_length=1, max_length=256)]
+Limit = Annotated[int, Meta(ge=1, le=500)]
+Cursor = Annotated[str, Meta(max_length=400)]
+Role = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+
+
+class ContactsCreateParams(Struct, forbid_unknown_fields=True, rename="camel"):
+    display_name: Annotated[str, Meta(min_length=1, max_length=200)]
+    role: Role = "contact"
+    principal_id: RecordId | None = None
+
+
+class IdParams(Struct, forbid_unknown_fields=True):
+    id: RecordId
+
+
+class ContactsListParams(Struct, forbid_unknown_fields=True):
+    limit: Limit = 100
+    cursor: Cursor | None = None
+
+
+class InvitesCreateParams(Struct, forbid_unknown_fields=True, rename="camel"):
+    contact_id: RecordId
+    source_channel: ChannelName
+    max_uses: Annotated[int, Meta(ge=1, le=1000)] = 1
+    ttl_seconds: Annotated[int, Meta(ge=1, le=30 * 86400)] = 86400
+    note: Annotated[str, Meta(max_length=1000)] | None = None
+
+
+class InvitesRedeemParams(Struct, forbid_unknown_fields=True, rename="camel"):
+    source_channel: ChannelName
+    code: Code
+    external_user_id: ExternalId | None = None
+    external_chat_id: ExternalId | None = None
+    address: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    display_name: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+
+
+class InvitesListParams(Struct, forbid_unknown_fields=True, rename="camel"):
+    status: Literal["active", "redeemed", "revoked", "expired"] | None = None
+    source_channel: ChannelName | None = None
+    contact_id: RecordId | None = None
+    limit: Limit = 100
+    cursor: Cursor | None = None
+
+
+class ChannelInboundParams(Struct, forbid_unknown_fields=True, rename="camel"):
+    source_channel: ChannelName
+    text: Annotated[str, Meta(max_length=65536)]
+    external_user_id: ExternalId | None = None
+    external_chat_id: ExternalId | None = None
+
+
+class ContactResult(Struct):
+    contact: Contact
+
+
+class ContactDetail(Struct):
+    contact: Contact
+    channels: list[Channel]
+
+
+class ContactList(Struct, rename="camel"):
+    contacts: list[Contact]
+    next_cursor: str | None
+
+
+class Deleted(Struct):
+    deleted: bool
+
+
+class InviteCreated(Struct):
+    invite: Invite
+    code: str
+
+
+class InviteResult(Struct):
+    invite: Invite
+
+
+class InviteList(Struct, rename="camel"):
+    invites: list[Invite]
+    next_cursor: str | None
+
+
+class DbInfo(Struct, rename="camel"):
+    path: str
+    schema_version: int
+
+
+class LinkInfo(Struct, rename="camel"):
+    state: str
+    since: int
+    last_error: str | None
+
+
+class OutboxInfo(Struct, rename="camel"):
+    pending: int
+    last_error: str | None
+
+
+class MigrationsInfo(Struct, rename="camel"):
+    pending: int
+    failed: int
+    failed_key: str | None
+    last_error: str | None
+
+
+class HealthResult(Struct, rename="camel"):
+    status: str
+    version: str
+    pid: int
+    uptime_ms: int
+    db: DbInfo
+    assistant: LinkInfo
+    outbox: OutboxInfo
+    migrations: MigrationsInfo
+
+
+class GatewayRoutes:
+    """The handlers of gateway.sock."""
+
+    def __init__(
+        self,
+        db: Database,
+        hasher: Callable[[], CodeHasher],
+        limits: GuessLimits,
+        link: AssistantLink,
+        delivery: Delivery,
+        migrations: MigrationRunner,
+    ) -> None:
+        self.db = db
+        self._hasher = hasher
+        self.limits = limits
+        self.link = link
+        self.delivery = delivery
+        self.migrations = migrations
+        self.started = time.monotonic()
+        self.router = Router("gatewayd", __version__)
+        add = self.router.add
+        add("health", self.health, inline=True)
+        add("contacts_create", self.contacts_create)
+        add("contacts_get", self.contacts_get)
+        add("contacts_list", self.contacts_list)
+        add("contacts_delete", self.contacts_delete)
+        add("invites_create", self.invites_create)
+        add("invites_redeem", self.invites_redeem)
+        add("invites_revoke", self.invites_revoke)
+        add("invites_list", self.invites_list)
+        add("channel_inbound", self.channel_inbound)
+
+    async def _run(self, job: Callable[..., T], **kwargs: object) -> T:
+        return await self.db.run(functools.partial(job, **kwargs))
+
+    async def _run_queuing(self, job: Callable[..., T], **kwargs: object) -> T:
+        """Run a job whose transaction may queue an event; wake delivery after it commits."""
+        try:
+            return await self._run(job, **kwargs)
+        finally:
+            self.delivery.wake()
+
+    def health(self, params: NoParams) -> HealthResult:
+        """Liveness, assistant link, outbox backlog, migrations; never calls the assistant."""
+        status = self.link.status
+        migrations = self.migrations.state
+        return HealthResult(
+            status="ok",
+            version=__version__,
+            pid=os.getpid(),
+            uptime_ms=int((time.monotonic() - self.started) * 1000),
+            db=DbInfo(self.db.path, self.db.schema_version),
+            assistant=LinkInfo(status.state, status.since, status.last_error),
+            outbox=OutboxInfo(self.delivery.pending, self.delivery.last_error),
+            migrations=MigrationsInfo(
+                pending=len(migrations.pending),
+                failed=1 if migrations.failed else 0,
+                failed_key=migrations.failed,
+                last_error=migrations.last_error if migrations.failed else None,
+            ),
+        )
+
+    async def contacts_create(self, params: ContactsCreateParams) -> ContactResult:
+        """Create a contact (queues `contacts_changed`)."""
+        contact = await self._run_queuing(
+            contacts.create_contact,
+            display_name=params.display_name,
+            role=params.role,
+            principal_id=params.principal_id,
+        )
+        return ContactResult(contact)
+
+    async def contacts_get(self, params: IdParams) -> ContactDetail:
+        """A contact and its channels."""
+        contact, channels = await self._run(contacts.get_contact, contact_id=params.id)
+        return ContactDetail(contact, channels)
+
+    async def contacts_list(self, params: ContactsListParams) -> ContactList:
+        """Contacts in id order, a page at a time; pass `nextCursor` back for the next page."""
+        found, next_cursor = await self._run(
+            contacts.list_contacts, limit=params.limit, cursor=params.cursor
+        )
+        return ContactList(found, next_cursor)
+
+    async def contacts_delete(self, params: IdParams) -> Deleted:
+        """Delete a contact with its channels and invites (queues `contacts_changed`)."""
+        await self._run_queuing(contacts.delete_contact, contact_id=params.id)
+        return Deleted(True)
+
+    async def invites_create(self, params: InvitesCreateParams) -> InviteCreated:
+        """A new invite and its 6-digit code; the code is shown here only, never again."""
+        invite, code = await self._run(
+            invites.create_invite,
+            hasher=self._hasher(),
+            contact_id=params.contact_id,
+            channel=params.source_channel,
+            max_uses=params.max_uses,
+            ttl_seconds=params.ttl_seconds,
+            note=params.note,
+        )
+        return InviteCreated(invite, code)
+
+    async def invites_redeem(self, params: InvitesRedeemParams) -> Redemption:
+        """Redeem a code for a sender in one local transaction; works with the assistant down."""
+        sender = Sender(
+            params.source_channel,
+            params.external_user_id,
+            params.external_chat_id,
+            params.address,
+            params.display_name,
+        )
+        return await self._run_queuing(
+            invites.redeem,
+            hasher=self._hasher(),
+            limits=self.limits,
+            sender=sender,
+            code=params.code,
+        )
+
+    async def invites_revoke(self, params: IdParams) -> InviteResult:
+        """Revoke an invite; revoking one that is already over changes nothing."""
+        return InviteResult(await self._run(invites.revoke, invite_id=params.id))
+
+    async def invites_list(self, params: InvitesListParams) -> InviteList:
+        """Invites in id order, filtered; never a code or a hash."""
+        found, next_cursor = await self._run(
+            invites.list_invites,
+            status=params.status,
+            channel=params.source_channel,
+            contact_id=params.contact_id,
+            limit=params.limit,
+            cursor=params.cursor,
+        )
+        return InviteList(found, next_cursor)
+
+    async def channel_inbound(self, params: ChannelInboundParams) -> Inbound:
+        """A message from a channel: a known sender is touched, an unknown one's code redeemed."""
+        if not (params.external_user_id or params.external_chat_id):
+            raise InvalidParams(
+                "externalUserId or externalChatId is required", path="$.externalUserId"
+            )
+        sender = Sender(params.source_channel, params.external_user_id, params.external_chat_id)
+        return await self._run_queuing(
+            inbound, hasher=self._hasher(), limits=self.limits, sender=sender, text=params.text
+        )
