@@ -26,11 +26,9 @@ def demo_socket(demo: DaemonProcess) -> str:
     return str(demo.runtime_dir / "demo.sock")
 
 
-@pytest.fixture
-def assistant(short_tmp: Path) -> Iterator[DaemonProcess]:
-    """A real assistantd, ready (READY=1 received)."""
-    (short_tmp / "run").mkdir()
-    daemon = DaemonProcess("assistant", short_tmp / "run", short_tmp / "state")
+def _assistant(root: Path) -> Iterator[DaemonProcess]:
+    (root / "run").mkdir()
+    daemon = DaemonProcess("assistant", root / "run", root / "state")
     daemon.start()
     try:
         yield daemon
@@ -39,5 +37,62 @@ def assistant(short_tmp: Path) -> Iterator[DaemonProcess]:
 
 
 @pytest.fixture
+def assistant(short_tmp: Path) -> Iterator[DaemonProcess]:
+    """A real assistantd, ready (READY=1 received)."""
+    yield from _assistant(short_tmp)
+
+
+@pytest.fixture(scope="module")
+def shared_assistant(module_tmp: Path) -> Iterator[DaemonProcess]:
+    """One assistantd for a module whose tests change nothing (bad input)."""
+    yield from _assistant(module_tmp)
+
+
+@pytest.fixture
 def assistant_socket(assistant: DaemonProcess) -> str:
     return str(assistant.runtime_dir / "assistant.sock")
+
+
+class Pair:
+    """Both daemons on one runtime dir, as `make run` starts them."""
+
+    def __init__(self, root: Path, gateway_args: tuple[str, ...] = ()) -> None:
+        self.runtime = root / "run"
+        self.state = root / "state"
+        self.runtime.mkdir(exist_ok=True)
+        self.assistant = DaemonProcess("assistant", self.runtime, self.state)
+        self.gateway = DaemonProcess("gateway", self.runtime, self.state, *gateway_args)
+
+    @property
+    def gateway_socket(self) -> str:
+        return str(self.runtime / "gateway.sock")
+
+    @property
+    def assistant_socket(self) -> str:
+        return str(self.runtime / "assistant.sock")
+
+    def close(self) -> None:
+        self.gateway.close()
+        self.assistant.close()
+
+
+def _pair(root: Path) -> Iterator[Pair]:
+    both = Pair(root)
+    both.assistant.start()
+    both.gateway.start()
+    try:
+        yield both
+    finally:
+        both.close()
+
+
+@pytest.fixture
+def pair(short_tmp: Path) -> Iterator[Pair]:
+    """assistantd then gatewayd, both ready."""
+    yield from _pair(short_tmp)
+
+
+@pytest.fixture(scope="module")
+def shared_pair(module_tmp: Path) -> Iterator[Pair]:
+    """One pair for a module whose tests change nothing (bad input)."""
+    yield from _pair(module_tmp)

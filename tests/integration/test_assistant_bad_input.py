@@ -8,6 +8,7 @@ import pytest
 
 from protocol.client import Client
 from protocol.errors import IpcHandlerError
+from tests.support.proc import DaemonProcess
 from tests.support.raw import RawConnection
 
 pytestmark = pytest.mark.anyio
@@ -16,13 +17,13 @@ SNAPSHOT = "SELECT group_concat(id || ':' || quote(v), ',') AS all_rows FROM t"
 
 
 @pytest.fixture
-async def client(assistant_socket: str) -> Any:
-    async with Client(assistant_socket) as client:
+async def client(shared_assistant: DaemonProcess) -> Any:
+    async with Client(str(shared_assistant.runtime_dir / "assistant.sock")) as client:
         await client.call(
             "db_proxy",
             {
-                "sql": "CREATE TABLE t (id INTEGER PRIMARY KEY, v);"
-                " INSERT INTO t VALUES (1, 'one'), (2, 'two');",
+                "sql": "CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v);"
+                " INSERT OR IGNORE INTO t VALUES (1, 'one'), (2, 'two');",
                 "mode": "exec",
             },
         )
@@ -184,8 +185,8 @@ async def test_bad_input_is_refused_precisely_and_changes_nothing(
     assert await snapshot(client) == before
 
 
-async def test_a_nan_literal_in_the_body_is_a_parse_error(assistant_socket: str) -> None:
-    with RawConnection(assistant_socket) as conn:
+async def test_a_nan_literal_in_the_body_is_a_parse_error(client: Client) -> None:
+    with RawConnection(client.path) as conn:
         conn.send_frame(
             b'{"jsonrpc":"2.0","id":1,"method":"db_proxy",'
             b'"params":{"sql":"UPDATE t SET v = ?","mode":"run","bind":[NaN]}}'
