@@ -16,7 +16,7 @@ from gateway.db import Database
 from gateway.invites import GuessLimits
 from gateway.link import AssistantLink
 from gateway.migrations import MigrationRunner
-from gateway.outbox import Delivery
+from gateway.outbox import Delivery, pending_count
 from gateway.routes import GatewayRoutes
 from protocol import daemon
 from protocol.daemon import DaemonConfig, StartupError
@@ -60,6 +60,7 @@ class GatewayApp:
             raise StartupError(str(exc), exc.exit_code) from exc
         self.hasher = CodeHasher(key)
         await self.migrations.load()
+        self.delivery.pending = await self.db.run(pending_count)
         log.info("database %s open at schema version %d", self.db.path, self.db.schema_version)
 
     async def run_background(self, task_group: TaskGroup) -> None:

@@ -135,10 +135,11 @@ async def import_legacy_invites(db: Database, link: AssistantLink) -> None:
 
 def _import_rows(conn: Conn, rows: list[dict[str, Any]]) -> int:
     now = now_ms()
-    before = conn.db.total_changes()
+    imported = 0
     with transaction(conn):
         for row in rows:
             contact_id = _contact_for(conn, row, now)
+            before = conn.db.total_changes()
             conn.execute(
                 "INSERT OR IGNORE INTO ingress_invites (id, source_channel, invite_code_hash, note,"
                 " max_uses, use_count, expires_at, status, contact_id, created_at, updated_at)"
@@ -149,7 +150,8 @@ def _import_rows(conn: Conn, rows: list[dict[str, Any]]) -> int:
                     contact_id, row["created_at"], now,
                 ),
             )  # fmt: skip
-    return conn.db.total_changes() - before
+            imported += conn.db.total_changes() - before
+    return imported
 
 
 def _contact_for(conn: Conn, row: dict[str, Any], now: int) -> str:

@@ -55,7 +55,9 @@ def pending_events(conn: Conn, limit: int = BATCH) -> list[PendingEvent]:
 
 
 def pending_count(conn: Conn) -> int:
-    return int(conn.execute("SELECT count(*) FROM outbox")[0][0])
+    # Rows are delivered and deleted oldest first and a rolled-back insert
+    # takes no sequence number, so the pending rows are one contiguous range.
+    return int(conn.execute("SELECT coalesce(max(seq) - min(seq) + 1, 0) FROM outbox")[0][0])
 
 
 def mark_delivered(conn: Conn, seq: int) -> None:
@@ -93,18 +95,17 @@ class Delivery:
         self.pending = 0
         self.last_error: str | None = None
 
-    def wake(self) -> None:
-        """A transaction that may have queued events is over: look for them now."""
+    def wake(self, pending: int) -> None:
+        """A transaction that may have queued events committed; `pending` is the backlog now."""
+        self.pending = pending
         self._wake.set()
 
     async def run_forever(self) -> None:
-        self.pending = await self._db.run(pending_count)
         delay = DELIVERY_BACKOFF_START
         while True:
             events = await self._db.run(pending_events)
-            if len(events) < BATCH:
-                self.pending = len(events)
             if not events:
+                self.pending = 0
                 await self._wake.wait(IDLE_POLL)
                 continue
             if await self._deliver(events):

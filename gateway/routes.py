@@ -17,11 +17,12 @@ from gateway.inbound import Inbound, inbound
 from gateway.invites import GuessLimits, Redemption, Sender
 from gateway.link import AssistantLink
 from gateway.migrations import MigrationRunner
-from gateway.outbox import Delivery
+from gateway.outbox import Delivery, pending_count
 from gateway.records import Channel, Contact, Invite
 from protocol import __version__
 from protocol.dispatch import NoParams, Router
 from protocol.errors import InvalidParams
+from protocol.sqlite import Conn
 
 T = TypeVar("T")
 
@@ -184,10 +185,10 @@ class GatewayRoutes:
 
     async def _run_queuing(self, job: Callable[..., T], **kwargs: object) -> T:
         """Run a job whose transaction may queue an event; wake delivery after it commits."""
-        try:
-            return await self._run(job, **kwargs)
-        finally:
-            self.delivery.wake()
+        bound = functools.partial(job, **kwargs)
+        result, pending = await self.db.run(functools.partial(_and_pending, job=bound))
+        self.delivery.wake(pending)
+        return result
 
     def health(self, params: NoParams) -> HealthResult:
         """Liveness, assistant link, outbox backlog, migrations; never calls the assistant."""
@@ -292,3 +293,7 @@ class GatewayRoutes:
         return await self._run_queuing(
             inbound, hasher=self._hasher(), limits=self.limits, sender=sender, text=params.text
         )
+
+
+def _and_pending(conn: Conn, job: Callable[[Conn], T]) -> tuple[T, int]:
+    return job(conn), pending_count(conn)

@@ -73,11 +73,25 @@ class DaemonProcess:
 
     def _open_notify_socket(self) -> None:
         if self.notify_sock is not None:
+            self._discard_old_messages()
             return
         if os.path.exists(self.notify_path):
             os.unlink(self.notify_path)
         self.notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify_sock.bind(self.notify_path)
+
+    def _discard_old_messages(self) -> None:
+        """A previous process's READY=1 must not pass for this one's."""
+        assert self.notify_sock is not None
+        self.notify_sock.setblocking(False)
+        try:
+            while True:
+                self.notify_sock.recv(4096)
+        except BlockingIOError:
+            pass
+        finally:
+            self.notify_sock.setblocking(True)
+        self.messages.clear()
 
     def wait_for(self, line: str, timeout: float = READY_TIMEOUT) -> None:
         """Block until the daemon sends `line` to NOTIFY_SOCKET; fail if it exits first."""
