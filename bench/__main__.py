@@ -182,7 +182,13 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
         ["-m", "assistant", "--runtime-dir", str(workdir), "--state-dir", str(workdir)],
         workdir,
     )
-    daemons = [demo, assistant]
+    gateway = Daemon(
+        "gateway",
+        ["-m", "gateway", "--runtime-dir", str(workdir), "--state-dir", str(workdir),
+         "--guess-limit-channel", "1000000000"],
+        workdir,
+    )  # fmt: skip
+    daemons = [demo, assistant, gateway]
     for daemon in daemons:
         daemon.wait_ready()
     await wait_for_socket(workdir / "floor.sock")
@@ -216,6 +222,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
         for name, call, floor_case, note in assistant_cases(client, floor_ping, floor_4k):
             result = await measure(name, "assistant", call, assistant, args, note)
             report.cases.append(with_ratio(result, floor_case))
+    async with Client(str(workdir / "gateway.sock")) as client:
+        redeem = await redeem_case(client, args)
+        result = await measure("invites_redeem (fresh invites)", "gateway", redeem, gateway, args)
+        report.cases.append(with_ratio(result, floor_ping))
     for daemon in daemons:
         report.rss_kib[daemon.name] = daemon.rss()
     await floor_client.aclose()
@@ -268,6 +278,31 @@ def assistant_cases(
         ("db_proxy query (4 KiB result)", lambda: client.call("db_proxy", big), floor_4k, ""),
         ("100-call batch of health", lambda: client.batch(batch), None, "per batch"),
     ]
+
+
+async def redeem_case(client: Client, args: argparse.Namespace) -> Call:
+    """Redemptions of fresh invites, one per call, each by a new sender."""
+    contact = (await client.call("contacts_create", {"displayName": "Bench"}))["contact"]["id"]
+    needed = args.warmup + args.repeat * (args.calls + int(args.seconds * 20_000))
+    uses = 1000
+    codes: list[str] = []
+    for _ in range(needed // uses + 1):
+        created = await client.call(
+            "invites_create", {"contactId": contact, "sourceChannel": "bench", "maxUses": uses}
+        )
+        codes += [created["code"]] * uses
+    senders = iter(range(1 << 62))
+    pool = iter(codes)
+
+    def redeem() -> Awaitable[Any]:
+        params = {
+            "sourceChannel": "bench",
+            "code": next(pool),
+            "externalUserId": f"u{next(senders)}",
+        }
+        return client.call("invites_redeem", params)
+
+    return redeem
 
 
 def with_ratio(result: CaseResult, floor: CaseResult | None) -> CaseResult:

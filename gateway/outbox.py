@@ -60,8 +60,8 @@ def pending_count(conn: Conn) -> int:
     return int(conn.execute("SELECT coalesce(max(seq) - min(seq) + 1, 0) FROM outbox")[0][0])
 
 
-def mark_delivered(conn: Conn, seq: int) -> None:
-    conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+def mark_delivered(conn: Conn, through_seq: int) -> None:
+    conn.execute("DELETE FROM outbox WHERE seq <= ?", (through_seq,))
 
 
 def mark_failed(conn: Conn, seq: int, error: str) -> None:
@@ -115,20 +115,32 @@ class Delivery:
             delay = min(delay * 2, DELIVERY_BACKOFF_CAP)
 
     async def _deliver(self, events: list[PendingEvent]) -> bool:
-        """Deliver in order; False at the first event the assistant did not take."""
-        for event in events:
-            params = {
-                "id": event.event_id,
-                "kind": event.kind,
-                "payload": msgspec.Raw(event.payload.encode()),
-            }
-            try:
-                await self._link.call_assistant("emit_event", params)
-            except IpcError as exc:
-                self.last_error = str(exc)
-                await self._db.run(functools.partial(mark_failed, seq=event.seq, error=str(exc)))
-                return False
-            await self._db.run(functools.partial(mark_delivered, seq=event.seq))
-            self.pending = max(0, self.pending - 1)
-            self.last_error = None
-        return True
+        """Deliver in order; False at the first event the assistant did not take.
+
+        Delivered rows are removed together after the run (one commit, not
+        one per event); a crash before that re-delivers them, which the
+        assistant recognises by event id.
+        """
+        delivered = 0
+        try:
+            for event in events:
+                params = {
+                    "id": event.event_id,
+                    "kind": event.kind,
+                    "payload": msgspec.Raw(event.payload.encode()),
+                }
+                try:
+                    await self._link.call_assistant("emit_event", params)
+                except IpcError as exc:
+                    self.last_error = str(exc)
+                    failed = functools.partial(mark_failed, seq=event.seq, error=str(exc))
+                    await self._db.run(failed)
+                    return False
+                delivered += 1
+                self.last_error = None
+            return True
+        finally:
+            if delivered:
+                through = events[delivered - 1].seq
+                await self._db.run(functools.partial(mark_delivered, through_seq=through))
+                self.pending = max(0, self.pending - delivered)
