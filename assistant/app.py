@@ -15,7 +15,7 @@ from assistant.proxy import sweep_idempotency_keys
 from assistant.routes import AssistantRoutes
 from protocol import daemon
 from protocol.daemon import DaemonConfig, StartupError
-from protocol.sqlite import DbOpenError, now_ms
+from protocol.sqlite import BUSY_TIMEOUT_MS, DbOpenError, now_ms
 
 IDEMPOTENCY_KEEP_MS = 48 * 3600 * 1000
 SWEEP_INTERVAL = 3600.0
@@ -27,7 +27,7 @@ class AssistantApp:
     """assistant.db behind assistant.sock."""
 
     def __init__(self, config: DaemonConfig, args: argparse.Namespace) -> None:
-        self.db = Database(args.db or str(config.state_dir / "assistant.db"))
+        self.db = Database(args.db or str(config.state_dir / "assistant.db"), args.busy_timeout_ms)
         self.routes = AssistantRoutes(self.db)
         self.router = self.routes.router
 
@@ -61,6 +61,12 @@ class AssistantApp:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", help="path of assistant.db (default: STATE_DIR/assistant.db)")
+    parser.add_argument(
+        "--busy-timeout-ms",
+        type=int,
+        default=BUSY_TIMEOUT_MS,
+        help="how long a statement waits for a lock held by another process before DB_BUSY",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

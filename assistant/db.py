@@ -17,6 +17,7 @@ import apsw
 from assistant.policy import Guard, Mode
 from protocol.errors import RouteError
 from protocol.sqlite import (
+    BUSY_TIMEOUT_MS,
     EX_CANTCREAT,
     Conn,
     DbOpenError,
@@ -105,8 +106,8 @@ def timeout_error(data: dict[str, Any] | None = None) -> RouteError:
     )
 
 
-def open_guarded(path: str, *, readonly: bool) -> GuardedConn:
-    db = connect(path, readonly=readonly)
+def open_guarded(path: str, *, readonly: bool, busy_timeout_ms: int) -> GuardedConn:
+    db = connect(path, readonly=readonly, busy_timeout_ms=busy_timeout_ms)
     guard = Guard(INTERNAL_TABLES)
     conn = GuardedConn(db, watch_deadline(db), guard)
     db.authorizer = guard.authorize
@@ -116,8 +117,9 @@ def open_guarded(path: str, *, readonly: bool) -> GuardedConn:
 class Database:
     """assistant.db: one writer thread and `READERS` reader threads."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
         self.schema_version = 0
         self.writer: Worker[GuardedConn] | None = None
         self.readers: Worker[GuardedConn] | None = None
@@ -126,12 +128,15 @@ class Database:
         """Open, migrate and start the threads (blocking; call off the loop)."""
         make_state_dir(self.path)
         try:
-            writer = open_guarded(self.path, readonly=False)
+            writer = open_guarded(self.path, readonly=False, busy_timeout_ms=self.busy_timeout_ms)
         except apsw.Error as exc:
             raise DbOpenError(f"cannot open database {self.path}: {exc}", EX_CANTCREAT) from exc
         try:
             self.schema_version = migrate(writer, MIGRATIONS, log=log.info)
-            readers = [open_guarded(self.path, readonly=True) for _ in range(READERS)]
+            readers = [
+                open_guarded(self.path, readonly=True, busy_timeout_ms=self.busy_timeout_ms)
+                for _ in range(READERS)
+            ]
         except apsw.Error as exc:
             writer.db.close()
             raise DbOpenError(f"cannot migrate database {self.path}: {exc}", EX_CANTCREAT) from exc

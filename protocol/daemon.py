@@ -256,6 +256,8 @@ def main(
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)
+    # Databases, WAL files and the key are the daemon's alone.
+    os.umask(0o077)
     try:
         config = config_from_args(name, args)
         setup_logging(name, config.log_level, config.log_format)

@@ -162,3 +162,25 @@ async def test_a_restart_keeps_every_acknowledged_write(
         with pytest.raises(IpcHandlerError):
             await setup_table(client)
     assert result["rows"] == [{"n": 20}]
+
+
+async def test_a_lock_held_by_another_process_is_db_busy_and_retryable(short_tmp: Path) -> None:
+    (short_tmp / "run").mkdir()
+    daemon = DaemonProcess(
+        "assistant", short_tmp / "run", short_tmp / "state", "--busy-timeout-ms", "200"
+    ).start()
+    try:
+        async with Client(str(short_tmp / "run" / "assistant.sock")) as client:
+            await setup_table(client)
+            locker = apsw.Connection(str(short_tmp / "state" / "assistant.db"))
+            locker.execute("BEGIN IMMEDIATE")
+            insert = {"sql": "INSERT INTO t (v) VALUES (1)", "mode": "run"}
+            with pytest.raises(IpcHandlerError) as caught:
+                await client.call("db_proxy", insert)
+            assert (caught.value.code, caught.value.status_code) == ("DB_BUSY", 503)
+            assert caught.value.retryable is True
+            locker.execute("ROLLBACK")
+            locker.close()
+            assert (await client.call("db_proxy", insert))["changes"] == 1
+    finally:
+        daemon.close()

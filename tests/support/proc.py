@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 READY_TIMEOUT = 20.0
@@ -25,14 +24,16 @@ class DaemonProcess:
         state_dir: Path,
         *extra_args: str,
         env: dict[str, str] | None = None,
-        pass_fds: Sequence[int] = (),
+        inherit: tuple[int, str] | None = None,
     ) -> None:
         self.module = module
         self.runtime_dir = runtime_dir
         self.state_dir = state_dir
         self.extra_args = list(extra_args)
         self.env = env or {}
-        self.pass_fds = tuple(pass_fds)
+        # (fd, name): hand a listening socket over as systemd does: on fd 3,
+        # with LISTEN_FDS=1, LISTEN_FDNAMES and LISTEN_PID set to the daemon's pid.
+        self.inherit = inherit
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify_path = str(runtime_dir / f".{module.rsplit('.', 1)[-1]}-notify")
         self.notify_sock: socket.socket | None = None
@@ -62,9 +63,21 @@ class DaemonProcess:
             str(self.state_dir),
             *self.extra_args,
         ]
+        pass_fds: tuple[int, ...] = ()
+        if self.inherit is not None:
+            fd, name = self.inherit
+            pass_fds = (fd,)
+            handover = (
+                "import os, sys;"
+                f"os.dup2({fd}, 3, inheritable=True); os.close({fd});"
+                "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1',"
+                f" LISTEN_FDNAMES={name!r});"
+                "os.execv(sys.executable, sys.argv[1:])"
+            )
+            args = [sys.executable, "-c", handover, *args]
         stderr = self.stderr_path.open("ab")
         self.proc = subprocess.Popen(
-            args, env=env, stderr=stderr, stdout=subprocess.DEVNULL, pass_fds=self.pass_fds
+            args, env=env, stderr=stderr, stdout=subprocess.DEVNULL, pass_fds=pass_fds
         )
         stderr.close()
         if wait:
