@@ -25,7 +25,7 @@ unit: $(STAMP)
 
 # Both daemons on the default paths (./.pair/run, ./.pair/state); Ctrl-C stops both.
 run: $(STAMP)
-	@trap 'kill 0' INT TERM; $(BIN)/assistantd & $(BIN)/gatewayd & wait
+	$(BIN)/pairctl up
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

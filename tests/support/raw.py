@@ -14,7 +14,11 @@ class RawConnection:
     def __init__(self, path: str, timeout: float = TIMEOUT) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(path)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
 
     def send_bytes(self, data: bytes) -> None:
         self.sock.sendall(data)

@@ -1,0 +1,1 @@
+"""pairctl: run, inspect and drive the daemon pair from a shell."""

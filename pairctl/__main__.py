@@ -1,0 +1,5 @@
+import sys
+
+from pairctl.cli import main
+
+sys.exit(main())

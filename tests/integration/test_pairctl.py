@@ -1,0 +1,178 @@
+"""pairctl as an operator uses it: real commands against real daemons, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Pair
+from tests.support.raw import RawConnection
+
+
+def pairctl(pair_or_root: Pair | Path, *args: str) -> subprocess.CompletedProcess[str]:
+    if isinstance(pair_or_root, Pair):
+        runtime, state = pair_or_root.runtime, pair_or_root.state
+    else:
+        runtime, state = pair_or_root / "run", pair_or_root / "state"
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pairctl",
+            "--runtime-dir",
+            str(runtime),
+            "--state-dir",
+            str(state),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def json_of(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    assert result.returncode == 0, result.stderr
+    value = json.loads(result.stdout)
+    assert isinstance(value, dict)
+    return value
+
+
+def test_a_contact_an_invite_and_its_redemption_from_the_shell(pair: Pair) -> None:
+    contact = json_of(pairctl(pair, "contact", "create", "Dana", "--json"))["contact"]
+    assert isinstance(contact, dict)
+    created = pairctl(pair, "invite", "create", "--contact", str(contact["id"]), "--channel", "sms")
+    assert created.returncode == 0
+    code = next(line.split()[1] for line in created.stdout.splitlines() if line.startswith("code "))
+    redeemed = pairctl(
+        pair,
+        "invite",
+        "redeem",
+        "--channel",
+        "sms",
+        "--code",
+        code,
+        "--external-user-id",
+        "+15550100",
+    )
+    assert redeemed.returncode == 0
+    assert redeemed.stdout.startswith("redeemed: invite ")
+    listing = pairctl(pair, "invite", "list", "--channel", "sms")
+    assert "redeemed" in listing.stdout
+    assert code not in listing.stdout
+    assert "Dana" in pairctl(pair, "contact", "list").stdout
+
+
+def test_status_shows_both_daemons_and_the_link(pair: Pair) -> None:
+    result = pairctl(pair, "status")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["DAEMON", "STATE", "PID", "UPTIME", "DETAILS"]
+    assert lines[1].split()[:3] == ["assistant", "up", str(pair.assistant.pid)]
+    assert "assistant link connected" in lines[2]
+
+
+def test_call_prints_the_result_as_json_and_takes_a_batch(pair: Pair, tmp_path: Path) -> None:
+    result = json_of(
+        pairctl(
+            pair, "call", "assistant", "db_proxy", '{"sql": "SELECT 1 AS one", "mode": "query"}'
+        )
+    )
+    assert result["rows"] == [{"one": 1}]
+    batch = tmp_path / "batch.json"
+    batch.write_text(json.dumps([{"method": "health"}, {"method": "nope"}]))
+    answered = pairctl(pair, "call", "gateway", "--batch", str(batch))
+    assert answered.returncode == 1
+    outcomes = json.loads(answered.stdout)
+    assert outcomes[0]["result"]["status"] == "ok"
+    assert outcomes[1]["error"]["errorCode"] == "METHOD_NOT_FOUND"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "stderr"),
+    [
+        (
+            ("invite", "redeem", "--channel", "sms", "--code", "000000", "--external-user-id", "x"),
+            1,
+            "error: INVITE_INVALID",
+        ),
+        (("invite", "create", "--contact", "ct_none", "--channel", "sms"), 1, "error: NOT_FOUND"),
+        (("invite", "create", "--contact", "c", "--channel", "S M S"), 1, "at $.sourceChannel"),
+        (("call", "gateway", "health", "{not json"), 2, "params are not valid JSON"),
+        (("call", "gateway", "health", "7"), 2, "must be a JSON object or array"),
+        (("invite", "frobnicate"), 2, "invalid choice"),
+        (("call", "gateway"), 2, "call needs a METHOD"),
+    ],
+)
+def test_errors_exit_with_their_kind_and_no_traceback(
+    pair: Pair, args: tuple[str, ...], code: int, stderr: str
+) -> None:
+    result = pairctl(pair, *args)
+    assert result.returncode == code
+    assert stderr in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unreachable_daemon_is_exit_69_naming_the_socket(short_tmp: Path) -> None:
+    result = pairctl(short_tmp, "contact", "list")
+    assert result.returncode == 69
+    assert str(short_tmp / "run" / "gateway.sock") in result.stderr
+    assert "pairctl up" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert pairctl(short_tmp, "status").returncode == 69
+
+
+def health_pid(socket_path: Path) -> int | None:
+    try:
+        with RawConnection(str(socket_path), timeout=1) as conn:
+            return int(conn.call({"jsonrpc": "2.0", "id": 1, "method": "health"})["result"]["pid"])
+    except (OSError, EOFError):
+        return None
+
+
+def wait_until(check: object, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_up_runs_both_restarts_a_killed_one_and_stops_cleanly(short_tmp: Path) -> None:
+    log = (short_tmp / "up.log").open("w")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "pairctl", "--runtime-dir", str(short_tmp / "run"),
+         "--state-dir", str(short_tmp / "state"), "up"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    assistant_sock, gateway_sock = (
+        short_tmp / "run" / "assistant.sock",
+        short_tmp / "run" / "gateway.sock",
+    )
+    try:
+        wait_until(lambda: health_pid(assistant_sock) and health_pid(gateway_sock))
+        first = health_pid(assistant_sock)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: health_pid(assistant_sock) not in (None, first))
+        up.send_signal(signal.SIGINT)
+        assert up.wait(30) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+        log.close()
+    output = (short_tmp / "up.log").read_text()
+    assert "assistant died (signal 9); restarting" in output
+    assert "assistant | " in output
+    assert "gateway   | " in output
+    assert "gateway stopped (exit 0)" in output
+    assert "assistant stopped (exit 0)" in output
+    assert health_pid(assistant_sock) is None
+    assert health_pid(gateway_sock) is None
