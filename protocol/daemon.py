@@ -203,7 +203,6 @@ async def serve_app(config: DaemonConfig, app: App, listener: Listener) -> None:
                 if interval is not None:
                     task_group.start_soon(run_watchdog, notifier, interval)
                 await app.run_background(task_group)
-                notifier.ready(app.status())
                 log.info(
                     "%sd ready on %s (%s) in %.0f ms",
                     config.name,
@@ -211,6 +210,7 @@ async def serve_app(config: DaemonConfig, app: App, listener: Listener) -> None:
                     "inherited from systemd" if listener.inherited else "bound",
                     (time.monotonic() - started) * 1000,
                 )
+                notifier.ready(app.status())
                 async for signum in signals:
                     log.info("received %s: stopping", signal.Signals(signum).name)
                     notifier.stopping()
