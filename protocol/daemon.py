@@ -176,10 +176,17 @@ def setup_logging(name: str, level: str, log_format: str) -> None:
 
 
 def raise_fd_limit() -> None:
-    """Let the connection cap, not the default soft fd limit, bound connections."""
+    """Let the connection cap, not the default soft fd limit, bound connections.
+
+    Best effort: under systemd the unit's LimitNOFILE= sets it, and its
+    SystemCallFilter may refuse setrlimit.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except OSError as exc:
+            log.info("keeping the fd limit at %d: %s", soft, exc)
 
 
 async def serve_app(config: DaemonConfig, app: App, listener: Listener) -> None:

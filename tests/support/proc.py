@@ -25,6 +25,7 @@ class DaemonProcess:
         *extra_args: str,
         env: dict[str, str] | None = None,
         inherit: tuple[int, str] | None = None,
+        launcher: tuple[str, ...] = (),
     ) -> None:
         self.module = module
         self.runtime_dir = runtime_dir
@@ -34,6 +35,8 @@ class DaemonProcess:
         # (fd, name): hand a listening socket over as systemd does: on fd 3,
         # with LISTEN_FDS=1, LISTEN_FDNAMES and LISTEN_PID set to the daemon's pid.
         self.inherit = inherit
+        # A program that runs the daemon for us (systemd-socket-activate ...).
+        self.launcher = launcher
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify_path = str(runtime_dir / f".{module.rsplit('.', 1)[-1]}-notify")
         self.notify_sock: socket.socket | None = None
@@ -54,6 +57,7 @@ class DaemonProcess:
             **self.env,
         }
         args = [
+            *self.launcher,
             sys.executable,
             "-m",
             self.module,
