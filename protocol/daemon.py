@@ -204,12 +204,8 @@ async def serve_app(config: DaemonConfig, app: App, listener: Listener) -> None:
                 allowed_uids=config.allowed_uids,
                 logger=logging.getLogger(f"{config.name}.server"),
             )
-            async with anyio.create_task_group() as task_group:
-                await task_group.start(_serve, server, task_group.cancel_scope)
-                interval = watchdog_interval()
-                if interval is not None:
-                    task_group.start_soon(run_watchdog, notifier, interval)
-                await app.run_background(task_group)
+
+            def announce() -> None:
                 log.info(
                     "%sd ready on %s (%s) in %.0f ms",
                     config.name,
@@ -218,6 +214,13 @@ async def serve_app(config: DaemonConfig, app: App, listener: Listener) -> None:
                     (time.monotonic() - started) * 1000,
                 )
                 notifier.ready(app.status())
+
+            async with anyio.create_task_group() as task_group:
+                await task_group.start(_serve, server, announce, task_group.cancel_scope)
+                interval = watchdog_interval()
+                if interval is not None:
+                    task_group.start_soon(run_watchdog, notifier, interval)
+                await app.run_background(task_group)
                 async for signum in signals:
                     log.info("received %s: stopping", signal.Signals(signum).name)
                     notifier.stopping()
@@ -241,10 +244,14 @@ async def _ignore_signals(signals: AsyncIterator[int]) -> None:
 
 
 async def _serve(
-    server: Server, scope: anyio.CancelScope, *, task_status: TaskStatus[None]
+    server: Server,
+    on_ready: Callable[[], None],
+    scope: anyio.CancelScope,
+    *,
+    task_status: TaskStatus[None],
 ) -> None:
     # Once the drain is over, the app's background tasks go too.
-    await server.serve(task_status=task_status)
+    await server.serve(on_ready=on_ready, task_status=task_status)
     scope.cancel()
 
 

@@ -23,7 +23,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -105,13 +105,29 @@ class Server:
         """Begin the drain: stop accepting, refuse new calls, let in-flight ones finish."""
         self._stop.set()
 
-    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Accept and serve; `task_status.started()` fires once the listener accepts."""
+    async def serve(
+        self,
+        *,
+        on_ready: Callable[[], None] | None = None,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept and serve until `shutdown()` and the drain are over.
+
+        `on_ready` runs once the listener is set up and before the first
+        connection is taken from it (callers wait in the backlog meanwhile),
+        so a READY=1 sent there precedes every answer.
+        """
         loop = asyncio.get_running_loop()
         try:
             listening = await loop.create_unix_server(
-                lambda: _Connection(self), sock=self._listener, backlog=self.limits.backlog
+                lambda: _Connection(self),
+                sock=self._listener,
+                backlog=self.limits.backlog,
+                start_serving=False,
             )
+            if on_ready is not None:
+                on_ready()
+            await listening.start_serving()
             task_status.started()
             await self._stop.wait()
             await self._drain(listening)
