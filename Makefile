@@ -27,6 +27,10 @@ unit: $(STAMP)
 run: $(STAMP)
 	$(BIN)/pairctl up
 
+# The fault suite's long randomised versions; prints what each scenario did.
+soak: $(STAMP)
+	PAIR_SOAK_ROUNDS=$${PAIR_SOAK_ROUNDS:-20} $(BIN)/pytest tests/integration/test_faults.py -s --timeout 1800
+
 bench: $(STAMP)
 	$(BIN)/python -m bench
 

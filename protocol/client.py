@@ -236,6 +236,13 @@ class Client:
         protocol = self._protocol or await self._connect()
         transport = protocol.transport
         if transport is None or transport.is_closing():
+            # The peer is closing this connection (a drain): nothing was sent
+            # on it, so a fresh connection is as good.
+            if self._protocol is protocol:
+                self._protocol = None
+            protocol = await self._connect()
+            transport = protocol.transport
+        if transport is None or transport.is_closing():
             raise IpcTransportError(f"connection to {self.path} is closed", sent=False)
         self._pending.update(awaiting)
         transport.write(frame)
