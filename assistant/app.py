@@ -27,7 +27,11 @@ class AssistantApp:
     """assistant.db behind assistant.sock."""
 
     def __init__(self, config: DaemonConfig, args: argparse.Namespace) -> None:
-        self.db = Database(args.db or str(config.state_dir / "assistant.db"), args.busy_timeout_ms)
+        self.db = Database(
+            args.db or str(config.state_dir / "assistant.db"),
+            args.busy_timeout_ms,
+            config.synchronous,
+        )
         self.routes = AssistantRoutes(self.db)
         self.router = self.routes.router
 

@@ -106,8 +106,10 @@ def timeout_error(data: dict[str, Any] | None = None) -> RouteError:
     )
 
 
-def open_guarded(path: str, *, readonly: bool, busy_timeout_ms: int) -> GuardedConn:
-    db = connect(path, readonly=readonly, busy_timeout_ms=busy_timeout_ms)
+def open_guarded(
+    path: str, *, readonly: bool, busy_timeout_ms: int, synchronous: str = "FULL"
+) -> GuardedConn:
+    db = connect(path, readonly=readonly, busy_timeout_ms=busy_timeout_ms, synchronous=synchronous)
     guard = Guard(INTERNAL_TABLES)
     conn = GuardedConn(db, watch_deadline(db), guard)
     db.authorizer = guard.authorize
@@ -117,9 +119,12 @@ def open_guarded(path: str, *, readonly: bool, busy_timeout_ms: int) -> GuardedC
 class Database:
     """assistant.db: one writer thread and `READERS` reader threads."""
 
-    def __init__(self, path: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+    def __init__(
+        self, path: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS, synchronous: str = "FULL"
+    ) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
+        self.synchronous = synchronous
         self.schema_version = 0
         self.writer: Worker[GuardedConn] | None = None
         self.readers: Worker[GuardedConn] | None = None
@@ -128,7 +133,12 @@ class Database:
         """Open, migrate and start the threads (blocking; call off the loop)."""
         make_state_dir(self.path)
         try:
-            writer = open_guarded(self.path, readonly=False, busy_timeout_ms=self.busy_timeout_ms)
+            writer = open_guarded(
+                self.path,
+                readonly=False,
+                busy_timeout_ms=self.busy_timeout_ms,
+                synchronous=self.synchronous,
+            )
         except apsw.Error as exc:
             raise DbOpenError(f"cannot open database {self.path}: {exc}", EX_CANTCREAT) from exc
         try:

@@ -188,7 +188,14 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
          "--guess-limit-channel", "1000000000"],
         workdir,
     )  # fmt: skip
-    daemons = [demo, assistant, gateway]
+    (workdir / "normal").mkdir()
+    normal = Daemon(
+        "assistant-normal",
+        ["-m", "assistant", "--runtime-dir", str(workdir / "normal"),
+         "--state-dir", str(workdir / "normal"), "--synchronous", "normal"],
+        workdir,
+    )  # fmt: skip
+    daemons = [demo, assistant, gateway, normal]
     for daemon in daemons:
         daemon.wait_ready()
     await wait_for_socket(workdir / "floor.sock")
@@ -222,6 +229,18 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
         for name, call, floor_case, note in assistant_cases(client, floor_ping, floor_4k):
             result = await measure(name, "assistant", call, assistant, args, note)
             report.cases.append(with_ratio(result, floor_case))
+    async with Client(str(workdir / "normal" / "assistant.sock")) as client:
+        await prepare_assistant(client)
+        steps = [{"sql": "INSERT INTO log (v) VALUES (?)", "bind": [f"s{i}"]} for i in range(5)]
+        result = await measure(
+            "db_proxy_transaction (5, NORMAL)",
+            "assistant-normal",
+            lambda: client.call("db_proxy_transaction", {"steps": steps}),
+            normal,
+            args,
+            "synchronous=NORMAL",
+        )
+        report.cases.append(with_ratio(result, floor_ping))
     async with Client(str(workdir / "gateway.sock")) as client:
         redeem = await redeem_case(client, args)
         result = await measure("invites_redeem (fresh invites)", "gateway", redeem, gateway, args)

@@ -31,7 +31,7 @@ class GatewayApp:
     """gateway.db behind gateway.sock, and the link to the assistant."""
 
     def __init__(self, config: DaemonConfig, args: argparse.Namespace) -> None:
-        self.db = Database(args.db or str(config.state_dir / "gateway.db"))
+        self.db = Database(args.db or str(config.state_dir / "gateway.db"), config.synchronous)
         self.key_path = args.key_file or str(config.state_dir / "gateway.key")
         self.hasher: CodeHasher | None = None
         self.limits = GuessLimits(

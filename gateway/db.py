@@ -107,8 +107,9 @@ MIGRATIONS: tuple[str, ...] = (
 class Database:
     """gateway.db on one connection thread."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, synchronous: str = "FULL") -> None:
         self.path = path
+        self.synchronous = synchronous
         self.schema_version = 0
         self._worker: Worker[Conn] | None = None
 
@@ -116,7 +117,7 @@ class Database:
         """Open, migrate and start the thread (blocking; call off the loop)."""
         make_state_dir(self.path)
         try:
-            db = connect(self.path)
+            db = connect(self.path, synchronous=self.synchronous)
             conn = Conn(db, watch_deadline(db))
         except apsw.Error as exc:
             raise DbOpenError(f"cannot open database {self.path}: {exc}", EX_CANTCREAT) from exc

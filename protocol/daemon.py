@@ -55,6 +55,7 @@ class DaemonConfig:
     allowed_uids: frozenset[int]
     socket_mode: int
     socket_group: str | None
+    synchronous: str = "full"
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -109,6 +110,13 @@ def argument_parser(name: str, description: str) -> argparse.ArgumentParser:
     add("--frame-timeout", type=float, default=DEFAULT_FRAME_TIMEOUT)
     add("--max-in-flight", type=int, default=256)
     add("--max-connections", type=int, default=2048)
+    add(
+        "--synchronous",
+        choices=("full", "normal"),
+        default="full",
+        help="full (default): an acknowledged write survives power loss; normal: faster, the"
+        " last commits may be lost on power loss (never on a crash of the daemon)",
+    )
     return parser
 
 
@@ -145,6 +153,7 @@ def config_from_args(name: str, args: argparse.Namespace) -> DaemonConfig:
         allowed_uids=frozenset({os.getuid(), 0, *args.allow_uid}),
         socket_mode=args.socket_mode,
         socket_group=args.socket_group,
+        synchronous=args.synchronous,
     )
 
 

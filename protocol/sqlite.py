@@ -34,6 +34,9 @@ T = TypeVar("T")
 BUSY_TIMEOUT_MS = 5000
 PROGRESS_STEPS = 1000
 STATEMENT_CACHE_SIZE = 256
+# FULL: an acknowledged write survives power loss. NORMAL (WAL): it survives a
+# crash of the process but the last commits may be lost on power loss.
+SYNCHRONOUS = {"FULL": "FULL", "NORMAL": "NORMAL"}
 EX_DATAERR = 65
 EX_CANTCREAT = 73
 
@@ -82,7 +85,11 @@ def now_ms() -> int:
 
 
 def connect(
-    path: str, *, readonly: bool = False, busy_timeout_ms: int = BUSY_TIMEOUT_MS
+    path: str,
+    *,
+    readonly: bool = False,
+    busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+    synchronous: str = "FULL",
 ) -> apsw.Connection:
     """A connection with the pragmas both daemons rely on.
 
@@ -100,7 +107,7 @@ def connect(
     db.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
     db.config(apsw.SQLITE_DBCONFIG_DQS_DML, 0)
     db.config(apsw.SQLITE_DBCONFIG_DQS_DDL, 0)
-    pragmas = ["synchronous = FULL", "foreign_keys = ON"]
+    pragmas = [f"synchronous = {SYNCHRONOUS[synchronous.upper()]}", "foreign_keys = ON"]
     if not readonly:
         pragmas.insert(0, "journal_mode = WAL")
     for pragma in pragmas:
