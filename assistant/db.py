@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import apsw
@@ -34,6 +34,8 @@ T = TypeVar("T")
 log = logging.getLogger("assistant.db")
 
 READERS = 2
+# Readers share one queue: a small batch keeps one reader from taking the work of both.
+READER_BATCH = 4
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -81,7 +83,7 @@ INTERNAL_TABLES = frozenset({"idempotency_keys"})
 class GuardedConn(Conn):
     """A connection whose caller statements are held to the statement policy."""
 
-    guard: Guard
+    guard: Guard = field(kw_only=True)
 
     def execute(
         self, sql: str, bind: tuple[Any, ...] | None = None, *, cacheable: bool = False
@@ -111,7 +113,7 @@ def open_guarded(
 ) -> GuardedConn:
     db = connect(path, readonly=readonly, busy_timeout_ms=busy_timeout_ms, synchronous=synchronous)
     guard = Guard(INTERNAL_TABLES)
-    conn = GuardedConn(db, watch_deadline(db), guard)
+    conn = GuardedConn(db, watch_deadline(db), guard=guard)
     db.authorizer = guard.authorize
     return conn
 
@@ -150,8 +152,8 @@ class Database:
         except apsw.Error as exc:
             writer.db.close()
             raise DbOpenError(f"cannot migrate database {self.path}: {exc}", EX_CANTCREAT) from exc
-        self.writer = Worker("db-writer", [writer])
-        self.readers = Worker("db-reader", readers)
+        self.writer = Worker("db-writer", [writer], group_commit=True)
+        self.readers = Worker("db-reader", readers, batch_max=READER_BATCH)
 
     def close(self) -> None:
         """Stop the threads and close the connections (blocking; call off the loop)."""

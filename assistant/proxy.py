@@ -16,7 +16,7 @@ from msgspec import UNSET, Struct, UnsetType
 from assistant.db import GuardedConn, timeout_error
 from assistant.policy import Denial, Mode
 from protocol.errors import InvalidParams, RouteError, RpcError
-from protocol.sqlite import now_ms
+from protocol.sqlite import WriteTransaction, now_ms
 from protocol.values import SqlBind, to_wire
 
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?(\*/|$)", re.DOTALL)
@@ -230,36 +230,24 @@ def _run_one(conn: GuardedConn, statement: _Statement, max_rows: int) -> RunResu
     return RunResult(changes, db.last_insert_rowid())
 
 
-class _WriteTransaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception or on `rollback()`."""
+class _WriteTransaction(WriteTransaction):
+    """The job's write transaction, its own failures translated for the caller."""
 
-    def __init__(self, conn: GuardedConn) -> None:
-        self.conn = conn
-        self.done = False
+    conn: GuardedConn
 
     def __enter__(self) -> _WriteTransaction:
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
+            super().__enter__()
         except apsw.Error as exc:
             raise translate(exc, self.conn, "DB_PROXY_FAILED") from exc
         return self
 
-    def rollback(self) -> None:
-        self.done = True
-        if self.conn.db.in_transaction:
-            self.conn.execute("ROLLBACK")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self.done:
-            return
-        if exc_type is not None:
-            self.rollback()
-            return
+    def commit(self) -> None:
         try:
-            self.conn.execute("COMMIT")
-        except apsw.Error as commit_error:
-            self.rollback()
-            raise translate(commit_error, self.conn, "DB_PROXY_FAILED") from commit_error
+            super().commit()
+        except apsw.Error as exc:
+            self.done = False
+            raise translate(exc, self.conn, "DB_PROXY_FAILED") from exc
 
 
 def translate(

@@ -19,6 +19,7 @@ from protocol.sqlite import (
     Conn,
     DbOpenError,
     Worker,
+    WriteTransaction,
     connect,
     make_state_dir,
     migrate,
@@ -126,7 +127,7 @@ class Database:
         except apsw.Error as exc:
             db.close()
             raise DbOpenError(f"cannot migrate database {self.path}: {exc}", EX_CANTCREAT) from exc
-        self._worker = Worker("gateway-db", [conn])
+        self._worker = Worker("gateway-db", [conn], group_commit=True)
 
     def close(self) -> None:
         if self._worker is not None:
@@ -140,22 +141,17 @@ class Database:
 
 @contextmanager
 def transaction(conn: Conn) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT; rolled back when the block raises anything but `Commit`.
+    """A write transaction, rolled back when the block raises anything but `Commit`.
 
     A domain error that must still keep what the block wrote (a failed
     redemption attempt is recorded, then refused) raises `Commit(error)`.
     """
-    conn.execute("BEGIN IMMEDIATE", cacheable=True)
-    try:
-        yield
-    except Commit as keep:
-        conn.execute("COMMIT", cacheable=True)
-        raise keep.error from None
-    except BaseException:
-        if conn.db.in_transaction:
-            conn.execute("ROLLBACK", cacheable=True)
-        raise
-    conn.execute("COMMIT", cacheable=True)
+    with WriteTransaction(conn) as tx:
+        try:
+            yield
+        except Commit as keep:
+            tx.commit()
+            raise keep.error from None
 
 
 class Commit(Exception):

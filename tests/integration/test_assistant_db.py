@@ -241,3 +241,49 @@ async def test_rpc_discover_describes_every_method_from_the_types(client: Client
     params = {p["name"]: p["required"] for p in methods["db_proxy_transaction"]["params"]}
     assert params == {"steps": True, "idempotencyKey": False, "timeoutMs": False, "maxRows": False}
     assert document["info"]["title"] == "assistantd"
+
+
+async def test_concurrent_transactions_that_fail_in_every_way_leave_only_the_good_ones(
+    client: Client, assistant_socket: str
+) -> None:
+    """Writes that arrive together are committed together; a failing one must not take
+    its neighbours with it, nor leave anything of itself (an interrupt rolls back the
+    whole shared transaction, which is then redone)."""
+    await sql(client, "CREATE TABLE u (k TEXT PRIMARY KEY)", "exec")
+    await sql(client, "INSERT INTO u (k) VALUES ('taken')")
+    slow = (
+        "INSERT INTO t (v) SELECT count(*) FROM (WITH RECURSIVE r(x) AS"
+        " (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT x FROM r)"
+    )
+    outcomes: dict[int, str] = {}
+
+    async def one(n: int) -> None:
+        kind = n % 4
+        steps: list[dict[str, Any]] = [{"sql": "INSERT INTO t (v) VALUES (?)", "bind": [f"n{n}"]}]
+        extra: dict[str, Any] = {}
+        if kind == 1:
+            steps.append({"sql": "INSERT INTO u (k) VALUES ('taken')"})
+        elif kind == 2:
+            steps.append({"sql": "UPDATE u SET k = k WHERE k = 'absent'", "requireChanges": 1})
+        elif kind == 3 and n % 20 == 3:
+            steps.append({"sql": slow})
+            extra["timeoutMs"] = 200
+        async with Client(assistant_socket) as own:
+            try:
+                result = await tx(own, *steps, **extra)
+                outcomes[n] = "ok" if result["ok"] else result["reason"]
+            except IpcHandlerError as exc:
+                outcomes[n] = exc.code
+
+    async with anyio.create_task_group() as task_group:
+        for n in range(200):
+            task_group.start_soon(one, n)
+    stored = {row["v"] for row in await rows(client, "SELECT v FROM t")}
+    assert stored == {f"n{n}" for n, outcome in outcomes.items() if outcome == "ok"}
+    assert set(outcomes.values()) == {
+        "ok",
+        "DB_PROXY_TRANSACTION_FAILED",
+        "require_changes_failed",
+        "DB_TIMEOUT",
+    }
+    assert await rows(client, "SELECT k FROM u") == [{"k": "taken"}]
