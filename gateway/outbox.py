@@ -57,7 +57,12 @@ def pending_events(conn: Conn, limit: int = BATCH) -> list[PendingEvent]:
 def pending_count(conn: Conn) -> int:
     # Rows are delivered and deleted oldest first and a rolled-back insert
     # takes no sequence number, so the pending rows are one contiguous range.
-    return int(conn.execute("SELECT coalesce(max(seq) - min(seq) + 1, 0) FROM outbox")[0][0])
+    # Two subqueries, as SQLite's min/max shortcut (one index probe) only
+    # applies to a lone min() or max().
+    rows = conn.execute(
+        "SELECT coalesce((SELECT max(seq) FROM outbox) - (SELECT min(seq) FROM outbox) + 1, 0)"
+    )
+    return int(rows[0][0])
 
 
 def mark_delivered(conn: Conn, through_seq: int) -> None:
