@@ -14,8 +14,8 @@ from assistant.db import Database
 from assistant.proxy import sweep_idempotency_keys
 from assistant.routes import AssistantRoutes
 from protocol import daemon
-from protocol.daemon import DaemonConfig, StartupError
-from protocol.sqlite import BUSY_TIMEOUT_MS, DbOpenError, now_ms
+from protocol.daemon import DaemonConfig
+from protocol.sqlite import BUSY_TIMEOUT_MS, now_ms
 
 IDEMPOTENCY_KEEP_MS = 48 * 3600 * 1000
 SWEEP_INTERVAL = 3600.0
@@ -36,10 +36,7 @@ class AssistantApp:
         self.router = self.routes.router
 
     async def open(self) -> None:
-        try:
-            await anyio.to_thread.run_sync(self.db.open)
-        except DbOpenError as exc:
-            raise StartupError(str(exc), exc.exit_code) from exc
+        await anyio.to_thread.run_sync(self.db.open)
         log.info("database %s open at schema version %d", self.db.path, self.db.schema_version)
 
     async def run_background(self, task_group: TaskGroup) -> None:

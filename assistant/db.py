@@ -15,12 +15,10 @@ from typing import Any, TypeVar
 import apsw
 
 from assistant.policy import Guard, Mode
-from protocol.errors import RouteError
+from protocol.errors import EX_CANTCREAT, DbOpenError, RouteError
 from protocol.sqlite import (
     BUSY_TIMEOUT_MS,
-    EX_CANTCREAT,
     Conn,
-    DbOpenError,
     QueuedPastDeadline,
     Worker,
     connect,

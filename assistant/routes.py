@@ -17,6 +17,7 @@ from assistant.proxy import ExecResult, QueryResult, RunResult, Step, Transactio
 from protocol import __version__
 from protocol.dispatch import NoParams, Router
 from protocol.errors import InvalidParams
+from protocol.health import DbInfo, uptime_ms
 from protocol.values import WireBind, bind_from_wire
 
 MAX_SQL_CHARS = 1024 * 1024
@@ -67,11 +68,6 @@ class EmitEventResult(Struct):
     duplicate: bool
 
 
-class DbInfo(Struct, rename="camel"):
-    path: str
-    schema_version: int
-
-
 class HealthResult(Struct, rename="camel"):
     status: str
     version: str
@@ -99,7 +95,7 @@ class AssistantRoutes:
             status="ok",
             version=__version__,
             pid=self.pid,
-            uptime_ms=int((time.monotonic() - self.started) * 1000),
+            uptime_ms=uptime_ms(self.started),
             db=DbInfo(self.db.path, self.db.schema_version),
         )
 

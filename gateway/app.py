@@ -19,8 +19,7 @@ from gateway.migrations import MigrationRunner
 from gateway.outbox import Delivery, pending_count
 from gateway.routes import GatewayRoutes
 from protocol import daemon
-from protocol.daemon import DaemonConfig, StartupError
-from protocol.sqlite import DbOpenError
+from protocol.daemon import DaemonConfig
 
 SWEEP_INTERVAL = 60.0
 
@@ -53,11 +52,8 @@ class GatewayApp:
         return self.hasher
 
     async def open(self) -> None:
-        try:
-            await anyio.to_thread.run_sync(self.db.open)
-            key = await anyio.to_thread.run_sync(load_or_create_key, self.key_path)
-        except DbOpenError as exc:
-            raise StartupError(str(exc), exc.exit_code) from exc
+        await anyio.to_thread.run_sync(self.db.open)
+        key = await anyio.to_thread.run_sync(load_or_create_key, self.key_path)
         self.hasher = CodeHasher(key)
         await self.migrations.load()
         self.delivery.pending = await self.db.run(pending_count)

@@ -13,13 +13,12 @@ import hmac
 import os
 import secrets
 
-from protocol.sqlite import DbOpenError
+from protocol.errors import EX_CANTCREAT, EX_CONFIG, DbOpenError
 
 CODE_DIGITS = 6
 KEY_BYTES = 32
 HMAC_PREFIX = "h1:"
 LEGACY_PREFIX = "sha256:"
-EX_CANTCREAT = 73
 
 
 def new_code() -> str:
@@ -80,6 +79,6 @@ def _read_key(path: str) -> bytes:
         raise DbOpenError(
             f"key file {path} holds {len(key)} bytes, expected {KEY_BYTES}; refusing to start "
             "(restore it from backup: without it no open invite can be redeemed)",
-            78,
+            EX_CONFIG,
         )
     return key

@@ -14,10 +14,9 @@ from typing import TypeVar
 
 import apsw
 
+from protocol.errors import EX_CANTCREAT, DbOpenError
 from protocol.sqlite import (
-    EX_CANTCREAT,
     Conn,
-    DbOpenError,
     Worker,
     WriteTransaction,
     connect,

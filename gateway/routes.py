@@ -22,6 +22,7 @@ from gateway.records import Channel, Contact, Invite
 from protocol import __version__
 from protocol.dispatch import NoParams, Router
 from protocol.errors import InvalidParams
+from protocol.health import DbInfo, uptime_ms
 from protocol.sqlite import Conn
 
 T = TypeVar("T")
@@ -114,11 +115,6 @@ class InviteList(Struct, rename="camel"):
     next_cursor: str | None
 
 
-class DbInfo(Struct, rename="camel"):
-    path: str
-    schema_version: int
-
-
 class LinkInfo(Struct, rename="camel"):
     state: str
     since: int
@@ -198,7 +194,7 @@ class GatewayRoutes:
             status="ok",
             version=__version__,
             pid=os.getpid(),
-            uptime_ms=int((time.monotonic() - self.started) * 1000),
+            uptime_ms=uptime_ms(self.started),
             db=DbInfo(self.db.path, self.db.schema_version),
             assistant=LinkInfo(status.state, status.since, status.last_error),
             outbox=OutboxInfo(self.delivery.pending, self.delivery.last_error),

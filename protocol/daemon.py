@@ -25,22 +25,13 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from protocol.dispatch import Router
+from protocol.errors import EX_CONFIG, StartupError
 from protocol.framing import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_FRAME_BYTES
-from protocol.listener import EX_CONFIG, Listener, ListenerError, open_listener
+from protocol.listener import Listener, open_listener
 from protocol.server import Server, ServerLimits
 from protocol.systemd import Notifier, run_watchdog, watchdog_interval
 
-EX_SOFTWARE = 70
-
 log = logging.getLogger("daemon")
-
-
-class StartupError(Exception):
-    """A fatal start-up problem: printed as one line, then exit with `exit_code`."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +283,7 @@ def main(
             group=config.socket_group,
             fd_name=f"{name}.sock",
         )
-    except (StartupError, ListenerError) as exc:
+    except StartupError as exc:
         print(f"{name}d: {exc}", file=sys.stderr)
         return exc.exit_code
     try:

@@ -16,24 +16,12 @@ import socket
 import stat
 from dataclasses import dataclass
 
+from protocol.errors import EX_CANTCREAT, EX_CONFIG, EX_TEMPFAIL, ListenerError
 from protocol.systemd import listen_fds
 
 # sun_path is 108 bytes on Linux, one of them the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 PROBE_TIMEOUT = 1.0
-
-
-class ListenerError(Exception):
-    """The socket cannot be served; `exit_code` is the sysexits code to exit with."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
-EX_CANTCREAT = 73
 
 
 @dataclass(slots=True)

@@ -30,6 +30,8 @@ from typing import Any, Generic, TypeVar
 
 import apsw
 
+from protocol.errors import EX_CANTCREAT, EX_DATAERR, DbOpenError
+
 T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 5000
@@ -38,16 +40,6 @@ STATEMENT_CACHE_SIZE = 256
 # FULL: an acknowledged write survives power loss. NORMAL (WAL): it survives a
 # crash of the process but the last commits may be lost on power loss.
 SYNCHRONOUS = {"FULL": "FULL", "NORMAL": "NORMAL"}
-EX_DATAERR = 65
-EX_CANTCREAT = 73
-
-
-class DbOpenError(Exception):
-    """The database cannot be opened or migrated; the daemon must not start."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 class QueuedPastDeadline(Exception):

@@ -1,0 +1,17 @@
+"""The parts of `health` both daemons answer alike."""
+
+from __future__ import annotations
+
+import time
+
+from msgspec import Struct
+
+
+class DbInfo(Struct, rename="camel"):
+    path: str
+    schema_version: int
+
+
+def uptime_ms(started: float) -> int:
+    """Milliseconds since `started` (a `time.monotonic()` reading)."""
+    return int((time.monotonic() - started) * 1000)
