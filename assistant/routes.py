@@ -17,7 +17,7 @@ from assistant.proxy import ExecResult, QueryResult, RunResult, Step, Transactio
 from protocol import __version__
 from protocol.dispatch import NoParams, Router
 from protocol.errors import InvalidParams
-from protocol.health import DbInfo, uptime_ms
+from protocol.health import DbInfo, Health, uptime_ms
 from protocol.values import WireBind, bind_from_wire
 
 MAX_SQL_CHARS = 1024 * 1024
@@ -68,14 +68,6 @@ class EmitEventResult(Struct):
     duplicate: bool
 
 
-class HealthResult(Struct, rename="camel"):
-    status: str
-    version: str
-    pid: int
-    uptime_ms: int
-    db: DbInfo
-
-
 class AssistantRoutes:
     """The handlers of assistant.sock over one open `Database`."""
 
@@ -89,9 +81,9 @@ class AssistantRoutes:
         self.router.add("db_proxy_transaction", self.db_proxy_transaction)
         self.router.add("emit_event", self.emit_event)
 
-    def health(self, params: NoParams) -> HealthResult:
+    def health(self, params: NoParams) -> Health:
         """Liveness and identity; never touches the database, so it answers during long queries."""
-        return HealthResult(
+        return Health(
             status="ok",
             version=__version__,
             pid=self.pid,

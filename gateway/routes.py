@@ -22,7 +22,7 @@ from gateway.records import Channel, Contact, Invite
 from protocol import __version__
 from protocol.dispatch import NoParams, Router
 from protocol.errors import InvalidParams
-from protocol.health import DbInfo, uptime_ms
+from protocol.health import DbInfo, Health, uptime_ms
 from protocol.sqlite import Conn
 
 T = TypeVar("T")
@@ -133,12 +133,7 @@ class MigrationsInfo(Struct, rename="camel"):
     last_error: str | None
 
 
-class HealthResult(Struct, rename="camel"):
-    status: str
-    version: str
-    pid: int
-    uptime_ms: int
-    db: DbInfo
+class HealthResult(Health, kw_only=True):
     assistant: LinkInfo
     outbox: OutboxInfo
     migrations: MigrationsInfo

@@ -12,6 +12,16 @@ class DbInfo(Struct, rename="camel"):
     schema_version: int
 
 
+class Health(Struct, rename="camel", kw_only=True):
+    """What every daemon's `health` answers; a daemon's own result adds to it."""
+
+    status: str
+    version: str
+    pid: int
+    uptime_ms: int
+    db: DbInfo
+
+
 def uptime_ms(started: float) -> int:
     """Milliseconds since `started` (a `time.monotonic()` reading)."""
     return int((time.monotonic() - started) * 1000)
