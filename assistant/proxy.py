@@ -246,7 +246,6 @@ class _WriteTransaction(WriteTransaction):
         try:
             super().commit()
         except apsw.Error as exc:
-            self.done = False
             raise translate(exc, self.conn, "DB_PROXY_FAILED") from exc
 
 

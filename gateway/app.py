@@ -16,7 +16,7 @@ from gateway.db import Database
 from gateway.invites import GuessLimits
 from gateway.link import AssistantLink
 from gateway.migrations import MigrationRunner
-from gateway.outbox import Delivery, pending_count
+from gateway.outbox import Delivery, dead_count, pending_count
 from gateway.routes import GatewayRoutes
 from protocol import daemon
 from protocol.daemon import DaemonConfig
@@ -57,6 +57,7 @@ class GatewayApp:
         self.hasher = CodeHasher(key)
         await self.migrations.load()
         self.delivery.pending = await self.db.run(pending_count)
+        self.delivery.dead = await self.db.run(dead_count)
         log.info("database %s open at schema version %d", self.db.path, self.db.schema_version)
 
     async def run_background(self, task_group: TaskGroup) -> None:

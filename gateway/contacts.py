@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import Any
 
 from gateway.db import transaction
 from gateway.outbox import queue_event
@@ -89,25 +90,37 @@ def delete_contact(conn: Conn, contact_id: str) -> None:
         queue_event(conn, "contacts_changed", {"contactId": contact_id, "change": "deleted"})
 
 
-def find_sender_channel(
+def sender_channels(
     conn: Conn, channel_type: str, external_user_id: str | None, external_chat_id: str | None
-) -> Channel | None:
-    """The channel this sender is known by: matched on user id, else on chat id."""
+) -> list[Channel]:
+    """Every channel this sender is known by (of any contact): by user id, else by chat id."""
     for column, value in (
         ("external_user_id", external_user_id),
         ("external_chat_id", external_chat_id),
     ):
         if value is None:
             continue
-        # Few rows match; choosing here avoids SQLite's sorter, which costs
-        # more than the whole lookup (measured: 25 us against 6 us).
         rows = conn.execute(
             f"SELECT {CHANNEL_COLUMNS} FROM contact_channels WHERE type = ? AND {column} = ?",
             (channel_type, value),
         )
         if rows:
-            return channel_of(min(rows, key=lambda row: (row[7] != "active", row[17], row[0])))
-    return None
+            # Active first, then oldest; sorted here rather than by ORDER BY,
+            # whose sorter costs more than the lookup (measured: 25 us against 6 us).
+            return [channel_of(row) for row in sorted(rows, key=_channel_rank)]
+    return []
+
+
+def _channel_rank(row: tuple[Any, ...]) -> tuple[bool, int, str]:
+    return (row[7] != "active", row[17], row[0])
+
+
+def find_sender_channel(
+    conn: Conn, channel_type: str, external_user_id: str | None, external_chat_id: str | None
+) -> Channel | None:
+    """The channel this sender is known by: the active one, else the oldest."""
+    channels = sender_channels(conn, channel_type, external_user_id, external_chat_id)
+    return channels[0] if channels else None
 
 
 def touch_channel(conn: Conn, channel_id: str) -> None:

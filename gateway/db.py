@@ -101,6 +101,18 @@ MIGRATIONS: tuple[str, ...] = (
         last_error TEXT
     );
     """,
+    """
+    CREATE TABLE outbox_dead (
+        seq INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        last_error TEXT,
+        dead_at INTEGER NOT NULL
+    );
+    """,
 )
 
 

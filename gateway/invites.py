@@ -17,8 +17,8 @@ from gateway.contacts import (
     decode_cursor,
     encode_cursor,
     find_contact,
-    find_sender_channel,
     not_found,
+    sender_channels,
 )
 from gateway.db import Commit, transaction
 from gateway.outbox import queue_event
@@ -140,15 +140,18 @@ def redeem(
     with transaction(conn):
         _check_guess_limits(conn, limits, scopes, now)
         invite = _find_invite(conn, hasher, sender.channel, code, now)
-        known = find_sender_channel(
+        channels = sender_channels(
             conn, sender.channel, sender.external_user_id, sender.external_chat_id
         )
-        refusal = _refusal(invite, known, now)
+        refusal = _refusal(invite, channels, now)
         if refusal is not None:
             _record_failure(conn, scopes, now)
             raise Commit(refusal)
         assert invite is not None
-        if known is not None and known.contact_id == invite.contact_id and known.status == "active":
+        # The sender may be known under other contacts too; what matters here
+        # is its channel with this invite's contact.
+        known = next((c for c in channels if c.contact_id == invite.contact_id), None)
+        if known is not None and known.status == "active":
             return Redemption("already_member", invite.id, invite.contact_id, known.id)
         if not _claim(conn, invite, sender, now):
             _record_failure(conn, scopes, now)
@@ -206,8 +209,8 @@ def _find_invite(
     return _Candidate(*best[:6])
 
 
-def _refusal(invite: _Candidate | None, known: Channel | None, now: int) -> RouteError | None:
-    blocked = known is not None and (known.status == "blocked" or known.policy == "deny")
+def _refusal(invite: _Candidate | None, channels: list[Channel], now: int) -> RouteError | None:
+    blocked = any(c.status == "blocked" or c.policy == "deny" for c in channels)
     if invite is None or blocked:
         # A blocked sender hears the same as a wrong code: membership does not leak.
         return RouteError("no invite matches this code on this channel", 404, "INVITE_INVALID")
@@ -241,7 +244,7 @@ def _claim(conn: Conn, invite: _Candidate, sender: Sender, now: int) -> bool:
 def _upsert_channel(
     conn: Conn, invite: _Candidate, known: Channel | None, sender: Sender, now: int
 ) -> str:
-    if known is not None and known.contact_id == invite.contact_id:
+    if known is not None:
         conn.execute(
             "UPDATE contact_channels SET status = 'active', verified_at = ?,"
             " verified_via = 'invite',"

@@ -14,15 +14,16 @@ from typing import Any
 import anyio
 import msgspec
 
-from gateway.db import Database
+from gateway.db import Database, transaction
 from gateway.link import AssistantLink
 from gateway.records import new_id
-from protocol.errors import IpcError
+from protocol.errors import IpcError, IpcHandlerError
 from protocol.sqlite import Conn, now_ms
 
 log = logging.getLogger("gateway.outbox")
 
 BATCH = 100
+DEAD_AFTER = 5
 DELIVERY_BACKOFF_START = 0.05
 DELIVERY_BACKOFF_CAP = 5.0
 IDLE_POLL = 5.0
@@ -69,10 +70,31 @@ def mark_delivered(conn: Conn, through_seq: int) -> None:
     conn.execute("DELETE FROM outbox WHERE seq <= ?", (through_seq,))
 
 
-def mark_failed(conn: Conn, seq: int, error: str) -> None:
-    conn.execute(
-        "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?", (error, seq)
-    )
+def mark_failed(conn: Conn, seq: int, error: str, permanent: bool) -> bool:
+    """Count a failed delivery; True when the event was set aside as undeliverable.
+
+    An event the assistant refuses outright (a non-retryable error) `DEAD_AFTER`
+    times moves to `outbox_dead`, kept for an operator, so that it does not
+    hold back every event behind it.
+    """
+    with transaction(conn):
+        conn.execute(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?", (error, seq)
+        )
+        attempts = conn.execute("SELECT attempts FROM outbox WHERE seq = ?", (seq,))
+        if not permanent or not attempts or attempts[0][0] < DEAD_AFTER:
+            return False
+        conn.execute(
+            "INSERT INTO outbox_dead SELECT seq, event_id, kind, payload, created_at, attempts,"
+            " last_error, ? FROM outbox WHERE seq = ?",
+            (now_ms(), seq),
+        )
+        conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+    return True
+
+
+def dead_count(conn: Conn) -> int:
+    return int(conn.execute("SELECT count(*) FROM outbox_dead")[0][0])
 
 
 class Signal:
@@ -98,6 +120,7 @@ class Delivery:
         self._link = link
         self._wake = Signal()
         self.pending = 0
+        self.dead = 0
         self.last_error: str | None = None
 
     def wake(self, pending: int) -> None:
@@ -127,6 +150,7 @@ class Delivery:
         assistant recognises by event id.
         """
         delivered = 0
+        through = 0
         try:
             for event in events:
                 params = {
@@ -137,15 +161,26 @@ class Delivery:
                 try:
                     await self._link.call_assistant("emit_event", params)
                 except IpcError as exc:
-                    self.last_error = str(exc)
-                    failed = functools.partial(mark_failed, seq=event.seq, error=str(exc))
-                    await self._db.run(failed)
-                    return False
+                    if not await self._failed(event, exc):
+                        return False
+                    continue
                 delivered += 1
+                through = event.seq
                 self.last_error = None
             return True
         finally:
             if delivered:
-                through = events[delivered - 1].seq
                 await self._db.run(functools.partial(mark_delivered, through_seq=through))
                 self.pending = max(0, self.pending - delivered)
+
+    async def _failed(self, event: PendingEvent, exc: IpcError) -> bool:
+        """Record the failure; True when the event was set aside and delivery goes on."""
+        self.last_error = str(exc)
+        permanent = isinstance(exc, IpcHandlerError) and not exc.retryable
+        failed = functools.partial(mark_failed, seq=event.seq, error=str(exc), permanent=permanent)
+        if not await self._db.run(failed):
+            return False
+        log.error("event %s (%s) set aside in outbox_dead: %s", event.event_id, event.kind, exc)
+        self.dead += 1
+        self.pending = max(0, self.pending - 1)
+        return True

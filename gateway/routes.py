@@ -123,6 +123,7 @@ class LinkInfo(Struct, rename="camel"):
 
 class OutboxInfo(Struct, rename="camel"):
     pending: int
+    dead: int
     last_error: str | None
 
 
@@ -192,7 +193,7 @@ class GatewayRoutes:
             uptime_ms=uptime_ms(self.started),
             db=DbInfo(self.db.path, self.db.schema_version),
             assistant=LinkInfo(status.state, status.since, status.last_error),
-            outbox=OutboxInfo(self.delivery.pending, self.delivery.last_error),
+            outbox=OutboxInfo(self.delivery.pending, self.delivery.dead, self.delivery.last_error),
             migrations=MigrationsInfo(
                 pending=len(migrations.pending),
                 failed=1 if migrations.failed else 0,

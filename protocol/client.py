@@ -81,6 +81,9 @@ class _ClientProtocol(asyncio.Protocol):
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.can_write = asyncio.Event()
         self.can_write.set()
+        # The calls sent on this connection, failed together when it drops.
+        self.ids: set[int] = set()
+        self.batches: list[list[int]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -89,7 +92,7 @@ class _ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             for body in self._decoder.feed(data):
-                self._client._on_frame(body)
+                self._client._on_frame(self, body)
         except (FrameError, msgspec.DecodeError, UnicodeDecodeError) as exc:
             self._client._fail_connection(self, f"protocol violation by the peer: {exc}")
 
@@ -126,7 +129,6 @@ class Client:
         self._connect_lock = anyio.Lock()
         self._pending: dict[int, asyncio.Future[ClientResponse]] = {}
         self._ids = itertools.count(1)
-        self._batches: list[list[int]] = []
 
     async def __aenter__(self) -> Client:
         return self
@@ -165,11 +167,12 @@ class Client:
         request_id = next(self._ids)
         frame = encode_frame_of(_Call("2.0", method, request_id, _params(params)))
         future = asyncio.get_running_loop().create_future()
+        protocol = None
         try:
-            await self._send(frame, timeout, {request_id: future})
+            protocol = await self._send(frame, timeout, {request_id: future})
             response = await self._wait(future, timeout, method)
         finally:
-            self._pending.pop(request_id, None)
+            self._forget([request_id], protocol)
         return _result_of(response, result_type)
 
     async def notify(self, method: str, params: object = None) -> None:
@@ -198,10 +201,9 @@ class Client:
             waits[request_id] = loop.create_future()
             members.append(_Call("2.0", call.method, request_id, _params(call.params)))
         ids = list(waits)
-        if ids:
-            self._batches.append(ids)
+        protocol = None
         try:
-            await self._send(encode_frame_of(members), timeout, waits)
+            protocol = await self._send(encode_frame_of(members), timeout, waits, batch=True)
             results: list[Any | IpcHandlerError] = []
             for future in waits.values():
                 response = await self._wait(future, timeout, "batch")
@@ -211,10 +213,7 @@ class Client:
                     results.append(exc)
             return results
         finally:
-            for request_id in ids:
-                self._pending.pop(request_id, None)
-            if ids in self._batches:
-                self._batches.remove(ids)
+            self._forget(ids, protocol)
 
     async def aclose(self) -> None:
         """Close the connection; pending calls fail with `IpcTransportError`."""
@@ -231,8 +230,10 @@ class Client:
         frame: bytes,
         timeout: float | None,
         awaiting: dict[int, asyncio.Future[ClientResponse]],
-    ) -> None:
-        """Write `frame`; its answers' futures are registered only once it is written."""
+        *,
+        batch: bool = False,
+    ) -> _ClientProtocol:
+        """Write `frame` on the connection; its answers' futures are registered with it."""
         protocol = self._protocol or await self._connect()
         transport = protocol.transport
         if transport is None or transport.is_closing():
@@ -245,10 +246,28 @@ class Client:
         if transport is None or transport.is_closing():
             raise IpcTransportError(f"connection to {self.path} is closed", sent=False)
         self._pending.update(awaiting)
+        protocol.ids.update(awaiting)
+        if batch and awaiting:
+            protocol.batches.append(list(awaiting))
         transport.write(frame)
         if not protocol.can_write.is_set():
-            with anyio.fail_after(timeout or self.timeout):
-                await protocol.can_write.wait()
+            try:
+                with anyio.fail_after(timeout or self.timeout):
+                    await protocol.can_write.wait()
+            except TimeoutError as exc:
+                raise IpcTransportError(
+                    f"{self.path}: the peer stopped reading; the request may be partly sent",
+                    sent=True,
+                ) from exc
+        return protocol
+
+    def _forget(self, ids: list[int], protocol: _ClientProtocol | None) -> None:
+        for request_id in ids:
+            self._pending.pop(request_id, None)
+        if protocol is not None:
+            protocol.ids.difference_update(ids)
+            if ids in protocol.batches:
+                protocol.batches.remove(ids)
 
     async def _wait(
         self, future: asyncio.Future[ClientResponse], timeout: float | None, method: str
@@ -278,41 +297,42 @@ class Client:
             self._protocol = protocol
             return protocol
 
-    def _on_frame(self, body: bytes) -> None:
+    def _on_frame(self, protocol: _ClientProtocol, body: bytes) -> None:
         if body.lstrip()[:1] == b"[":
             for response in _batch_response_decoder.decode(body):
-                self._resolve(response)
+                self._resolve(protocol, response)
         else:
-            self._resolve(_response_decoder.decode(body))
+            self._resolve(protocol, _response_decoder.decode(body))
 
-    def _resolve(self, response: ClientResponse) -> None:
+    def _resolve(self, protocol: _ClientProtocol, response: ClientResponse) -> None:
         if isinstance(response.id, int):
             future = self._pending.get(response.id)
             if future is not None and not future.done():
                 future.set_result(response)
             return
-        if response.error is not UNSET and self._batches:
-            # An error with no id answers a whole batch (empty, too large):
-            # the oldest batch raises it.
-            error = handler_error(response.error)
-            for request_id in self._batches.pop(0):
-                future = self._pending.get(request_id)
-                if future is not None and not future.done():
-                    future.set_exception(error)
+        if response.error is UNSET:
+            log.warning("answer with unknown id %r ignored", response.id)
             return
-        log.warning("answer with unknown id %r ignored", response.id)
+        # An error with no id answers a whole batch (empty, too large) or the
+        # connection itself (FORBIDDEN, too many connections, a bad frame):
+        # the oldest batch on this connection raises it, else every call on it.
+        ids = protocol.batches.pop(0) if protocol.batches else list(protocol.ids)
+        self._fail(ids, handler_error(response.error))
+
+    def _fail(self, ids: list[int] | set[int], error: Exception) -> None:
+        for request_id in ids:
+            future = self._pending.get(request_id)
+            if future is not None and not future.done():
+                future.set_exception(error)
 
     def _fail_connection(self, protocol: _ClientProtocol, reason: str) -> None:
         if protocol.transport is not None:
             protocol.transport.abort()
-        if self._protocol is not protocol:
-            return
-        self._protocol = None
-        self._batches.clear()
-        error = IpcTransportError(f"{self.path}: {reason}", sent=True)
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(error)
+        if self._protocol is protocol:
+            self._protocol = None
+        self._fail(protocol.ids, IpcTransportError(f"{self.path}: {reason}", sent=True))
+        protocol.ids.clear()
+        protocol.batches.clear()
 
 
 def _expire(future: asyncio.Future[ClientResponse], method: str, limit: float) -> None:

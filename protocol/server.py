@@ -132,6 +132,8 @@ class Server:
             await self._stop.wait()
             await self._drain(listening)
         finally:
+            # Also when serve() itself is cancelled: no new call may start now.
+            self.draining = True
             with anyio.CancelScope(shield=True):
                 await self._cancel_tasks()
                 await self._close_connections()
@@ -222,6 +224,7 @@ class _Connection(asyncio.Protocol):
         self._closed = False
         self._stall_timer: asyncio.TimerHandle | None = None
         self._peer = "?"
+        self._peer_done = False
 
     # -- asyncio.Protocol callbacks ---------------------------------------
 
@@ -256,9 +259,17 @@ class _Connection(asyncio.Protocol):
         self._flush()
 
     def eof_received(self) -> bool | None:
+        # A peer that half-closes after its last request still gets the answers:
+        # keep the transport open until the calls in flight are answered.
         if self._decoder.has_partial:
             self._server.log.info("peer %s closed in the middle of a frame", self._peer)
-        return None
+        self._peer_done = True
+        self._close_if_finished()
+        return True
+
+    def _close_if_finished(self) -> None:
+        if self._peer_done and not self._in_flight and not self._backlog:
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -373,7 +384,15 @@ class _Connection(asyncio.Protocol):
             answers = [self._member_answer(raw) for raw in members]
             pending = [(i, a) for i, a in enumerate(answers) if asyncio.iscoroutine(a)]
             if pending:
-                results = await asyncio.gather(*(coroutine for _, coroutine in pending))
+                # A batch is one call of the connection's max_in_flight, so its
+                # members get no more than that many handlers at once either.
+                limit = asyncio.Semaphore(self._limits.max_in_flight)
+
+                async def bounded(coroutine: Coroutine[Any, Any, Response | None]) -> Any:
+                    async with limit:
+                        return await coroutine
+
+                results = await asyncio.gather(*(bounded(c) for _, c in pending))
                 for (index, _), result in zip(pending, results, strict=True):
                     answers[index] = result
         finally:
@@ -449,6 +468,9 @@ class _Connection(asyncio.Protocol):
         if self._backlog:
             self._drain_backlog()
         self._update_reading()
+        if self._peer_done:
+            # The call's answer is queued right after this returns; close after it.
+            self._loop.call_soon(self._close_if_finished)
 
     def _update_reading(self) -> None:
         transport = self._transport

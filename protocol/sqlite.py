@@ -103,8 +103,8 @@ class WriteTransaction:
         return self
 
     def commit(self) -> None:
-        self.done = True
         self.conn.execute(RELEASE if self.conn.grouped else COMMIT, cacheable=True)
+        self.done = True
 
     def rollback(self) -> None:
         self.done = True
@@ -254,10 +254,15 @@ class Worker(Generic[C]):
         stop = False
         while not stop:
             items, stop = self._take()
-            if self.group_commit and len(items) > 1:
-                outcomes = self._run_group(conn, items)
-            else:
-                outcomes = [self._run_one(conn, item) for item in items]
+            try:
+                if self.group_commit and len(items) > 1:
+                    outcomes = self._run_group(conn, items)
+                else:
+                    outcomes = [self._run_one(conn, item) for item in items]
+            except BaseException as exc:
+                # A failure outside the jobs (the group's ROLLBACK itself failing):
+                # their callers get it, and the thread keeps serving the queue.
+                outcomes = [(False, exc)] * len(items)
             if items:
                 futures = [item[2] for item in items]
                 settled = list(zip(futures, outcomes, strict=True))

@@ -264,3 +264,19 @@ async def test_codes_and_the_key_never_reach_the_logs(gw: Client, pair: Pair) ->
     assert code not in log
     assert key_path.read_bytes().hex() not in log
     assert os.path.getsize(pair.state / "gateway.db") > 0
+
+
+async def test_a_sender_of_one_contact_joins_another_once(gw: Client) -> None:
+    _, code_a = await new_invite(gw, await new_contact(gw, "A"))
+    contact_b = await new_contact(gw, "B")
+    invite_b, code_b = await new_invite(gw, contact_b, maxUses=5)
+    await redeem(gw, code_a, "shared")
+    joined = await redeem(gw, code_b, "shared")
+    assert joined["outcome"] == "redeemed"
+    assert joined["contactId"] == contact_b
+    again = await redeem(gw, code_b, "shared")
+    assert again == {**joined, "outcome": "already_member"}
+    listed = (await gw.call("invites_list", {"contactId": contact_b}))["invites"]
+    assert [(i["id"], i["useCount"]) for i in listed] == [(invite_b["id"], 1)]
+    channels = (await gw.call("contacts_get", {"id": contact_b}))["channels"]
+    assert len(channels) == 1

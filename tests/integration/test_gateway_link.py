@@ -289,3 +289,28 @@ async def test_sigkill_mid_redemptions_leaves_invites_and_channels_consistent(pa
     delivered = await events(pair)
     assert len(delivered) == use_count
     assert queued <= use_count
+
+
+async def test_an_event_the_assistant_always_refuses_is_set_aside_not_blocking(pair: Pair) -> None:
+    db = apsw.Connection(str(pair.state / "gateway.db"))
+    db.set_busy_timeout(5000)
+    db.execute(
+        "INSERT INTO outbox (event_id, kind, payload, created_at)"
+        " VALUES ('ev_poison', 'bogus', '{}', 1)"
+    )
+    db.close()
+    async with Client(pair.gateway_socket) as gw:
+        await gw.call("contacts_create", {"displayName": "After the poison"})
+
+        async def settled() -> bool:
+            outbox = (await gw.call("health"))["outbox"]
+            return bool(outbox["dead"] == 1 and outbox["pending"] == 0)
+
+        await eventually(settled)
+    assert len(await events(pair, "contacts_changed")) == 1
+    db = apsw.Connection(str(pair.state / "gateway.db"))
+    dead = db.execute("SELECT event_id, attempts, last_error FROM outbox_dead").fetchall()
+    db.close()
+    assert dead[0][0] == "ev_poison"
+    assert dead[0][1] == 5
+    assert "INVALID_PARAMS" in dead[0][2]

@@ -266,3 +266,15 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def test_a_peer_that_half_closes_after_its_requests_still_gets_every_answer(
+    demo_socket: str,
+) -> None:
+    with RawConnection(demo_socket) as conn:
+        conn.send_json(request("sleep", {"seconds": 0.2}, 1))
+        conn.send_json(request("echo", {"text": "x"}, 2))
+        conn.sock.shutdown(socket.SHUT_WR)
+        answers = {conn.recv_json()["id"], conn.recv_json()["id"]}
+        assert answers == {1, 2}
+        assert conn.is_closed_by_peer()
