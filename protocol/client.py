@@ -23,7 +23,7 @@ from msgspec import UNSET, Raw
 
 from protocol.errors import FrameError, IpcHandlerError, IpcTransportError
 from protocol.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder
-from protocol.messages import ClientResponse, ErrorObject, encode_frame_of
+from protocol.messages import ClientResponse, ErrorObject, encode_frame_of, is_batch
 
 T = TypeVar("T")
 
@@ -227,7 +227,7 @@ class Client:
 
     async def _send(
         self,
-        frame: bytes,
+        frame: bytes | bytearray,
         timeout: float | None,
         awaiting: dict[int, asyncio.Future[ClientResponse]],
         *,
@@ -298,7 +298,7 @@ class Client:
             return protocol
 
     def _on_frame(self, protocol: _ClientProtocol, body: bytes) -> None:
-        if body.lstrip()[:1] == b"[":
+        if is_batch(body):
             for response in _batch_response_decoder.decode(body):
                 self._resolve(protocol, response)
         else:

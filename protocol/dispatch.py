@@ -33,6 +33,9 @@ class NoParams(Struct, forbid_unknown_fields=True):
     """Params of a method that takes none."""
 
 
+_NO_PARAMS = NoParams()
+
+
 @dataclass(slots=True)
 class Method:
     """One registered method.
@@ -53,6 +56,8 @@ class Method:
 
     def decode_params(self, raw: Raw) -> Any:
         """Stage two: the raw params into this method's Struct, or `InvalidParams`."""
+        if not raw and self.params_type is NoParams:
+            return _NO_PARAMS
         body = bytes(raw) or _EMPTY_OBJECT
         try:
             if body[:1] == b"[":

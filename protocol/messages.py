@@ -81,7 +81,11 @@ def success_response(request_id: RequestId, result: Any) -> SuccessResponse:
 
 
 def encode_frame_of(message: object) -> bytes:
-    """Encode `message` as JSON straight into a frame (no second copy for the header)."""
+    """Encode `message` as JSON straight into a frame (no second copy for the header).
+
+    Returned as bytes: uvloop writes bytes without a copy, and a bytearray
+    handed over instead measured slower (health, 64 in flight: 39k against 47k/s).
+    """
     buffer = bytearray(HEADER.size)
     _encoder.encode_into(message, buffer, HEADER.size)
     HEADER.pack_into(buffer, 0, len(buffer) - HEADER.size)
@@ -92,9 +96,16 @@ def encode_json(message: object) -> bytes:
     return _encoder.encode(message)
 
 
+_OPEN_ARRAY = ord("[")
+_BLANKS = frozenset(b" \t\r\n")
+
+
 def is_batch(body: bytes) -> bool:
-    """True when the body's first non-blank byte opens a JSON array."""
-    return body.lstrip(b" \t\r\n")[:1] == b"["
+    """True when the body's first non-blank byte opens a JSON array (without copying it)."""
+    for byte in body:
+        if byte not in _BLANKS:
+            return byte == _OPEN_ARRAY
+    return False
 
 
 def decode_request(body: bytes | Raw) -> Request:

@@ -217,7 +217,7 @@ class _Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._in_flight = 0
         self._backlog: deque[bytes] = deque()
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._flush_scheduled = False
         self._read_paused = False
         self._write_paused = False
@@ -249,14 +249,19 @@ class _Connection(asyncio.Protocol):
             self._send_error(None, exc)
             self._abort_after_flush()
             return
-        if frames:
-            if self._backlog:
-                self._backlog.extend(frames)
-            else:
-                self._handle_frames(frames)
-        self._watch_stall(bool(frames))
-        self._update_reading()
-        self._flush()
+        # Answers made while handling this chunk go out in one write at the end,
+        # with no flush callback scheduled for them.
+        self._flush_scheduled = True
+        try:
+            if frames:
+                if self._backlog:
+                    self._backlog.extend(frames)
+                else:
+                    self._handle_frames(frames)
+            self._watch_stall(bool(frames))
+            self._update_reading()
+        finally:
+            self._flush()
 
     def eof_received(self) -> bool | None:
         # A peer that half-closes after its last request still gets the answers:
@@ -429,7 +434,7 @@ class _Connection(asyncio.Protocol):
             frame = encode_frame_of(error_response(None, InternalError("unencodable result")))
         self._send(frame)
 
-    def _send(self, frame: bytes) -> None:
+    def _send(self, frame: bytes | bytearray) -> None:
         if self._closed:
             return
         self._out.append(frame)
