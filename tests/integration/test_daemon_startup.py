@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import signal
 import socket
 from pathlib import Path
 
@@ -69,9 +69,14 @@ def test_bad_flags_are_a_usage_error(short_tmp: Path) -> None:
 
 
 def test_sigterm_when_idle_exits_zero_and_removes_only_its_socket(short_tmp: Path) -> None:
+    neighbour = short_tmp / "other.sock"
+    neighbour.write_text("not ours")
     daemon = DaemonProcess(DEMO, short_tmp, short_tmp).start()
-    assert daemon.terminate() == 0
+    try:
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_for("STOPPING=1")
+        assert daemon.terminate() == 0
+    finally:
+        daemon.close()
     assert not (short_tmp / "demo.sock").exists()
-    assert "STOPPING=1" in "\n".join(daemon.messages) or daemon.proc is not None
-    daemon.close()
-    assert os.listdir(short_tmp)
+    assert neighbour.read_text() == "not ours"

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import resource
-import signal
 import socket
 import struct
 from collections import Counter
@@ -340,4 +339,3 @@ def test_sigterm_on_the_gateway_is_exit_zero_even_with_the_assistant_gone(pair: 
     pair.assistant.kill()
     assert pair.gateway.terminate() == 0
     assert "gatewayd stopped" in pair.gateway.stderr()
-    assert signal.SIGTERM  # the drain does not wait on the link
