@@ -111,7 +111,7 @@ def open_guarded(
 ) -> GuardedConn:
     db = connect(path, readonly=readonly, busy_timeout_ms=busy_timeout_ms, synchronous=synchronous)
     guard = Guard(INTERNAL_TABLES)
-    conn = GuardedConn(db, watch_deadline(db), guard=guard)
+    conn = GuardedConn(db, watch_deadline(db), busy_timeout_ms=busy_timeout_ms, guard=guard)
     db.authorizer = guard.authorize
     return conn
 

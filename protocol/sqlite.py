@@ -64,6 +64,7 @@ class Conn:
     db: apsw.Connection
     deadline: Deadline
     grouped: bool = False
+    busy_timeout_ms: int = BUSY_TIMEOUT_MS
 
     def execute(
         self, sql: str, bind: tuple[Any, ...] | None = None, *, cacheable: bool = True
@@ -300,6 +301,14 @@ class Worker(Generic[C]):
     def _run_group(self, conn: C, items: list[Any]) -> list[tuple[bool, Any]]:
         try:
             conn.execute(BEGIN, cacheable=True)
+        except apsw.BusyError:
+            # Another process held the lock through a whole busy timeout: the
+            # jobs queued behind answer busy now rather than each wait as long.
+            conn.db.set_busy_timeout(0)
+            try:
+                return [self._run_one(conn, item) for item in items]
+            finally:
+                conn.db.set_busy_timeout(conn.busy_timeout_ms)
         except apsw.Error:
             return [self._run_one(conn, item) for item in items]
         conn.grouped = True

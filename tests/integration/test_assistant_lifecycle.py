@@ -179,6 +179,20 @@ async def test_a_lock_held_by_another_process_is_db_busy_and_retryable(short_tmp
                 await client.call("db_proxy", insert)
             assert (caught.value.code, caught.value.status_code) == ("DB_BUSY", 503)
             assert caught.value.retryable is True
+            codes: list[str] = []
+
+            async def blocked_write() -> None:
+                with pytest.raises(IpcHandlerError) as caught:
+                    await client.call("db_proxy", insert)
+                codes.append(caught.value.code)
+
+            # Writes queued behind a held lock answer busy together, not one
+            # busy timeout after another (40 x 200 ms would be 8 s).
+            with anyio.fail_after(4):
+                async with anyio.create_task_group() as task_group:
+                    for _ in range(40):
+                        task_group.start_soon(blocked_write)
+            assert codes == ["DB_BUSY"] * 40
             locker.execute("ROLLBACK")
             locker.close()
             assert (await client.call("db_proxy", insert))["changes"] == 1
