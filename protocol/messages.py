@@ -92,6 +92,24 @@ def encode_frame_of(message: object) -> bytes:
     return bytes(buffer)
 
 
+def append_frame_of(message: object, buffer: bytearray) -> None:
+    """Encode `message` as one more frame at the end of `buffer`, in place.
+
+    On an encoding error the buffer is left as it was.
+    """
+    start = len(buffer)
+    buffer.extend(_NO_LENGTH)
+    try:
+        _encoder.encode_into(message, buffer, start + HEADER.size)
+    except BaseException:
+        del buffer[start:]
+        raise
+    HEADER.pack_into(buffer, start, len(buffer) - start - HEADER.size)
+
+
+_NO_LENGTH = bytes(HEADER.size)
+
+
 def encode_json(message: object) -> bytes:
     return _encoder.encode(message)
 

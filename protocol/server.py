@@ -47,9 +47,9 @@ from protocol.messages import (
     Request,
     RequestId,
     Response,
+    append_frame_of,
     decode_batch,
     decode_request,
-    encode_frame_of,
     error_response,
     is_batch,
     success_response,
@@ -217,7 +217,8 @@ class _Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._in_flight = 0
         self._backlog: deque[bytes] = deque()
-        self._out: list[bytes | bytearray] = []
+        # Answers are encoded straight into one buffer, written once per turn.
+        self._out = bytearray()
         self._flush_scheduled = False
         self._read_paused = False
         self._write_paused = False
@@ -427,17 +428,13 @@ class _Connection(asyncio.Protocol):
         self._send_message(error_response(request_id, error))
 
     def _send_message(self, message: object) -> None:
-        try:
-            frame = encode_frame_of(message)
-        except (TypeError, ValueError, OverflowError) as exc:
-            self._server.log.error("could not encode an answer", exc_info=exc)
-            frame = encode_frame_of(error_response(None, InternalError("unencodable result")))
-        self._send(frame)
-
-    def _send(self, frame: bytes | bytearray) -> None:
         if self._closed:
             return
-        self._out.append(frame)
+        try:
+            append_frame_of(message, self._out)
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._server.log.error("could not encode an answer", exc_info=exc)
+            append_frame_of(error_response(None, InternalError("unencodable result")), self._out)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -445,7 +442,8 @@ class _Connection(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._out and not self._closed and self._transport is not None:
-            self._transport.writelines(self._out)
+            # bytes: uvloop writes them without a copy of its own.
+            self._transport.write(bytes(self._out))
             self._out.clear()
 
     def _log_call(self, request: Request, response: Response | None, started: float) -> None:
