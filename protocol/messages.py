@@ -110,10 +110,6 @@ def append_frame_of(message: object, buffer: bytearray) -> None:
 _NO_LENGTH = bytes(HEADER.size)
 
 
-def encode_json(message: object) -> bytes:
-    return _encoder.encode(message)
-
-
 _OPEN_ARRAY = ord("[")
 _BLANKS = frozenset(b" \t\r\n")
 

@@ -53,7 +53,3 @@ def to_wire(value: SqlValue) -> object:
     if type(value) is bytes:
         return {"$blob": base64.b64encode(value).decode("ascii")}
     return value
-
-
-def row_to_wire(columns: tuple[str, ...], row: tuple[SqlValue, ...]) -> dict[str, object]:
-    return {name: to_wire(value) for name, value in zip(columns, row, strict=True)}
