@@ -24,7 +24,11 @@ from protocol.client import Client
 from protocol.errors import IpcHandlerError, IpcTransportError
 from tests.integration.conftest import Pair
 from tests.support.proc import DaemonProcess
-from tests.support.waiting import eventually
+from tests.support.waiting import (
+    eventually,
+    gateway_health_reaches,
+    outbox_drained,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -263,11 +267,7 @@ async def test_random_kills_of_both_sides_lose_and_duplicate_nothing(pair: Pair)
     counts["transactions"] = len(per_key)
 
     async with Client(pair.gateway_socket) as gw:
-
-        async def drained() -> bool:
-            return bool((await gw.call("health"))["outbox"]["pending"] == 0)
-
-        await eventually(drained, timeout=30)
+        await gateway_health_reaches(pair.gateway_socket, outbox_drained, timeout=30)
     db = apsw.Connection(str(pair.state / "gateway.db"))
     (uses,) = db.execute("SELECT use_count FROM ingress_invites").fetchone()
     channels = {row[0] for row in db.execute("SELECT external_user_id FROM contact_channels")}
@@ -318,10 +318,7 @@ async def test_the_gateway_serves_invites_through_an_assistant_outage(pair: Pair
         assert health["outbox"]["pending"] == counts["redeemed"]
         pair.assistant.restart()
 
-        async def drained() -> bool:
-            return bool((await gw.call("health"))["outbox"]["pending"] == 0)
-
-        await eventually(drained, timeout=60)
+        await gateway_health_reaches(pair.gateway_socket, outbox_drained, timeout=60)
     async with Client(pair.assistant_socket) as assistant:
         stored = await assistant.call(
             "db_proxy",

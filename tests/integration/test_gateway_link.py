@@ -18,7 +18,12 @@ import pytest
 from protocol.client import Client
 from protocol.errors import IpcHandlerError, IpcTransportError
 from tests.integration.conftest import Pair
-from tests.support.waiting import eventually
+from tests.support.waiting import (
+    eventually,
+    gateway_health_reaches,
+    migrations_done,
+    outbox_drained,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -71,10 +76,7 @@ async def test_redemption_works_with_the_assistant_down_and_events_arrive_once_a
         assert (await gw.call("health"))["outbox"]["pending"] >= 6
         pair.assistant.restart()
 
-        async def drained() -> bool:
-            return bool((await gw.call("health"))["outbox"]["pending"] == 0)
-
-        await eventually(drained)
+        await gateway_health_reaches(pair.gateway_socket, outbox_drained)
     delivered = await events(pair)
     assert len(delivered) == 6
     assert len({row["id"] for row in delivered}) == 6
@@ -213,11 +215,7 @@ async def start_with_legacy(root: Path, failpoint: str | None = None) -> Pair:
 async def test_the_legacy_migration_moves_active_invites_once(short_tmp: Path) -> None:
     both = await start_with_legacy(short_tmp)
     try:
-
-        async def migrated() -> bool:
-            return bool((await health(both))["migrations"]["pending"] == 0)
-
-        await eventually(migrated)
+        await gateway_health_reaches(both.gateway_socket, migrations_done)
         await assert_legacy_imported(both)
     finally:
         both.close()
@@ -234,10 +232,7 @@ async def test_a_gateway_killed_between_import_and_delete_converges_on_restart(
         del both.gateway.env["PAIR_FAILPOINT"]
         both.gateway.restart()
 
-        async def migrated() -> bool:
-            return bool((await health(both))["migrations"]["pending"] == 0)
-
-        await eventually(migrated)
+        await gateway_health_reaches(both.gateway_socket, migrations_done)
         await assert_legacy_imported(both)
     finally:
         both.close()
@@ -282,10 +277,7 @@ async def test_sigkill_mid_redemptions_leaves_invites_and_channels_consistent(pa
     assert acknowledged <= channels
     pair.gateway.restart()
 
-    async def drained() -> bool:
-        return bool((await health(pair))["outbox"]["pending"] == 0)
-
-    await eventually(drained)
+    await gateway_health_reaches(pair.gateway_socket, outbox_drained)
     delivered = await events(pair)
     assert len(delivered) == use_count
     assert queued <= use_count
