@@ -323,7 +323,11 @@ class _Connection(asyncio.Protocol):
             self._answer_error(request, exc)
             return
         if method.inline:
-            self._answer(request, self._call_inline(method, params, request))
+            started = time.perf_counter() if self._server.debug else 0.0
+            response = self._call_inline(method, params, request)
+            if started:
+                self._log_call(request, response, started)
+            self._answer(request, response)
         else:
             self._begin_call()
             self._server.spawn(self._run(request, method, params))
@@ -418,7 +422,10 @@ class _Connection(asyncio.Protocol):
         return error_response(request.id, error)  # type: ignore[arg-type]
 
     def _answer_error(self, request: Request, error: RpcError) -> None:
-        self._answer(request, self._error_of(request, error))
+        response = self._error_of(request, error)
+        if self._server.debug:
+            self._log_call(request, response, time.perf_counter())
+        self._answer(request, response)
 
     def _answer(self, request: Request, response: Response | None) -> None:
         if response is not None and not request.is_notification:
