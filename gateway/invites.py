@@ -197,16 +197,27 @@ def _find_invite(
 ) -> _Candidate | None:
     # The live invite with this code if there is one, else the newest dead one
     # (for the error); chosen here, not by ORDER BY, whose sorter costs more
-    # than the lookup itself.
-    rows = conn.execute(
-        "SELECT id, contact_id, status, expires_at, use_count, max_uses, created_at"
-        " FROM ingress_invites WHERE invite_code_hash IN (?, ?) AND source_channel = ?",
-        (*hasher.candidates(code), channel),
-    )
+    # than the lookup itself. The keyed form is looked up alone first: one
+    # equality probe is a quarter of the cost of an IN over both forms.
+    def live(row: tuple[Any, ...]) -> bool:
+        return bool(row[2] == "active" and row[3] > now)
+
+    keyed, legacy = hasher.candidates(code)
+    rows = _invites_by_hash(conn, keyed, channel)
+    if not any(live(row) for row in rows):
+        rows += _invites_by_hash(conn, legacy, channel)
     if not rows:
         return None
-    best = max(rows, key=lambda row: (row[2] == "active" and row[3] > now, row[6]))
+    best = max(rows, key=lambda row: (live(row), row[6]))
     return _Candidate(*best[:6])
+
+
+def _invites_by_hash(conn: Conn, code_hash: str, channel: str) -> list[tuple[Any, ...]]:
+    return conn.execute(
+        "SELECT id, contact_id, status, expires_at, use_count, max_uses, created_at"
+        " FROM ingress_invites WHERE invite_code_hash = ? AND source_channel = ?",
+        (code_hash, channel),
+    )
 
 
 def _refusal(invite: _Candidate | None, channels: list[Channel], now: int) -> RouteError | None:
