@@ -32,8 +32,9 @@ T = TypeVar("T")
 log = logging.getLogger("assistant.db")
 
 READERS = 2
-# Readers share one queue: a small batch keeps one reader from taking the work of both.
-READER_BATCH = 4
+# A reader takes one query at a time: a query taken in a batch would wait for
+# a slow one ahead of it while the other reader sat idle.
+READER_BATCH = 1
 
 MIGRATIONS: tuple[str, ...] = (
     """

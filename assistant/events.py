@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import apsw
+
 from assistant.db import GuardedConn
+from assistant.proxy import translate
 from protocol.sqlite import now_ms
 
 
 def insert_event(conn: GuardedConn, event_id: str, kind: str, payload: str) -> bool:
     """Store the event; False when an event with this id was already stored."""
     before = conn.db.total_changes()
-    conn.execute(
-        "INSERT INTO events (id, kind, payload, received_at) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT (id) DO NOTHING",
-        (event_id, kind, payload, now_ms()),
-        cacheable=True,
-    )
+    try:
+        conn.execute(
+            "INSERT INTO events (id, kind, payload, received_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (id) DO NOTHING",
+            (event_id, kind, payload, now_ms()),
+            cacheable=True,
+        )
+    except apsw.Error as exc:
+        # A locked database is DB_BUSY (retryable), not an internal error the
+        # gateway would take for a refusal of the event itself.
+        raise translate(exc, conn, "EVENT_STORE_FAILED") from exc
     return conn.db.total_changes() != before

@@ -70,27 +70,20 @@ def mark_delivered(conn: Conn, through_seq: int) -> None:
     conn.execute("DELETE FROM outbox WHERE seq <= ?", (through_seq,))
 
 
-def mark_failed(conn: Conn, seq: int, error: str, permanent: bool) -> bool:
-    """Count a failed delivery; True when the event was set aside as undeliverable.
-
-    An event the assistant refuses outright (a non-retryable error) `DEAD_AFTER`
-    times moves to `outbox_dead`, kept for an operator, so that it does not
-    hold back every event behind it.
-    """
+def mark_failed(conn: Conn, seq: int, error: str, set_aside: bool) -> None:
+    """Count a failed delivery; with `set_aside`, move the event to `outbox_dead`."""
     with transaction(conn):
         conn.execute(
             "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?", (error, seq)
         )
-        attempts = conn.execute("SELECT attempts FROM outbox WHERE seq = ?", (seq,))
-        if not permanent or not attempts or attempts[0][0] < DEAD_AFTER:
-            return False
+        if not set_aside:
+            return
         conn.execute(
             "INSERT INTO outbox_dead SELECT seq, event_id, kind, payload, created_at, attempts,"
             " last_error, ? FROM outbox WHERE seq = ?",
             (now_ms(), seq),
         )
         conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-    return True
 
 
 def dead_count(conn: Conn) -> int:
@@ -122,6 +115,7 @@ class Delivery:
         self.pending = 0
         self.dead = 0
         self.last_error: str | None = None
+        self._refusals: dict[int, int] = {}
 
     def wake(self, pending: int) -> None:
         """A transaction that may have queued events committed; `pending` is the backlog now."""
@@ -166,6 +160,7 @@ class Delivery:
                     continue
                 delivered += 1
                 through = event.seq
+                self._refusals.pop(event.seq, None)
                 self.last_error = None
             return True
         finally:
@@ -174,12 +169,23 @@ class Delivery:
                 self.pending = max(0, self.pending - delivered)
 
     async def _failed(self, event: PendingEvent, exc: IpcError) -> bool:
-        """Record the failure; True when the event was set aside and delivery goes on."""
+        """Record the failure; True when the event was set aside and delivery goes on.
+
+        Only an outright refusal (a non-retryable error) counts towards setting
+        an event aside, and only `DEAD_AFTER` of them in a row: the assistant
+        being away or busy never does.
+        """
         self.last_error = str(exc)
-        permanent = isinstance(exc, IpcHandlerError) and not exc.retryable
-        failed = functools.partial(mark_failed, seq=event.seq, error=str(exc), permanent=permanent)
-        if not await self._db.run(failed):
+        refusals = 0
+        if isinstance(exc, IpcHandlerError) and not exc.retryable:
+            refusals = self._refusals.get(event.seq, 0) + 1
+        self._refusals[event.seq] = refusals
+        set_aside = refusals >= DEAD_AFTER
+        failed = functools.partial(mark_failed, seq=event.seq, error=str(exc), set_aside=set_aside)
+        await self._db.run(failed)
+        if not set_aside:
             return False
+        del self._refusals[event.seq]
         log.error("event %s (%s) set aside in outbox_dead: %s", event.event_id, event.kind, exc)
         self.dead += 1
         self.pending = max(0, self.pending - 1)

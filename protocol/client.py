@@ -254,7 +254,10 @@ class Client:
             try:
                 with anyio.fail_after(timeout or self.timeout):
                     await protocol.can_write.wait()
-            except TimeoutError as exc:
+            except BaseException as exc:
+                self._forget(list(awaiting), protocol)
+                if not isinstance(exc, TimeoutError):
+                    raise
                 raise IpcTransportError(
                     f"{self.path}: the peer stopped reading; the request may be partly sent",
                     sent=True,
@@ -313,10 +316,11 @@ class Client:
         if response.error is UNSET:
             log.warning("answer with unknown id %r ignored", response.id)
             return
-        # An error with no id answers a whole batch (empty, too large) or the
-        # connection itself (FORBIDDEN, too many connections, a bad frame):
-        # the oldest batch on this connection raises it, else every call on it.
-        ids = protocol.batches.pop(0) if protocol.batches else list(protocol.ids)
+        # An error with no id answers a whole batch (too large) or the connection
+        # itself (FORBIDDEN, too many connections, a bad frame). The server
+        # refuses a batch the moment it reads it, before answering any batch
+        # still running, so the newest batch is the likely one; else every call.
+        ids = protocol.batches.pop() if protocol.batches else list(protocol.ids)
         self._fail(ids, handler_error(response.error))
 
     def _fail(self, ids: list[int] | set[int], error: Exception) -> None:
@@ -341,7 +345,12 @@ def _expire(future: asyncio.Future[ClientResponse], method: str, limit: float) -
 
 
 def _params(params: object) -> object:
-    return UNSET if params is None else params
+    """Params as sent: omitted when None; only an object or an array is valid JSON-RPC."""
+    if params is None:
+        return UNSET
+    if isinstance(params, str | bytes | int | float | bool):
+        raise TypeError(f"params must be an object or an array, not {type(params).__name__}")
+    return params
 
 
 def _result_of(response: ClientResponse, result_type: Any) -> Any:

@@ -146,6 +146,8 @@ def decode_request(body: bytes | Raw) -> Request:
 
 
 def _with_id(error: RpcError, request_id: RequestId | UnsetType) -> RpcError:
+    # An invalid request is answered even without an id (JSON-RPC 2.0, section
+    # 5: the id is then null); only valid notifications go unanswered.
     if request_id is not UNSET:
         error.request_id = request_id
     return error

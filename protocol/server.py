@@ -226,6 +226,7 @@ class _Connection(asyncio.Protocol):
         self._stall_timer: asyncio.TimerHandle | None = None
         self._peer = "?"
         self._peer_done = False
+        self._batch_members = asyncio.Semaphore(server.limits.max_in_flight)
 
     # -- asyncio.Protocol callbacks ---------------------------------------
 
@@ -394,9 +395,9 @@ class _Connection(asyncio.Protocol):
             answers = [self._member_answer(raw) for raw in members]
             pending = [(i, a) for i, a in enumerate(answers) if asyncio.iscoroutine(a)]
             if pending:
-                # A batch is one call of the connection's max_in_flight, so its
-                # members get no more than that many handlers at once either.
-                limit = asyncio.Semaphore(self._limits.max_in_flight)
+                # A batch is one call of the connection's max_in_flight; its
+                # members share one bound per connection, however many batches.
+                limit = self._batch_members
 
                 async def bounded(coroutine: Coroutine[Any, Any, Response | None]) -> Any:
                     async with limit:
@@ -441,7 +442,9 @@ class _Connection(asyncio.Protocol):
             append_frame_of(message, self._out)
         except (TypeError, ValueError, OverflowError) as exc:
             self._server.log.error("could not encode an answer", exc_info=exc)
-            append_frame_of(error_response(None, InternalError("unencodable result")), self._out)
+            request_id = getattr(message, "id", None)
+            fallback = error_response(request_id, InternalError("unencodable result"))
+            append_frame_of(fallback, self._out)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)

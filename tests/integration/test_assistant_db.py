@@ -184,9 +184,11 @@ async def test_a_slow_query_times_out_while_health_answers_on_another_connection
             for _ in range(20):
                 assert (await other.call("health"))["status"] == "ok"
             order.append("health")
+            assert await rows(other, "SELECT count(*) AS n FROM t") == [{"n": 0}]
+            order.append("read")
             await sql(other, "INSERT INTO t (id) VALUES (1)")
             order.append("write")
-    assert order == ["health", "write", "timeout"]
+    assert order == ["health", "read", "write", "timeout"]
 
 
 async def test_a_transaction_step_that_times_out_applies_nothing(client: Client) -> None:

@@ -193,6 +193,10 @@ async def test_a_lock_held_by_another_process_is_db_busy_and_retryable(short_tmp
                     for _ in range(40):
                         task_group.start_soon(blocked_write)
             assert codes == ["DB_BUSY"] * 40
+            event = {"id": "e1", "kind": "contacts_changed", "payload": {}}
+            with pytest.raises(IpcHandlerError) as caught:
+                await client.call("emit_event", event)
+            assert (caught.value.code, caught.value.retryable) == ("DB_BUSY", True)
             locker.execute("ROLLBACK")
             locker.close()
             assert (await client.call("db_proxy", insert))["changes"] == 1
