@@ -82,7 +82,8 @@ class _Statement:
     def execute(self, mode: Mode, *, single: bool = True) -> apsw.Cursor:
         self.conn.guard.begin(mode)
         cursor = self.conn.db.cursor()
-        cursor.exec_trace = self._check_single if single else self._check_script
+        # A script runs as written (the authorizer still checks each statement).
+        cursor.exec_trace = self._check_single if single else None
         try:
             cursor.execute(self.sql, self.bind)
         except KeyError as exc:
@@ -102,9 +103,6 @@ class _Statement:
         self._check_bind(cursor)
         description = cursor.description
         self.columns = [column[0] for column in description] if description else []
-        return True
-
-    def _check_script(self, cursor: apsw.Cursor, _statement: str, _bindings: object) -> bool:
         return True
 
     def _check_bind(self, cursor: apsw.Cursor) -> None:

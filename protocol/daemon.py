@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -47,7 +47,6 @@ class DaemonConfig:
     socket_mode: int
     socket_group: str | None
     synchronous: str = "full"
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class App(Protocol):

@@ -123,13 +123,6 @@ class Router:
             decoder=msgspec.json.Decoder(params_type),
         )
 
-    def route(self, name: str, *, inline: bool = False) -> Callable[[Handler], Handler]:
-        def register(handler: Handler) -> Handler:
-            self.add(name, handler, inline=inline)
-            return handler
-
-        return register
-
     def lookup(self, name: str) -> Method:
         method = self._methods.get(name)
         if method is None:

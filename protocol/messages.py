@@ -81,14 +81,9 @@ def success_response(request_id: RequestId, result: Any) -> SuccessResponse:
 
 
 def encode_frame_of(message: object) -> bytes:
-    """Encode `message` as JSON straight into a frame (no second copy for the header).
-
-    Returned as bytes: uvloop writes bytes without a copy, and a bytearray
-    handed over instead measured slower (health, 64 in flight: 39k against 47k/s).
-    """
-    buffer = bytearray(HEADER.size)
-    _encoder.encode_into(message, buffer, HEADER.size)
-    HEADER.pack_into(buffer, 0, len(buffer) - HEADER.size)
+    """One frame holding `message` as JSON, as bytes (uvloop writes bytes without a copy)."""
+    buffer = bytearray()
+    append_frame_of(message, buffer)
     return bytes(buffer)
 
 
