@@ -106,6 +106,34 @@ async def test_a_call_past_its_timeout_is_a_transport_error_sent(demo_socket: st
         assert (await client.call("echo", {"value": 3}))["value"] == 3
 
 
+async def test_each_pending_call_expires_at_its_own_timeout(demo_socket: str) -> None:
+    async with Client(demo_socket) as client:
+        outcomes: dict[int, float | str] = {}
+
+        async def expiry(index: int, seconds: float, timeout: float) -> None:
+            started = time.monotonic()
+            try:
+                await client.call("sleep", {"seconds": seconds}, timeout=timeout)
+            except IpcTransportError as exc:
+                outcomes[index] = time.monotonic() - started if exc.sent else "unsent"
+            else:
+                outcomes[index] = "answered"
+
+        # A long timeout first, then shorter ones: each still ends at its own.
+        async with anyio.create_task_group() as group:
+            for index, (seconds, timeout) in enumerate(
+                [(0.8, 5.0), (3.0, 0.6), (3.0, 0.2), (0.1, 5.0)]
+            ):
+                group.start_soon(expiry, index, seconds, timeout)
+        assert outcomes[0] == "answered"
+        assert outcomes[3] == "answered"
+        assert isinstance(outcomes[1], float)
+        assert 0.55 <= outcomes[1] < 2.5
+        assert isinstance(outcomes[2], float)
+        assert 0.15 <= outcomes[2] < 0.55
+        assert (await client.call("echo", {"value": 3}))["value"] == 3
+
+
 async def test_batches_and_notifications_through_the_client(demo_socket: str) -> None:
     async with Client(demo_socket) as client:
         await client.notify("echo", {"value": 1})
