@@ -19,7 +19,7 @@ from protocol.errors import EX_CANTCREAT, DbOpenError, RouteError
 from protocol.sqlite import (
     BUSY_TIMEOUT_MS,
     Conn,
-    QueuedPastDeadline,
+    Job,
     Worker,
     connect,
     make_state_dir,
@@ -151,8 +151,10 @@ class Database:
         except apsw.Error as exc:
             writer.db.close()
             raise DbOpenError(f"cannot migrate database {self.path}: {exc}", EX_CANTCREAT) from exc
-        self.writer = Worker("db-writer", [writer], group_commit=True)
-        self.readers = Worker("db-reader", readers, batch_max=READER_BATCH)
+        self.writer = Worker("db-writer", [writer], group_commit=True, late_error=timeout_error)
+        self.readers = Worker(
+            "db-reader", readers, batch_max=READER_BATCH, late_error=timeout_error
+        )
 
     def close(self) -> None:
         """Stop the threads and close the connections (blocking; call off the loop)."""
@@ -161,17 +163,14 @@ class Database:
                 worker.stop()
         self.readers = self.writer = None
 
+    def submit_write(self, job: Callable[[GuardedConn], T], deadline: float = 0.0) -> Job[T]:
+        assert self.writer is not None, "database is not open"
+        return self.writer.submit(job, deadline)
+
+    def submit_read(self, job: Callable[[GuardedConn], T], deadline: float = 0.0) -> Job[T]:
+        assert self.readers is not None, "database is not open"
+        return self.readers.submit(job, deadline)
+
     async def write(self, job: Callable[[GuardedConn], T], deadline: float = 0.0) -> T:
         assert self.writer is not None, "database is not open"
-        return await _run(self.writer, job, deadline)
-
-    async def read(self, job: Callable[[GuardedConn], T], deadline: float = 0.0) -> T:
-        assert self.readers is not None, "database is not open"
-        return await _run(self.readers, job, deadline)
-
-
-async def _run(worker: Worker[GuardedConn], job: Callable[[GuardedConn], T], deadline: float) -> T:
-    try:
-        return await worker.run(job, deadline)
-    except QueuedPastDeadline as exc:
-        raise timeout_error() from exc
+        return await self.writer.run(job, deadline)

@@ -6,6 +6,7 @@ Every function here runs on a database thread with the connection it owns
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any
 
@@ -93,14 +94,16 @@ class _Statement:
         return cursor
 
     def _check_single(self, cursor: apsw.Cursor, statement: str, _bindings: object) -> bool:
-        start = self.sql.find(statement)
-        rest = self.sql[start + len(statement) :] if start >= 0 else ""
-        if _COMMENTS.sub("", rest).strip(" \t\r\n;"):
-            raise InvalidParams(
-                "sql must be exactly one statement (use mode=exec for a script)",
-                path=f"{self.path}.sql",
-            )
-        self._check_bind(cursor)
+        if statement != self.sql:
+            start = self.sql.find(statement)
+            rest = self.sql[start + len(statement) :] if start >= 0 else ""
+            if _COMMENTS.sub("", rest).strip(" \t\r\n;"):
+                raise InvalidParams(
+                    "sql must be exactly one statement (use mode=exec for a script)",
+                    path=f"{self.path}.sql",
+                )
+        if type(self.bind) is dict:
+            self._check_bind(cursor)
         description = cursor.description
         self.columns = [column[0] for column in description] if description else []
         return True
@@ -122,14 +125,15 @@ class _Statement:
         """All rows as objects, keeping at most `max_rows`; the statement always runs to the end."""
         columns = self.columns
         rows: list[dict[str, Any]] = []
-        truncated = False
-        for row in cursor:
-            if len(rows) < max_rows:
-                rows.append(
-                    {name: to_wire(value) for name, value in zip(columns, row, strict=True)}
-                )
+        append = rows.append
+        for row in itertools.islice(cursor, max_rows):
+            if bytes in map(type, row):
+                append({name: to_wire(value) for name, value in zip(columns, row, strict=True)})
             else:
-                truncated = True
+                append(dict(zip(columns, row, strict=True)))
+        truncated = False
+        for _ in cursor:
+            truncated = True
         return rows, truncated
 
 

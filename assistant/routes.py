@@ -15,7 +15,7 @@ from assistant.db import Database
 from assistant.events import insert_event
 from assistant.proxy import ExecResult, QueryResult, RunResult, Step, TransactionResult
 from protocol import __version__
-from protocol.dispatch import NoParams, Router
+from protocol.dispatch import Deferred, NoParams, Router
 from protocol.errors import InvalidParams
 from protocol.health import DbInfo, Health, uptime_ms
 from protocol.values import WireBind, bind_from_wire
@@ -91,7 +91,7 @@ class AssistantRoutes:
             db=DbInfo(self.db.path, self.db.schema_version),
         )
 
-    async def db_proxy(self, params: DbProxyParams) -> QueryResult | RunResult | ExecResult:
+    def db_proxy(self, params: DbProxyParams) -> Deferred[QueryResult | RunResult | ExecResult]:
         """One statement (`query` from a reader, `run` in its own write transaction) or a script
         (`exec`, all or nothing), under the statement policy."""
         _check_bind_size(params.bind, "$.bind")
@@ -100,17 +100,15 @@ class AssistantRoutes:
         sql, max_rows = params.sql, params.max_rows
         if params.mode == "query":
             query = functools.partial(proxy.query, sql=sql, bind=bind, max_rows=max_rows)
-            return await self.db.read(query, deadline)
+            return self.db.submit_read(query, deadline)
         if params.mode == "run":
             run = functools.partial(proxy.run, sql=sql, bind=bind, max_rows=max_rows)
-            return await self.db.write(run, deadline)
+            return self.db.submit_write(run, deadline)
         if params.bind is not None:
             raise InvalidParams("exec takes no bind; use mode=run", path="$.bind")
-        return await self.db.write(
-            functools.partial(proxy.execute_script, sql=params.sql), deadline
-        )
+        return self.db.submit_write(functools.partial(proxy.execute_script, sql=sql), deadline)
 
-    async def db_proxy_transaction(self, params: TransactionParams) -> TransactionResult:
+    def db_proxy_transaction(self, params: TransactionParams) -> Deferred[TransactionResult]:
         """Several statements in one BEGIN IMMEDIATE: all applied or none.
 
         An unmet `requireChanges` rolls back and answers `ok: false`; an
@@ -131,7 +129,7 @@ class AssistantRoutes:
             idempotency_key=params.idempotency_key,
             max_rows=params.max_rows,
         )
-        return await self.db.write(job, time.monotonic() + params.timeout_ms / 1000)
+        return self.db.submit_write(job, time.monotonic() + params.timeout_ms / 1000)
 
     async def emit_event(self, params: EmitEventParams) -> EmitEventResult:
         """Store an event once per id; a repeated id is accepted and reported as a duplicate."""

@@ -41,7 +41,7 @@ from protocol.messages import (
 if TYPE_CHECKING:
     from msgspec import Raw
 
-    from protocol.dispatch import Method
+    from protocol.dispatch import Deferred, Method
     from protocol.server import Server
 
 _UCRED = struct.Struct("3i")
@@ -170,6 +170,8 @@ class Connection(asyncio.Protocol):
             if started:
                 self._log_call(request, response, started)
             self._answer(request, response)
+        elif method.deferred and not self._server.debug:
+            self._start_deferred(request, method, params)
         else:
             self._begin_call()
             self._server.spawn(self._run(request, method, params))
@@ -180,6 +182,23 @@ class Connection(asyncio.Protocol):
         except Exception as exc:
             return self._error_of(request, exc)
         return success_response(request.id, result)  # type: ignore[arg-type]
+
+    def _start_deferred(self, request: Request, method: Method, params: Any) -> None:
+        try:
+            deferred = cast("Deferred[Any]", method.handler(params))
+        except Exception as exc:
+            self._answer(request, self._error_of(request, exc))
+            return
+        self._begin_call()
+        deferred.then(self._deferred_done, request)
+
+    def _deferred_done(self, request: Request, ok: bool, value: Any) -> None:
+        self._end_call()
+        if ok:
+            self._answer(request, success_response(request.id, value))  # type: ignore[arg-type]
+        else:
+            error = value if isinstance(value, Exception) else RuntimeError(repr(value))
+            self._answer(request, self._error_of(request, error))
 
     async def _run(self, request: Request, method: Method, params: Any) -> None:
         started = time.perf_counter() if self._server.debug else 0.0

@@ -13,12 +13,25 @@ import types
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 from msgspec import Raw, Struct
 
 from protocol.errors import InvalidParams, MethodNotFound, ParseError
+
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Deferred(Protocol[T_co]):
+    """A result that arrives later, through a callback run on the loop (`protocol.sqlite.Job`).
+
+    A handler returning one hands its work to a thread without a task: the
+    connection answers from the callback.
+    """
+
+    def then(self, on_done: Callable[[Any, bool, Any], None], context: Any) -> None: ...
+
 
 Handler = Callable[[Any], Awaitable[Any]] | Callable[[Any], Any]
 
@@ -42,7 +55,9 @@ class Method:
 
     Coroutine handlers run in a task of the server's task group; plain
     functions run in a worker thread, unless registered `inline`: those never
-    block and are called on the loop, with no task at all.
+    block and are called on the loop, with no task at all. A plain function
+    returning `Deferred[T]` is called on the loop too and answered when its
+    result arrives, again with no task.
     """
 
     name: str
@@ -51,6 +66,7 @@ class Method:
     result_type: Any
     inline: bool
     is_async: bool
+    deferred: bool
     summary: str
     decoder: msgspec.json.Decoder[Any]
 
@@ -112,13 +128,20 @@ class Router:
         is_async = inspect.iscoroutinefunction(handler)
         if inline and is_async:
             raise TypeError(f"{name}: an inline handler is a plain function")
+        result_type = hints.get("return", Any)
+        deferred = typing.get_origin(result_type) is Deferred
+        if deferred:
+            if is_async or inline:
+                raise TypeError(f"{name}: a Deferred handler is a plain function, not inline")
+            (result_type,) = typing.get_args(result_type)
         self._methods[name] = Method(
             name=name,
             handler=handler,
             params_type=params_type,
-            result_type=hints.get("return", Any),
+            result_type=result_type,
             inline=inline,
             is_async=is_async,
+            deferred=deferred,
             summary=inspect.getdoc(handler) or "",
             decoder=msgspec.json.Decoder(params_type),
         )

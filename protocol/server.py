@@ -23,14 +23,14 @@ import logging
 import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from protocol.connection import Connection
-from protocol.dispatch import Method, Router
+from protocol.dispatch import Deferred, Method, Router
 from protocol.errors import (
     InternalError,
     RpcError,
@@ -38,6 +38,7 @@ from protocol.errors import (
 )
 from protocol.framing import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_FRAME_BYTES
 from protocol.messages import Request
+from protocol.sqlite import settle_future
 
 _CLOSE_WAIT = 1.0
 
@@ -183,4 +184,8 @@ class Server:
             return await method.handler(params)
         if method.inline:
             return method.handler(params)
+        if method.deferred:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            cast("Deferred[Any]", method.handler(params)).then(settle_future, future)
+            return await future
         return await anyio.to_thread.run_sync(method.handler, params)

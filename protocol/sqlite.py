@@ -19,6 +19,7 @@ never hit the next job the way an interrupt sent from the loop thread can.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import secrets
@@ -34,8 +35,15 @@ from protocol.errors import EX_CANTCREAT, EX_DATAERR, DbOpenError
 
 T = TypeVar("T")
 
+log = logging.getLogger("protocol.sqlite")
+
 BUSY_TIMEOUT_MS = 5000
 PROGRESS_STEPS = 1000
+# A thread hands results back in one wake-up of the loop when jobs queued up
+# behind each other: at most HOLD_MAX of them, and none held longer than a
+# running job's HOLD_LIMIT seconds (checked by the progress handler).
+HOLD_MAX = 16
+HOLD_LIMIT = 0.001
 STATEMENT_CACHE_SIZE = 256
 # FULL: an acknowledged write survives power loss. NORMAL (WAL): it survives a
 # crash of the process but the last commits may be lost on power loss.
@@ -48,11 +56,20 @@ class QueuedPastDeadline(Exception):
 
 @dataclass(slots=True)
 class Deadline:
-    """The running job's deadline (monotonic seconds; 0 = none), read by the progress handler."""
+    """The running job's deadline (monotonic seconds; 0 = none), read by the progress handler.
+
+    The progress handler also hands back results the thread is holding for a
+    batched wake-up once the running job has taken longer than `HOLD_LIMIT`:
+    quick calls finished earlier never wait out a slow one.
+    """
 
     at: float = 0.0
+    started: float = 0.0
+    release_held: Callable[[], None] | None = None
 
     def expired(self) -> bool:
+        if self.release_held is not None and time.monotonic() - self.started > HOLD_LIMIT:
+            self.release_held()
         return bool(self.at) and time.monotonic() >= self.at
 
 
@@ -208,6 +225,32 @@ def make_state_dir(path: str) -> None:
 
 GROUP_MAX = 64
 
+OnDone = Callable[[Any, bool, Any], None]
+
+
+class Job(Generic[T]):
+    """A job queued for a connection thread. Its outcome goes to `then`'s callback on the
+    loop: `on_done(context, True, result)` or `on_done(context, False, exception)`.
+
+    `then` must be called right after `Worker.submit`, before the loop runs
+    anything else: the outcome is delivered by a loop callback, never earlier.
+    """
+
+    __slots__ = ("context", "deadline", "fn", "loop", "on_done")
+
+    def __init__(
+        self, fn: Callable[[Any], T], deadline: float, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.fn = fn
+        self.deadline = deadline
+        self.loop = loop
+        self.on_done: OnDone | None = None
+        self.context: Any = None
+
+    def then(self, on_done: OnDone, context: Any) -> None:
+        self.on_done = on_done
+        self.context = context
+
 
 class Worker(Generic[C]):
     """Threads that each own one connection and run jobs from a shared queue, in order.
@@ -219,6 +262,13 @@ class Worker(Generic[C]):
     calls. No result is handed back before that commit. If the group's
     transaction is lost under a job (an interrupt or I/O error rolls all of
     it back), nothing of it was committed and the other jobs run again alone.
+
+    A thread taking one job at a time (`batch_max=1`, the readers, so no
+    query waits behind a slow one while another reader is free) holds its
+    results while more jobs wait in the queue, up to `HOLD_MAX` and
+    `HOLD_LIMIT` (see `Deadline`), and hands them back together.
+
+    A job whose deadline passed while it waited fails with `late_error()`.
     """
 
     def __init__(
@@ -228,11 +278,13 @@ class Worker(Generic[C]):
         *,
         group_commit: bool = False,
         batch_max: int = GROUP_MAX,
+        late_error: Callable[[], BaseException] | None = None,
     ) -> None:
         self.name = name
         self.group_commit = group_commit
         self.batch_max = batch_max
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.late_error = late_error or _queued_past_deadline
+        self._queue: queue.SimpleQueue[Job[Any] | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._serve, args=(conn,), name=f"{name}-{i}", daemon=True)
             for i, conn in enumerate(connections)
@@ -240,65 +292,83 @@ class Worker(Generic[C]):
         for thread in self._threads:
             thread.start()
 
-    async def run(self, job: Callable[[C], T], deadline: float = 0.0) -> T:
-        """`job(conn)` on one of the threads: its result or its exception.
+    def submit(self, fn: Callable[[C], T], deadline: float = 0.0) -> Job[T]:
+        """Queue `fn(conn)` for one of the threads; call `then` on the job at once."""
+        job: Job[T] = Job(fn, deadline, asyncio.get_running_loop())
+        self._queue.put(job)
+        return job
+
+    async def run(self, fn: Callable[[C], T], deadline: float = 0.0) -> T:
+        """`fn(conn)` on one of the threads: its result or its exception.
 
         Cancelling the caller does not stop a job that has started; its
         deadline does.
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((job, deadline, future, loop))
+        job = self.submit(fn, deadline)
+        future: asyncio.Future[T] = job.loop.create_future()
+        job.then(settle_future, future)
         return await future
 
     def _serve(self, conn: C) -> None:
+        held: list[tuple[Job[Any], tuple[bool, Any]]] = []
+
+        def release_held() -> None:
+            if held:
+                held[0][0].loop.call_soon_threadsafe(_settle_all, held.copy())
+                held.clear()
+
+        conn.deadline.release_held = release_held
         stop = False
         while not stop:
-            items, stop = self._take()
+            if held and self._queue.empty():
+                release_held()
+            jobs, stop = self._take()
             try:
-                if self.group_commit and len(items) > 1:
-                    outcomes = self._run_group(conn, items)
+                if self.group_commit and len(jobs) > 1:
+                    outcomes = self._run_group(conn, jobs)
                 else:
-                    outcomes = [self._run_one(conn, item) for item in items]
+                    outcomes = [self._run_one(conn, job) for job in jobs]
             except BaseException as exc:
                 # A failure outside the jobs (the group's ROLLBACK itself failing):
                 # their callers get it, and the thread keeps serving the queue.
-                outcomes = [(False, exc)] * len(items)
-            if items:
-                futures = [item[2] for item in items]
-                settled = list(zip(futures, outcomes, strict=True))
-                items[0][3].call_soon_threadsafe(_settle_all, settled)
+                outcomes = [(False, exc)] * len(jobs)
+            held.extend(zip(jobs, outcomes, strict=True))
+            if self.batch_max > 1 or len(held) >= HOLD_MAX:
+                release_held()
+        release_held()
         conn.db.close()
 
-    def _take(self) -> tuple[list[Any], bool]:
+    def _take(self) -> tuple[list[Job[Any]], bool]:
         """The next job and those queued behind it; True once the stop sentinel came."""
         first = self._queue.get()
         if first is None:
             return [], True
-        items = [first]
-        while len(items) < self.batch_max:
+        jobs = [first]
+        while len(jobs) < self.batch_max:
             try:
-                item = self._queue.get_nowait()
+                job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is None:
-                return items, True
-            items.append(item)
-        return items, False
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+        return jobs, False
 
-    def _run_one(self, conn: C, item: Any) -> tuple[bool, Any]:
-        job, deadline = item[0], item[1]
-        conn.deadline.at = deadline
+    def _run_one(self, conn: C, job: Job[Any]) -> tuple[bool, Any]:
+        deadline = job.deadline
+        watch = conn.deadline
+        watch.at = deadline
+        watch.started = time.monotonic()
         try:
-            if deadline and time.monotonic() >= deadline:
-                raise QueuedPastDeadline("the call's deadline passed before it could start")
-            return True, job(conn)
+            if deadline and watch.started >= deadline:
+                return False, self.late_error()
+            return True, job.fn(conn)
         except BaseException as exc:  # the job's failure belongs to its caller
             return False, exc
         finally:
-            conn.deadline.at = 0.0
+            watch.at = 0.0
 
-    def _run_group(self, conn: C, items: list[Any]) -> list[tuple[bool, Any]]:
+    def _run_group(self, conn: C, items: list[Job[Any]]) -> list[tuple[bool, Any]]:
         try:
             conn.execute(BEGIN, cacheable=True)
         except apsw.BusyError:
@@ -330,7 +400,7 @@ class Worker(Generic[C]):
             conn.grouped = False
 
     def _redo(
-        self, conn: C, items: list[Any], outcomes: list[tuple[bool, Any]], lost_at: int
+        self, conn: C, items: list[Job[Any]], outcomes: list[tuple[bool, Any]], lost_at: int
     ) -> list[tuple[bool, Any]]:
         """The group's transaction vanished during job `lost_at`: run the others alone."""
         ok, _ = outcomes[lost_at]
@@ -348,11 +418,27 @@ class Worker(Generic[C]):
             thread.join()
 
 
-def _settle_all(settled: list[tuple[asyncio.Future[Any], tuple[bool, Any]]]) -> None:
-    for future, (ok, value) in settled:
-        if future.done():
+def _queued_past_deadline() -> QueuedPastDeadline:
+    return QueuedPastDeadline("the call's deadline passed before it could start")
+
+
+def settle_future(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    """A `Job` callback that settles an awaited future (unless its caller gave up)."""
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+def _settle_all(settled: list[tuple[Job[Any], tuple[bool, Any]]]) -> None:
+    for job, (ok, value) in settled:
+        if job.on_done is None:
+            log.error("a database job finished with nobody waiting for it")
             continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
+        try:
+            job.on_done(job.context, ok, value)
+        except Exception:
+            # One caller's broken callback must not strand the others' results.
+            log.exception("a database job's callback failed")
