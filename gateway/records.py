@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import uuid
+import os
+import time
 from typing import Any
 
 from msgspec import Struct
@@ -84,4 +85,10 @@ def invite_of(row: tuple[Any, ...], now: int) -> Invite:
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+    """`prefix_` and 32 hex digits: milliseconds since the epoch (12), then 80 random bits.
+
+    Time first (as in UUIDv7), so each new row lands at the right edge of its
+    primary-key index: random ids dirtied one more index page per insert, and
+    a group commit wrote about 250 pages to the WAL for 25 redemptions.
+    """
+    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"

@@ -174,7 +174,11 @@ def connect(
     db.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
     db.config(apsw.SQLITE_DBCONFIG_DQS_DML, 0)
     db.config(apsw.SQLITE_DBCONFIG_DQS_DDL, 0)
-    pragmas = [f"synchronous = {SYNCHRONOUS[synchronous.upper()]}", "foreign_keys = ON"]
+    pragmas = [
+        f"synchronous = {SYNCHRONOUS[synchronous.upper()]}",
+        "foreign_keys = ON",
+        "temp_store = MEMORY",
+    ]
     if not readonly:
         pragmas.insert(0, "journal_mode = WAL")
     for pragma in pragmas:
