@@ -84,6 +84,9 @@ class Server:
 
     def shutdown(self) -> None:
         """Begin the drain: stop accepting, refuse new calls, let in-flight ones finish."""
+        # Refuse from now on, not from when serve() next runs: a call read in
+        # between would start after STOPPING=1 was announced.
+        self.draining = True
         self._stop.set()
 
     async def serve(
