@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint types unit run bench soak clean
+.PHONY: test lint types unit run bench bench-rss soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ soak: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Each daemon's RSS at idle and over 60 s of mixed load (about 70 s).
+bench-rss: $(STAMP)
+	$(BIN)/python -m bench.rss
 
 clean:
 	rm -rf $(VENV) .pair .pytest_cache .mypy_cache .ruff_cache

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import apsw
+from msgspec import Struct
 
 from assistant.db import GuardedConn
 from assistant.proxy import translate
 from protocol.sqlite import now_ms
 
 
-def insert_event(conn: GuardedConn, event_id: str, kind: str, payload: str) -> bool:
-    """Store the event; False when an event with this id was already stored."""
+class EmitEventResult(Struct):
+    accepted: bool
+    duplicate: bool
+
+
+def insert_event(conn: GuardedConn, event_id: str, kind: str, payload: str) -> EmitEventResult:
+    """Store the event; a duplicate when an event with this id was already stored."""
     before = conn.db.total_changes()
     try:
         conn.execute(
@@ -23,4 +29,4 @@ def insert_event(conn: GuardedConn, event_id: str, kind: str, payload: str) -> b
         # A locked database is DB_BUSY (retryable), not an internal error the
         # gateway would take for a refusal of the event itself.
         raise translate(exc, conn, "EVENT_STORE_FAILED") from exc
-    return conn.db.total_changes() != before
+    return EmitEventResult(accepted=True, duplicate=conn.db.total_changes() == before)

@@ -12,7 +12,7 @@ from msgspec import Meta, Struct
 
 from assistant import proxy
 from assistant.db import Database
-from assistant.events import insert_event
+from assistant.events import EmitEventResult, insert_event
 from assistant.proxy import ExecResult, QueryResult, RunResult, Step, TransactionResult
 from protocol import __version__
 from protocol.dispatch import Deferred, NoParams, Router
@@ -61,11 +61,6 @@ class EmitEventParams(Struct, forbid_unknown_fields=True):
     id: Key
     kind: Literal["invite_redeemed", "contacts_changed"]
     payload: dict[str, Any]
-
-
-class EmitEventResult(Struct):
-    accepted: bool
-    duplicate: bool
 
 
 class AssistantRoutes:
@@ -131,12 +126,11 @@ class AssistantRoutes:
         )
         return self.db.submit_write(job, time.monotonic() + params.timeout_ms / 1000)
 
-    async def emit_event(self, params: EmitEventParams) -> EmitEventResult:
+    def emit_event(self, params: EmitEventParams) -> Deferred[EmitEventResult]:
         """Store an event once per id; a repeated id is accepted and reported as a duplicate."""
         payload = msgspec.json.encode(params.payload).decode()
         job = functools.partial(insert_event, event_id=params.id, kind=params.kind, payload=payload)
-        inserted = await self.db.write(job)
-        return EmitEventResult(accepted=True, duplicate=not inserted)
+        return self.db.submit_write(job)
 
 
 def _check_bind_size(bind: Bind, path: str) -> None:
