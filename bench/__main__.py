@@ -2,8 +2,10 @@
 
 Each case runs sequentially (one call at a time: p50/p99 latency) and with 64
 calls in flight on one connection (calls/s, and the server's CPU per call),
-after a warm-up, several times; medians are reported, with the ratio to the
-floor of the same run. Results go to bench/results/<date>.json.
+after a warm-up, several times; medians are reported. Each run of a case is
+paired with a run of the floor just before it, and the case's ratios (calls/s,
+p50, server CPU per call) are the medians of the pairs' ratios. Results go to
+bench/results/<date>.json.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ class CaseResult:
     server_cpu_us_per_call: float | None
     ratio_seq_p50: float | None = None
     ratio_par: float | None = None
+    floor_seq_p50_us: float | None = None
+    floor_par_calls_per_s: float | None = None
+    floor_cpu_us_per_call: float | None = None
+    ratio_cpu: float | None = None
     note: str = ""
 
 
@@ -121,6 +127,14 @@ async def concurrent(call: Call, seconds: float) -> tuple[float, int]:
     return done / (time.perf_counter() - started), done
 
 
+@dataclass
+class Floor:
+    """The bare floor, measured beside each case: `call` on it and its server process."""
+
+    call: Call
+    daemon: Daemon
+
+
 async def measure(
     name: str,
     target: str,
@@ -128,34 +142,71 @@ async def measure(
     daemon: Daemon | None,
     args: argparse.Namespace,
     note: str = "",
+    floor: Floor | None = None,
 ) -> CaseResult:
+    """Median of `args.repeat` runs; with `floor`, each run is paired with a floor run just
+    before it, and the ratios are the medians of the pairs' ratios.
+
+    Pairing matters here: this VM's speed drifts by up to 1.5x within a run,
+    so a floor measured once at the start would not be the floor of a case
+    measured a minute later.
+    """
     for _ in range(args.warmup):
         await call()
     seq_runs, par_runs, cpu_runs = [], [], []
+    floor_seq, floor_par, floor_cpu = [], [], []
     for _ in range(args.repeat):
+        if floor is not None:
+            floor_seq.append(await sequential(floor.call, args.calls))
+            rate, cpu = await concurrent_with_cpu(floor.call, args.seconds, floor.daemon)
+            floor_par.append(rate)
+            floor_cpu.append(cpu)
         seq_runs.append(await sequential(call, args.calls))
-        cpu_before = daemon.cpu_seconds() if daemon else 0.0
-        rate, done = await concurrent(call, args.seconds)
-        if daemon:
-            cpu_runs.append((daemon.cpu_seconds() - cpu_before) / done * 1e6)
+        rate, cpu = await concurrent_with_cpu(call, args.seconds, daemon)
         par_runs.append(rate)
-    seq_rate = statistics.median(run[0] for run in seq_runs)
+        if cpu is not None:
+            cpu_runs.append(cpu)
     result = CaseResult(
         name=name,
         target=target,
-        seq_calls_per_s=round(seq_rate),
+        seq_calls_per_s=round(statistics.median(run[0] for run in seq_runs)),
         seq_p50_us=round(statistics.median(run[1] for run in seq_runs), 1),
         seq_p99_us=round(statistics.median(run[2] for run in seq_runs), 1),
         par_calls_per_s=round(statistics.median(par_runs)),
         server_cpu_us_per_call=round(statistics.median(cpu_runs), 1) if cpu_runs else None,
         note=note,
     )
+    if floor is not None:
+        result.floor_seq_p50_us = round(statistics.median(run[1] for run in floor_seq), 1)
+        result.floor_par_calls_per_s = round(statistics.median(floor_par))
+        result.ratio_seq_p50 = _median_ratio([r[1] for r in seq_runs], [f[1] for f in floor_seq])
+        result.ratio_par = _median_ratio(par_runs, floor_par)
+        cpus = [c for c in floor_cpu if c is not None]
+        if cpus and len(cpus) == len(cpu_runs):
+            result.floor_cpu_us_per_call = round(statistics.median(cpus), 1)
+            result.ratio_cpu = _median_ratio(cpu_runs, cpus)
     print(
         f"  {name:<34} seq p50 {result.seq_p50_us:7.1f} us"
-        f"   64 in flight {result.par_calls_per_s:9,.0f}/s",
+        f"   64 in flight {result.par_calls_per_s:9,.0f}/s"
+        + (f"  ({result.ratio_par:g}x its floor)" if result.ratio_par is not None else ""),
         flush=True,
     )
     return result
+
+
+async def concurrent_with_cpu(
+    call: Call, seconds: float, daemon: Daemon | None
+) -> tuple[float, float | None]:
+    """Calls/s with IN_FLIGHT in flight, and the server's CPU per call (us) when known."""
+    cpu_before = daemon.cpu_seconds() if daemon else 0.0
+    rate, done = await concurrent(call, seconds)
+    if daemon is None:
+        return rate, None
+    return rate, (daemon.cpu_seconds() - cpu_before) / done * 1e6
+
+
+def _median_ratio(values: list[float], floors: list[float]) -> float:
+    return round(statistics.median(v / f for v, f in zip(values, floors, strict=True)), 2)
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> Report:
@@ -203,32 +254,23 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
     await floor_client.connect()
     small = {"value": 1}
     payload_4k = {"text": "x" * 4096}
-    print("cases (median of runs):", flush=True)
-    floor_ping = await measure(
-        "floor: echo", "floor", lambda: floor_client.call("echo", small), floor, args
-    )
-    floor_4k = await measure(
-        "floor: echo 4 KiB", "floor", lambda: floor_client.call("echo", payload_4k), floor, args
-    )
-    report.cases += [floor_ping, floor_4k]
+    print("cases (median of runs; each run paired with a floor run):", flush=True)
+    ping = Floor(lambda: floor_client.call("echo", small), floor)
+    ping_4k = Floor(lambda: floor_client.call("echo", payload_4k), floor)
+    report.cases.append(await measure("floor: echo", "floor", ping.call, floor, args))
+    report.cases.append(await measure("floor: echo 4 KiB", "floor", ping_4k.call, floor, args))
     async with Client(str(workdir / "demo.sock")) as demo_client:
-        cases: list[tuple[str, Call, CaseResult | None, str]] = [
-            ("protocol: echo (inline)", lambda: demo_client.call("echo", small), floor_ping, ""),
-            (
-                "protocol: echo (task)",
-                lambda: demo_client.call("echo_async", small),
-                floor_ping,
-                "",
-            ),
+        demo_cases: list[tuple[str, Call]] = [
+            ("protocol: echo (inline)", lambda: demo_client.call("echo", small)),
+            ("protocol: echo (task)", lambda: demo_client.call("echo_async", small)),
         ]
-        for name, call, floor_case, note in cases:
-            result = await measure(name, "demo", call, demo, args, note)
-            report.cases.append(with_ratio(result, floor_case))
+        for name, call in demo_cases:
+            report.cases.append(await measure(name, "demo", call, demo, args, floor=ping))
     async with Client(str(workdir / "assistant.sock")) as client:
         await prepare_assistant(client)
-        for name, call, floor_case, note in assistant_cases(client, floor_ping, floor_4k):
-            result = await measure(name, "assistant", call, assistant, args, note)
-            report.cases.append(with_ratio(result, floor_case))
+        for name, call, paired, note in assistant_cases(client, ping, ping_4k):
+            result = await measure(name, "assistant", call, assistant, args, note, paired)
+            report.cases.append(result)
     async with Client(str(workdir / "normal" / "assistant.sock")) as client:
         await prepare_assistant(client)
         steps = [{"sql": "INSERT INTO log (v) VALUES (?)", "bind": [f"s{i}"]} for i in range(5)]
@@ -239,29 +281,15 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
             normal,
             args,
             "synchronous=NORMAL",
+            ping,
         )
-        report.cases.append(with_ratio(result, floor_ping))
+        report.cases.append(result)
     async with Client(str(workdir / "gateway.sock")) as client:
         redeem = await redeem_case(client, args)
-        result = await measure("invites_redeem (fresh invites)", "gateway", redeem, gateway, args)
-        report.cases.append(with_ratio(result, floor_ping))
-    # The floor again at the end: this VM's speed drifts during a run, and a
-    # ratio against a floor caught in a slow moment would flatter us.
-    floor_ping_end = await measure(
-        "floor: echo (end)", "floor", lambda: floor_client.call("echo", small), floor, args
-    )
-    floor_4k_end = await measure(
-        "floor: echo 4 KiB (end)",
-        "floor",
-        lambda: floor_client.call("echo", payload_4k),
-        floor,
-        args,
-    )
-    report.cases += [floor_ping_end, floor_4k_end]
-    best_ping, best_4k = faster(floor_ping, floor_ping_end), faster(floor_4k, floor_4k_end)
-    for case in report.cases:
-        if case.target != "floor" and case.ratio_par is not None:
-            with_ratio(case, best_4k if "4 KiB" in case.name else best_ping)
+        result = await measure(
+            "invites_redeem (fresh invites)", "gateway", redeem, gateway, args, floor=ping
+        )
+        report.cases.append(result)
     for daemon in daemons:
         report.rss_kib[daemon.name] = daemon.rss()
     await floor_client.aclose()
@@ -289,8 +317,8 @@ async def prepare_assistant(client: Client) -> None:
 
 
 def assistant_cases(
-    client: Client, floor_ping: CaseResult, floor_4k: CaseResult
-) -> list[tuple[str, Call, CaseResult | None, str]]:
+    client: Client, ping: Floor, ping_4k: Floor
+) -> list[tuple[str, Call, Floor | None, str]]:
     counter = iter(range(1, 1 << 62))
     point = {"sql": "SELECT v FROM kv WHERE id = ?", "mode": "query"}
     insert = {"sql": "INSERT INTO log (v) VALUES (?)", "mode": "run", "bind": ["x"]}
@@ -302,16 +330,16 @@ def assistant_cases(
         return client.call("db_proxy", {**point, "bind": [next(counter) % ROWS + 1]})
 
     return [
-        ("health", lambda: client.call("health"), floor_ping, ""),
-        ("db_proxy query (point, 10k rows)", point_query, floor_ping, ""),
-        ("db_proxy run (insert)", lambda: client.call("db_proxy", insert), floor_ping, "FULL"),
+        ("health", lambda: client.call("health"), ping, ""),
+        ("db_proxy query (point, 10k rows)", point_query, ping, ""),
+        ("db_proxy run (insert)", lambda: client.call("db_proxy", insert), ping, "FULL"),
         (
             "db_proxy_transaction (5 steps)",
             lambda: client.call("db_proxy_transaction", {"steps": steps}),
-            floor_ping,
+            ping,
             "synchronous=FULL",
         ),
-        ("db_proxy query (4 KiB result)", lambda: client.call("db_proxy", big), floor_4k, ""),
+        ("db_proxy query (4 KiB result)", lambda: client.call("db_proxy", big), ping_4k, ""),
         ("100-call batch of health", lambda: client.batch(batch), None, "per batch"),
     ]
 
@@ -341,19 +369,6 @@ async def redeem_case(client: Client, args: argparse.Namespace) -> Call:
     return redeem
 
 
-def faster(first: CaseResult, second: CaseResult) -> CaseResult:
-    """The floor run that went faster, taken as the floor for every ratio."""
-    return first if first.par_calls_per_s >= second.par_calls_per_s else second
-
-
-def with_ratio(result: CaseResult, floor: CaseResult | None) -> CaseResult:
-    if floor is None:
-        return result
-    result.ratio_seq_p50 = round(result.seq_p50_us / floor.seq_p50_us, 2)
-    result.ratio_par = round(result.par_calls_per_s / floor.par_calls_per_s, 2)
-    return result
-
-
 async def wait_for_socket(path: Path) -> None:
     while True:
         try:
@@ -367,18 +382,23 @@ async def wait_for_socket(path: Path) -> None:
 
 def print_table(report: Report) -> None:
     header = (
-        f"{'case':<34} {'seq/s':>8} {'p50 us':>8} {'p99 us':>8} {'x floor':>8}"
-        f" {'64 in flight/s':>15} {'x floor':>8} {'srv cpu us':>10}"
+        f"{'case':<34} {'seq p50 us':>10} {'p99 us':>8} {'x floor':>7}"
+        f" {'64 in flight/s':>14} {'floor/s':>8} {'x floor':>7}"
+        f" {'srv cpu us':>10} {'x floor':>7}"
     )
     print("\n" + header)
     print("-" * len(header))
     for case in report.cases:
         print(
-            f"{case.name:<34} {case.seq_calls_per_s:>8,.0f} {case.seq_p50_us:>8.1f}"
-            f" {case.seq_p99_us:>8.1f} "
-            f"{fmt(case.ratio_seq_p50):>8} {case.par_calls_per_s:>15,.0f} {fmt(case.ratio_par):>8} "
-            f"{fmt(case.server_cpu_us_per_call):>10}"
+            f"{case.name:<34} {case.seq_p50_us:>10.1f} {case.seq_p99_us:>8.1f}"
+            f" {fmt(case.ratio_seq_p50):>7} {case.par_calls_per_s:>14,.0f}"
+            f" {fmt(case.floor_par_calls_per_s):>8} {fmt(case.ratio_par):>7}"
+            f" {fmt(case.server_cpu_us_per_call):>10} {fmt(case.ratio_cpu):>7}"
         )
+    print(
+        "x floor: this case over the floor runs paired with its runs (median of the pairs);"
+        " floor/s is the median of those floor runs."
+    )
     for name, rss in report.rss_kib.items():
         print(
             f"{name}: RSS {rss.get('VmRSS', 0) / 1024:.1f} MiB,"
@@ -387,13 +407,13 @@ def print_table(report: Report) -> None:
 
 
 def fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:g}"
+    return "-" if value is None else f"{value:,g}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("--calls", type=int, default=3000, help="sequential calls per run")
-    parser.add_argument("--seconds", type=float, default=1.5, help="length of a 64-in-flight run")
+    parser.add_argument("--calls", type=int, default=2000, help="sequential calls per run")
+    parser.add_argument("--seconds", type=float, default=1.0, help="length of a 64-in-flight run")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--out", type=Path, default=None)
