@@ -17,6 +17,7 @@ import apsw
 from protocol.errors import EX_CANTCREAT, DbOpenError
 from protocol.sqlite import (
     Conn,
+    Job,
     Worker,
     WriteTransaction,
     connect,
@@ -148,6 +149,10 @@ class Database:
     async def run(self, job: Callable[[Conn], T]) -> T:
         assert self._worker is not None, "database is not open"
         return await self._worker.run(job)
+
+    def submit(self, job: Callable[[Conn], T]) -> Job[T]:
+        assert self._worker is not None, "database is not open"
+        return self._worker.submit(job)
 
 
 @contextmanager

@@ -20,10 +20,10 @@ from gateway.migrations import MigrationRunner
 from gateway.outbox import Delivery, pending_count
 from gateway.records import Channel, Contact, Invite
 from protocol import __version__
-from protocol.dispatch import NoParams, Router
+from protocol.dispatch import Deferred, NoParams, Router
 from protocol.errors import InvalidParams
 from protocol.health import DbInfo, Health, uptime_ms
-from protocol.sqlite import Conn
+from protocol.sqlite import Conn, Job
 
 T = TypeVar("T")
 
@@ -175,10 +175,13 @@ class GatewayRoutes:
     async def _run(self, job: Callable[..., T], **kwargs: object) -> T:
         return await self.db.run(functools.partial(job, **kwargs))
 
-    async def _run_queuing(self, job: Callable[..., T], **kwargs: object) -> T:
-        """Run a job whose transaction may queue an event; wake delivery after it commits."""
+    def _submit_queuing(self, job: Callable[..., T], **kwargs: object) -> Job[T]:
+        """A job whose transaction may queue an event; delivery is woken once it commits."""
         bound = functools.partial(job, **kwargs)
-        result, pending = await self.db.run(functools.partial(_and_pending, job=bound))
+        return self.db.submit(functools.partial(_and_pending, job=bound)).map(self._woken)
+
+    def _woken(self, outcome: tuple[T, int]) -> T:
+        result, pending = outcome
         self.delivery.wake(pending)
         return result
 
@@ -202,15 +205,14 @@ class GatewayRoutes:
             ),
         )
 
-    async def contacts_create(self, params: ContactsCreateParams) -> ContactResult:
+    def contacts_create(self, params: ContactsCreateParams) -> Deferred[ContactResult]:
         """Create a contact (queues `contacts_changed`)."""
-        contact = await self._run_queuing(
+        return self._submit_queuing(
             contacts.create_contact,
             display_name=params.display_name,
             role=params.role,
             principal_id=params.principal_id,
-        )
-        return ContactResult(contact)
+        ).map(ContactResult)
 
     async def contacts_get(self, params: IdParams) -> ContactDetail:
         """A contact and its channels."""
@@ -224,10 +226,10 @@ class GatewayRoutes:
         )
         return ContactList(found, next_cursor)
 
-    async def contacts_delete(self, params: IdParams) -> Deleted:
+    def contacts_delete(self, params: IdParams) -> Deferred[Deleted]:
         """Delete a contact with its channels and invites (queues `contacts_changed`)."""
-        await self._run_queuing(contacts.delete_contact, contact_id=params.id)
-        return Deleted(True)
+        deleted = self._submit_queuing(contacts.delete_contact, contact_id=params.id)
+        return deleted.map(lambda _: Deleted(True))
 
     async def invites_create(self, params: InvitesCreateParams) -> InviteCreated:
         """A new invite and its 6-digit code; the code is shown here only, never again."""
@@ -242,7 +244,7 @@ class GatewayRoutes:
         )
         return InviteCreated(invite, code)
 
-    async def invites_redeem(self, params: InvitesRedeemParams) -> Redemption:
+    def invites_redeem(self, params: InvitesRedeemParams) -> Deferred[Redemption]:
         """Redeem a code for a sender in one local transaction; works with the assistant down."""
         sender = Sender(
             params.source_channel,
@@ -251,7 +253,7 @@ class GatewayRoutes:
             params.address,
             params.display_name,
         )
-        return await self._run_queuing(
+        return self._submit_queuing(
             invites.redeem,
             hasher=self._hasher(),
             limits=self.limits,
@@ -275,14 +277,14 @@ class GatewayRoutes:
         )
         return InviteList(found, next_cursor)
 
-    async def channel_inbound(self, params: ChannelInboundParams) -> Inbound:
+    def channel_inbound(self, params: ChannelInboundParams) -> Deferred[Inbound]:
         """A message from a channel: a known sender is touched, an unknown one's code redeemed."""
         if not (params.external_user_id or params.external_chat_id):
             raise InvalidParams(
                 "externalUserId or externalChatId is required", path="$.externalUserId"
             )
         sender = Sender(params.source_channel, params.external_user_id, params.external_chat_id)
-        return await self._run_queuing(
+        return self._submit_queuing(
             inbound, hasher=self._hasher(), limits=self.limits, sender=sender, text=params.text
         )
 

@@ -27,13 +27,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import apsw
 
 from protocol.errors import EX_CANTCREAT, EX_DATAERR, DbOpenError
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 log = logging.getLogger("protocol.sqlite")
 
@@ -240,7 +241,7 @@ class Job(Generic[T]):
     anything else: the outcome is delivered by a loop callback, never earlier.
     """
 
-    __slots__ = ("context", "deadline", "fn", "loop", "on_done")
+    __slots__ = ("after", "context", "deadline", "fn", "loop", "on_done")
 
     def __init__(
         self, fn: Callable[[Any], T], deadline: float, loop: asyncio.AbstractEventLoop
@@ -250,10 +251,17 @@ class Job(Generic[T]):
         self.loop = loop
         self.on_done: OnDone | None = None
         self.context: Any = None
+        self.after: Callable[[Any], Any] | None = None
 
     def then(self, on_done: OnDone, context: Any) -> None:
         self.on_done = on_done
         self.context = context
+
+    def map(self, after: Callable[[T], U]) -> Job[U]:
+        """This job, its result passed through `after` on the loop before it is delivered."""
+        before = self.after
+        self.after = after if before is None else lambda value: after(before(value))
+        return cast("Job[U]", self)
 
 
 class Worker(Generic[C]):
@@ -442,6 +450,11 @@ def _settle_all(settled: list[tuple[Job[Any], tuple[bool, Any]]]) -> None:
             log.error("a database job finished with nobody waiting for it")
             continue
         try:
+            if ok and job.after is not None:
+                try:
+                    value = job.after(value)
+                except Exception as exc:
+                    ok, value = False, exc
             job.on_done(job.context, ok, value)
         except Exception:
             # One caller's broken callback must not strand the others' results.

@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
-from protocol.client import Client
+from protocol.client import BatchCall, Client
 from protocol.errors import IpcHandlerError
 
 pytestmark = pytest.mark.anyio
@@ -318,3 +318,31 @@ async def test_concurrent_transactions_that_fail_in_every_way_leave_only_the_goo
         "DB_TIMEOUT",
     }
     assert await rows(client, "SELECT k FROM u") == [{"k": "taken"}]
+
+
+async def test_database_calls_in_a_batch_and_as_notifications(client: Client) -> None:
+    def proxy(statement: str, mode: str = "run", *, notify: bool = False) -> BatchCall:
+        return BatchCall("db_proxy", {"sql": statement, "mode": mode}, notify=notify)
+
+    results = await client.batch(
+        [
+            proxy("INSERT INTO t (id, v) VALUES (1, 'a')"),
+            BatchCall(
+                "db_proxy_transaction", {"steps": [{"sql": "INSERT INTO t (id) VALUES (2)"}]}
+            ),
+            proxy("INSERT INTO t (id, v) VALUES (1, 'again')"),
+            proxy("INSERT INTO t (id) VALUES (3)", notify=True),
+            proxy("SELECT count(*) AS n FROM t", "query"),
+        ]
+    )
+    assert results[0] == {"changes": 1, "lastInsertRowid": 1}
+    assert results[1] == {"ok": True, "results": [{"changes": 1, "lastInsertRowid": 2}]}
+    assert isinstance(results[2], IpcHandlerError)
+    assert results[2].code == "DB_PROXY_FAILED"
+    assert len(results) == 4
+    # A notification is run but never answered (not even its failure); the
+    # writer takes calls in order, so a write-mode read after them sees them.
+    await client.notify("db_proxy", {"sql": "INSERT INTO t (id) VALUES (4)", "mode": "run"})
+    await client.notify("db_proxy", {"sql": "INSERT INTO t (id) VALUES (1)", "mode": "run"})
+    seen = await sql(client, "SELECT id FROM t ORDER BY id")
+    assert seen["rows"] == [{"id": 1}, {"id": 2}, {"id": 3}, {"id": 4}]
