@@ -138,6 +138,7 @@ class Client:
         # timer per call cost about a fifth of the client's CPU per call.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> Client:
         return self
@@ -183,11 +184,12 @@ class Client:
         deadline = loop.time() + (self.timeout if timeout is None else timeout)
         self._pending[request_id] = (future, protocol, deadline, method, timeout)
         try:
-            self._expire_at(deadline)
+            self._expire_at(deadline, loop)
             await self._write(protocol, frame, [request_id], timeout)
             response = await future
         finally:
             del self._pending[request_id]
+            _settled(future)
         return _result_of(response, result_type)
 
     async def notify(self, method: str, params: object = None) -> None:
@@ -226,7 +228,7 @@ class Client:
         if ids:
             protocol.batches.append(ids)
         try:
-            self._expire_at(deadline)
+            self._expire_at(deadline, loop)
             await self._write(protocol, frame, ids, timeout)
             results: list[Any | IpcHandlerError] = []
             for future in futures:
@@ -239,6 +241,8 @@ class Client:
         finally:
             for request_id in ids:
                 del self._pending[request_id]
+            for future in futures:
+                _settled(future)
             if ids in protocol.batches:
                 protocol.batches.remove(ids)
 
@@ -284,19 +288,23 @@ class Client:
                 sent=True,
             ) from exc
 
-    def _expire_at(self, deadline: float) -> None:
+    def _expire_at(self, deadline: float, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._timer_loop:
+            # A client used from a new loop: the old loop's timer will never fire.
+            self._timer, self._timer_at, self._timer_loop = None, math.inf, loop
         if deadline >= self._timer_at:
             return
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = deadline
-        self._timer = asyncio.get_running_loop().call_at(deadline, self._expire)
+        self._timer = loop.call_at(deadline, self._expire)
 
     def _expire(self) -> None:
         """Fail the calls past their deadline; re-arm for the earliest one left."""
         self._timer = None
         self._timer_at = math.inf
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         earliest = math.inf
         for future, _protocol, deadline, method, timeout in self._pending.values():
             if future.done():
@@ -309,7 +317,9 @@ class Client:
             elif deadline < earliest:
                 earliest = deadline
         if earliest < math.inf:
-            self._expire_at(earliest)
+            # uvloop's clock moves in whole milliseconds: a timer for a deadline
+            # within the current one would fire again at once, and again.
+            self._expire_at(max(earliest, now + 0.001), loop)
 
     async def _connect(self) -> _ClientProtocol:
         async with self._connect_lock:
@@ -369,6 +379,14 @@ class Client:
             self._protocol = None
         self._fail(self._ids_on(protocol), IpcTransportError(f"{self.path}: {reason}", sent=True))
         protocol.batches.clear()
+
+
+def _settled(future: asyncio.Future[ClientResponse]) -> None:
+    """Mark a failure nobody awaited as seen (asyncio logs unseen ones), or cancel the wait."""
+    if not future.done():
+        future.cancel()
+    elif not future.cancelled():
+        future.exception()
 
 
 def _params(params: object) -> object:

@@ -185,12 +185,12 @@ class Connection(asyncio.Protocol):
 
     def _start_deferred(self, request: Request, method: Method, params: Any) -> None:
         try:
-            deferred = cast("Deferred[Any]", method.handler(params))
+            then = cast("Deferred[Any]", method.handler(params)).then
         except Exception as exc:
             self._answer(request, self._error_of(request, exc))
             return
         self._begin_call()
-        deferred.then(self._deferred_done, request)
+        then(self._deferred_done, request)
 
     def _deferred_done(self, request: Request, ok: bool, value: Any) -> None:
         self._end_call()

@@ -30,7 +30,9 @@ class Deferred(Protocol[T_co]):
     connection answers from the callback.
     """
 
-    def then(self, on_done: Callable[[Any, bool, Any], None], context: Any) -> None: ...
+    def then(
+        self, on_done: Callable[[Any, bool, T_co | BaseException], None], context: Any
+    ) -> None: ...
 
 
 Handler = Callable[[Any], Awaitable[Any]] | Callable[[Any], Any]
@@ -130,6 +132,8 @@ class Router:
             raise TypeError(f"{name}: an inline handler is a plain function")
         result_type = hints.get("return", Any)
         deferred = typing.get_origin(result_type) is Deferred
+        if not deferred and hasattr(typing.get_origin(result_type) or result_type, "then"):
+            raise TypeError(f"{name}: annotate a handler that returns a job as Deferred[...]")
         if deferred:
             if is_async or inline:
                 raise TypeError(f"{name}: a Deferred handler is a plain function, not inline")

@@ -230,7 +230,7 @@ def make_state_dir(path: str) -> None:
 
 GROUP_MAX = 64
 
-OnDone = Callable[[Any, bool, Any], None]
+OnDone = Callable[[Any, bool, Any], None]  # (context, ok, result or exception)
 
 
 class Job(Generic[T]):
@@ -253,7 +253,7 @@ class Job(Generic[T]):
         self.context: Any = None
         self.after: Callable[[Any], Any] | None = None
 
-    def then(self, on_done: OnDone, context: Any) -> None:
+    def then(self, on_done: Callable[[Any, bool, T | BaseException], None], context: Any) -> None:
         self.on_done = on_done
         self.context = context
 
@@ -332,9 +332,7 @@ class Worker(Generic[C]):
         conn.deadline.release_held = release_held
         stop = False
         while not stop:
-            if held and self._queue.empty():
-                release_held()
-            jobs, stop = self._take()
+            jobs, stop = self._take(release_held if held else None)
             try:
                 if self.group_commit and len(jobs) > 1:
                     outcomes = self._run_group(conn, jobs)
@@ -350,9 +348,21 @@ class Worker(Generic[C]):
         release_held()
         conn.db.close()
 
-    def _take(self) -> tuple[list[Job[Any]], bool]:
-        """The next job and those queued behind it; True once the stop sentinel came."""
-        first = self._queue.get()
+    def _take(self, release_held: Callable[[], None] | None) -> tuple[list[Job[Any]], bool]:
+        """The next job and those queued behind it; True once the stop sentinel came.
+
+        With results held, the thread never blocks before handing them back:
+        checking for an empty queue and then blocking would let another thread
+        take the last job in between, and the results would wait for the next.
+        """
+        if release_held is None:
+            first = self._queue.get()
+        else:
+            try:
+                first = self._queue.get_nowait()
+            except queue.Empty:
+                release_held()
+                first = self._queue.get()
         if first is None:
             return [], True
         jobs = [first]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import signal
 import time
 from pathlib import Path
@@ -132,6 +134,34 @@ async def test_each_pending_call_expires_at_its_own_timeout(demo_socket: str) ->
         assert isinstance(outcomes[2], float)
         assert 0.15 <= outcomes[2] < 0.55
         assert (await client.call("echo", {"value": 3}))["value"] == 3
+
+
+async def test_timed_out_calls_leave_no_unread_failure_behind(short_tmp: Path) -> None:
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            pass
+        writer.close()
+
+    path = str(short_tmp / "silent.sock")
+    server = await asyncio.start_unix_server(never_answer, path)
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context["message"]))
+    try:
+        async with Client(path) as client:
+            for _ in range(2):
+                with pytest.raises(IpcTransportError):
+                    await client.batch(
+                        [BatchCall("a"), BatchCall("b"), BatchCall("c")], timeout=0.1
+                    )
+            with pytest.raises(IpcTransportError):
+                await client.call("a", timeout=0.1)
+        gc.collect()
+        await anyio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(None)
+        server.close()
+    assert reported == []
 
 
 async def test_batches_and_notifications_through_the_client(demo_socket: str) -> None:

@@ -4,8 +4,9 @@ import msgspec
 import pytest
 from msgspec import Raw
 
-from protocol.dispatch import Router, openrpc_document
+from protocol.dispatch import Deferred, Router, openrpc_document
 from protocol.errors import InvalidParams, MethodNotFound
+from protocol.sqlite import Job
 
 
 class Step(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
@@ -88,6 +89,30 @@ def test_a_method_registered_twice_is_a_programming_error() -> None:
     router = make_router()
     with pytest.raises(ValueError, match="registered twice"):
         router.add("tx", transaction)
+
+
+def deferred_tx(params: TxParams) -> Deferred[TxResult]:
+    """Run steps on a database thread."""
+    raise NotImplementedError
+
+
+def job_tx(params: TxParams) -> Job[TxResult]:
+    raise NotImplementedError
+
+
+def test_a_deferred_method_is_described_by_the_result_it_defers() -> None:
+    router = Router("test", "1.2.3")
+    router.add("tx", deferred_tx)
+    method = router.lookup("tx")
+    assert method.deferred
+    assert method.result_type is TxResult
+    result = openrpc_document(router)["methods"][1]["result"]["schema"]
+    assert result == {"$ref": "#/components/schemas/TxResult"}
+
+
+def test_a_job_handler_not_annotated_as_deferred_is_refused_at_registration() -> None:
+    with pytest.raises(TypeError, match="Deferred"):
+        Router("test", "1.2.3").add("tx", job_tx)
 
 
 def test_the_openrpc_document_describes_params_and_result_from_the_types() -> None:
