@@ -44,8 +44,13 @@ def bind_from_wire(bind: WireBind | None) -> SqlBind | None:
     if bind is None:
         return None
     if isinstance(bind, list):
+        if _CONVERTED.isdisjoint(map(type, bind)):
+            return tuple(bind)  # type: ignore[arg-type]
         return tuple(from_wire(value) for value in bind)
     return {name: from_wire(value) for name, value in bind.items()}
+
+
+_CONVERTED = frozenset({Blob, bool})
 
 
 def to_wire(value: SqlValue) -> object:
