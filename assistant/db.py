@@ -83,6 +83,10 @@ class GuardedConn(Conn):
     """A connection whose caller statements are held to the statement policy."""
 
     guard: Guard = field(kw_only=True)
+    # Caller statement texts already checked to be one statement with no result
+    # columns (true of the text whatever the schema): they run without the
+    # per-statement trace callback.
+    plain_sql: set[str] = field(default_factory=set, kw_only=True)
 
     def execute(
         self, sql: str, bind: tuple[Any, ...] | None = None, *, cacheable: bool = False

@@ -20,6 +20,7 @@ from protocol.errors import InvalidParams, RouteError, RpcError
 from protocol.sqlite import WriteTransaction, now_ms
 from protocol.values import SqlBind, to_wire
 
+PLAIN_SQL_MAX = 1024
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?(\*/|$)", re.DOTALL)
 
 
@@ -84,7 +85,8 @@ class _Statement:
         self.conn.guard.begin(mode)
         cursor = self.conn.db.cursor()
         # A script runs as written (the authorizer still checks each statement).
-        cursor.exec_trace = self._check_single if single else None
+        if single and (type(self.bind) is dict or self.sql not in self.conn.plain_sql):
+            cursor.exec_trace = self._check_single
         try:
             cursor.execute(self.sql, self.bind)
         except KeyError as exc:
@@ -105,7 +107,13 @@ class _Statement:
         if type(self.bind) is dict:
             self._check_bind(cursor)
         description = cursor.description
-        self.columns = [column[0] for column in description] if description else []
+        if description:
+            self.columns = [column[0] for column in description]
+        else:
+            plain = self.conn.plain_sql
+            if len(plain) >= PLAIN_SQL_MAX:
+                plain.clear()
+            plain.add(self.sql)
         return True
 
     def _check_bind(self, cursor: apsw.Cursor) -> None:
@@ -223,13 +231,17 @@ def _run_one(conn: GuardedConn, statement: _Statement, max_rows: int) -> RunResu
     db = conn.db
     before = db.total_changes()
     cursor = statement.execute(Mode.WRITE)
+    if not statement.columns:
+        # No result columns: the statement ran to its end in its first step.
+        return RunResult(_changes(db, before), db.last_insert_rowid())
     rows, truncated = statement.read_rows(cursor, max_rows)
+    return RunResult(_changes(db, before), db.last_insert_rowid(), rows, truncated)
+
+
+def _changes(db: apsw.Connection, total_before: int) -> int:
     # sqlite3_changes() keeps the last DML's count across SELECT and DDL, so
     # it is only this statement's when the total moved.
-    changes = db.changes() if db.total_changes() != before else 0
-    if statement.columns:
-        return RunResult(changes, db.last_insert_rowid(), rows, truncated)
-    return RunResult(changes, db.last_insert_rowid())
+    return db.changes() if db.total_changes() != total_before else 0
 
 
 class _WriteTransaction(WriteTransaction):

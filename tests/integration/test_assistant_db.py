@@ -346,3 +346,15 @@ async def test_database_calls_in_a_batch_and_as_notifications(client: Client) ->
     await client.notify("db_proxy", {"sql": "INSERT INTO t (id) VALUES (1)", "mode": "run"})
     seen = await sql(client, "SELECT id FROM t ORDER BY id")
     assert seen["rows"] == [{"id": 1}, {"id": 2}, {"id": 3}, {"id": 4}]
+
+
+async def test_a_statement_run_before_is_still_held_to_its_binds(client: Client) -> None:
+    insert = "INSERT INTO t (id, v) VALUES (:id, :v)"
+    assert (await sql(client, insert, bind={"id": 1, "v": "a"}))["changes"] == 1
+    error = await failure(sql(client, insert, bind={"id": 2, "v": "b", "extra": 1}))
+    assert (error.code, error.data["path"]) == ("INVALID_PARAMS", "$.bind.extra")
+    positional = "INSERT INTO t (id) VALUES (?)"
+    assert (await sql(client, positional, bind=[3]))["changes"] == 1
+    error = await failure(sql(client, positional, bind=[4, 5]))
+    assert (error.code, error.data["path"]) == ("INVALID_PARAMS", "$.bind")
+    assert await rows(client, "SELECT id FROM t ORDER BY id") == [{"id": 1}, {"id": 3}]
