@@ -83,10 +83,10 @@ class GuardedConn(Conn):
     """A connection whose caller statements are held to the statement policy."""
 
     guard: Guard = field(kw_only=True)
-    # Caller statement texts already checked to be one statement with no result
-    # columns (true of the text whatever the schema): they run without the
-    # per-statement trace callback.
-    plain_sql: set[str] = field(default_factory=set, kw_only=True)
+    # Caller statement texts already checked to be one statement (a property of
+    # the text, whatever the schema), and whether they have result columns:
+    # they run without the per-statement trace callback (see assistant.proxy).
+    checked_sql: dict[str, bool] = field(default_factory=dict, kw_only=True)
 
     def execute(
         self, sql: str, bind: tuple[Any, ...] | None = None, *, cacheable: bool = False

@@ -6,6 +6,7 @@ Every function here runs on a database thread with the connection it owns
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 from typing import Any
@@ -20,7 +21,7 @@ from protocol.errors import InvalidParams, RouteError, RpcError
 from protocol.sqlite import WriteTransaction, now_ms
 from protocol.values import SqlBind, to_wire
 
-PLAIN_SQL_MAX = 1024
+CHECKED_SQL_MAX = 1024
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?(\*/|$)", re.DOTALL)
 
 
@@ -84,8 +85,14 @@ class _Statement:
     def execute(self, mode: Mode, *, single: bool = True) -> apsw.Cursor:
         self.conn.guard.begin(mode)
         cursor = self.conn.db.cursor()
-        # A script runs as written (the authorizer still checks each statement).
-        if single and (type(self.bind) is dict or self.sql not in self.conn.plain_sql):
+        # A text already checked skips the trace callback: always when it has no
+        # result columns; in a query, also when it has some, read from the
+        # running statement (a write's must be read before it runs). Named
+        # binds are always traced, to check for unknown names. A script runs
+        # as written (the authorizer still checks each statement).
+        checked = None if type(self.bind) is dict else self.conn.checked_sql.get(self.sql)
+        read_live = checked is True and mode is Mode.READ
+        if single and (checked is None or (checked and not read_live)):
             cursor.exec_trace = self._check_single
         try:
             cursor.execute(self.sql, self.bind)
@@ -93,7 +100,26 @@ class _Statement:
             raise InvalidParams(
                 f"bind is missing named parameter {exc.args[0]!r}", path=f"{self.path}.bind"
             ) from exc
+        if single and read_live:
+            self.columns = self._live_columns(cursor)
         return cursor
+
+    def _live_columns(self, cursor: apsw.Cursor) -> list[str]:
+        try:
+            return [column[0] for column in cursor.description]
+        except apsw.ExecutionCompleteError:
+            pass
+        # No row, so the statement is done: prepare it again only to read its
+        # columns, stopping before it runs (this is a read: nothing to undo).
+        probe = self.conn.db.cursor()
+        probe.exec_trace = self._capture_columns
+        with contextlib.suppress(apsw.ExecTraceAbort):
+            probe.execute(self.sql, self.bind)
+        return self.columns
+
+    def _capture_columns(self, cursor: apsw.Cursor, _statement: str, _bindings: object) -> bool:
+        self.columns = [column[0] for column in cursor.description]
+        return False
 
     def _check_single(self, cursor: apsw.Cursor, statement: str, _bindings: object) -> bool:
         if statement != self.sql:
@@ -107,13 +133,11 @@ class _Statement:
         if type(self.bind) is dict:
             self._check_bind(cursor)
         description = cursor.description
-        if description:
-            self.columns = [column[0] for column in description]
-        else:
-            plain = self.conn.plain_sql
-            if len(plain) >= PLAIN_SQL_MAX:
-                plain.clear()
-            plain.add(self.sql)
+        self.columns = [column[0] for column in description] if description else []
+        checked = self.conn.checked_sql
+        if len(checked) >= CHECKED_SQL_MAX:
+            checked.clear()
+        checked[self.sql] = bool(description)
         return True
 
     def _check_bind(self, cursor: apsw.Cursor) -> None:

@@ -358,3 +358,20 @@ async def test_a_statement_run_before_is_still_held_to_its_binds(client: Client)
     error = await failure(sql(client, positional, bind=[4, 5]))
     assert (error.code, error.data["path"]) == ("INVALID_PARAMS", "$.bind")
     assert await rows(client, "SELECT id FROM t ORDER BY id") == [{"id": 1}, {"id": 3}]
+
+
+async def test_a_query_repeated_names_its_columns_with_rows_without_and_after_a_change(
+    client: Client,
+) -> None:
+    select_all = "SELECT * FROM t WHERE id > ?"
+    for _ in range(2):
+        assert (await sql(client, select_all, "query", bind=[0]))["columns"] == ["id", "v"]
+    await sql(client, "INSERT INTO t (id, v) VALUES (1, 'a')")
+    for _ in range(2):
+        result = await sql(client, select_all, "query", bind=[0])
+        assert result["rows"] == [{"id": 1, "v": "a"}]
+    await sql(client, "ALTER TABLE t ADD COLUMN w", "exec")
+    for bind in ([0], [5], [0]):
+        result = await sql(client, select_all, "query", bind=bind)
+        assert result["columns"] == ["id", "v", "w"]
+    assert result["rows"] == [{"id": 1, "v": "a", "w": None}]
