@@ -138,7 +138,7 @@ def redeem(
     now = now_ms()
     scopes = (sender.scope, f"channel:{sender.channel}")
     with transaction(conn):
-        _check_guess_limits(conn, limits, scopes, now)
+        sender_failures = _check_guess_limits(conn, limits, scopes, now)
         invite = _find_invite(conn, hasher, sender.channel, code, now)
         channels = sender_channels(
             conn, sender.channel, sender.external_user_id, sender.external_chat_id
@@ -157,17 +157,22 @@ def redeem(
             _record_failure(conn, scopes, now)
             raise Commit(_exhausted())
         channel_id = _upsert_channel(conn, invite, known, sender, now)
-        conn.execute("DELETE FROM redeem_failures WHERE scope = ?", (sender.scope,))
+        if sender_failures:
+            # Older ones are swept with the expired invites.
+            conn.execute("DELETE FROM redeem_failures WHERE scope = ?", (sender.scope,))
         queue_event(conn, "invite_redeemed", _event(invite, channel_id, sender, now))
     return Redemption("redeemed", invite.id, invite.contact_id, channel_id)
 
 
-def _check_guess_limits(conn: Conn, limits: GuessLimits, scopes: tuple[str, str], now: int) -> None:
+def _check_guess_limits(conn: Conn, limits: GuessLimits, scopes: tuple[str, str], now: int) -> int:
+    """Raise RATE_LIMITED when a scope is over its limit; the sender's failures in the window."""
     since = now - limits.window_ms
+    counts = []
     for scope, allowed in zip(scopes, (limits.per_sender, limits.per_channel), strict=True):
         count = conn.execute(
             "SELECT count(*) FROM redeem_failures WHERE scope = ? AND at > ?", (scope, since)
         )[0][0]
+        counts.append(count)
         if count < allowed:
             continue
         # The window slides: the limit lifts when enough of the oldest failures age out.
@@ -185,6 +190,7 @@ def _check_guess_limits(conn: Conn, limits: GuessLimits, scopes: tuple[str, str]
             data={"retryAfterMs": retry_after},
             retryable=True,
         )
+    return int(counts[0])
 
 
 def _record_failure(conn: Conn, scopes: tuple[str, str], now: int) -> None:

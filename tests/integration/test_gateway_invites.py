@@ -174,6 +174,16 @@ async def test_guess_limits_stop_a_guesser_and_survive_a_restart(pair: Pair) -> 
         assert (await redeem(gw, code, "honest"))["outcome"] == "redeemed"
 
 
+async def test_a_successful_redemption_clears_the_senders_failed_attempts(gw: Client) -> None:
+    contact = await new_contact(gw)
+    for _ in range(2):
+        _, code = await new_invite(gw, contact)
+        for _ in range(4):
+            assert (await failure(redeem(gw, wrong(code), "typo"))).code == "INVITE_INVALID"
+        # Four failures, then the right code: the count starts again from zero.
+        assert (await redeem(gw, code, "typo"))["outcome"] in ("redeemed", "already_member")
+
+
 async def test_the_channel_limit_stops_guessing_spread_over_many_senders(short_tmp: Path) -> None:
     both = Pair(short_tmp, ("--guess-limit-channel", "8"))
     both.assistant.start()
