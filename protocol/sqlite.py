@@ -51,6 +51,10 @@ STATEMENT_CACHE_SIZE = 256
 SYNCHRONOUS = {"FULL": "FULL", "NORMAL": "NORMAL"}
 
 
+class NeedsSavepoint(Exception):
+    """A job in an optimistic group pass had to roll back; the group runs again with savepoints."""
+
+
 class QueuedPastDeadline(Exception):
     """A job's deadline passed while it waited for its connection; it never ran."""
 
@@ -77,11 +81,15 @@ class Deadline:
 @dataclass(slots=True)
 class Conn:
     """A connection, the deadline of the job running on it, and whether that job runs
-    inside a group commit (then its write transaction is a savepoint)."""
+    inside a group commit: `grouped`, its write transaction is a savepoint of the
+    group's; `optimistic`, it is part of the group's with no savepoint, and a
+    rollback it needs sends the whole group back to be run with savepoints."""
 
     db: apsw.Connection
     deadline: Deadline
     grouped: bool = False
+    optimistic: bool = False
+    needs_savepoint: bool = False
     busy_timeout_ms: int = BUSY_TIMEOUT_MS
 
     def execute(
@@ -118,15 +126,20 @@ class WriteTransaction:
         self.done = False
 
     def __enter__(self) -> WriteTransaction:
-        self.conn.execute(SAVEPOINT if self.conn.grouped else BEGIN, cacheable=True)
+        if not self.conn.optimistic:
+            self.conn.execute(SAVEPOINT if self.conn.grouped else BEGIN, cacheable=True)
         return self
 
     def commit(self) -> None:
-        self.conn.execute(RELEASE if self.conn.grouped else COMMIT, cacheable=True)
+        if not self.conn.optimistic:
+            self.conn.execute(RELEASE if self.conn.grouped else COMMIT, cacheable=True)
         self.done = True
 
     def rollback(self) -> None:
         self.done = True
+        if self.conn.optimistic:
+            self.conn.needs_savepoint = True
+            raise NeedsSavepoint("this job's rollback needs the group run with savepoints")
         if not self.conn.db.in_transaction:
             return
         if self.conn.grouped:
@@ -391,18 +404,53 @@ class Worker(Generic[C]):
             watch.at = 0.0
 
     def _run_group(self, conn: C, items: list[Job[Any]]) -> list[tuple[bool, Any]]:
+        """The jobs in one transaction: first with no savepoints at all, which holds
+        while none of them needs to roll back its own writes (the common case);
+        else rolled back and run again, each job in a savepoint."""
         try:
             conn.execute(BEGIN, cacheable=True)
-        except apsw.BusyError:
-            # Another process held the lock through a whole busy timeout: the
-            # jobs queued behind answer busy now rather than each wait as long.
-            conn.db.set_busy_timeout(0)
-            try:
-                return [self._run_one(conn, item) for item in items]
-            finally:
-                conn.db.set_busy_timeout(conn.busy_timeout_ms)
+        except apsw.Error as exc:
+            return self._run_alone(conn, items, exc)
+        outcomes: list[tuple[bool, Any]] = []
+        conn.optimistic = True
+        conn.needs_savepoint = False
+        try:
+            for item in items:
+                outcomes.append(self._run_one(conn, item))
+                if conn.needs_savepoint or not conn.db.in_transaction:
+                    break
+            else:
+                conn.execute(COMMIT, cacheable=True)
+                return outcomes
         except apsw.Error:
+            pass
+        finally:
+            conn.optimistic = False
+            conn.needs_savepoint = False
+        if conn.db.in_transaction:
+            conn.execute(ROLLBACK, cacheable=True)
+        log.debug("%s: a group of %d calls runs again with savepoints", self.name, len(items))
+        return self._run_savepoint_group(conn, items)
+
+    def _run_alone(
+        self, conn: C, items: list[Job[Any]], begin_error: apsw.Error
+    ) -> list[tuple[bool, Any]]:
+        """The group's BEGIN failed: each job runs on its own."""
+        if not isinstance(begin_error, apsw.BusyError):
             return [self._run_one(conn, item) for item in items]
+        # Another process held the lock through a whole busy timeout: the
+        # jobs queued behind answer busy now rather than each wait as long.
+        conn.db.set_busy_timeout(0)
+        try:
+            return [self._run_one(conn, item) for item in items]
+        finally:
+            conn.db.set_busy_timeout(conn.busy_timeout_ms)
+
+    def _run_savepoint_group(self, conn: C, items: list[Job[Any]]) -> list[tuple[bool, Any]]:
+        try:
+            conn.execute(BEGIN, cacheable=True)
+        except apsw.Error as exc:
+            return self._run_alone(conn, items, exc)
         conn.grouped = True
         try:
             outcomes: list[tuple[bool, Any]] = []

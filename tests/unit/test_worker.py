@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import apsw
 import pytest
 
-from protocol.sqlite import Conn, Deadline, Worker
+from protocol.sqlite import Conn, Deadline, Worker, WriteTransaction
 
 pytestmark = pytest.mark.anyio
 
@@ -60,5 +62,78 @@ async def test_no_result_is_held_while_its_thread_waits_for_more_jobs() -> None:
             done, pending = await asyncio.wait(calls, timeout=2)
             assert not pending, "a finished job's result was held back"
             assert [call.result() for call in done] == [42, 42, 42]
+    finally:
+        await asyncio.to_thread(worker.stop)
+
+
+def _writer(path: str) -> Worker[Conn]:
+    db = apsw.Connection(path)
+    db.execute("PRAGMA journal_mode = WAL").fetchall()
+    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    return Worker("test-writer", [Conn(db, Deadline())], group_commit=True)
+
+
+def _insert(
+    conn: Conn, row: int, *, fail: type[Exception] | None = None, keep: bool = False
+) -> int:
+    with WriteTransaction(conn) as tx:
+        conn.execute("INSERT INTO t (id) VALUES (?)", (row,))
+        if keep:
+            tx.commit()
+        if fail is not None:
+            raise fail(f"job {row} failed")
+    return row
+
+
+async def test_a_group_keeps_exactly_what_each_job_committed(short_tmp: Path) -> None:
+    path = str(short_tmp / "group.db")
+    worker = _writer(path)
+    try:
+        for failing in (False, True):
+            started = threading.Event()
+            release = threading.Event()
+
+            def blocker(
+                conn: Conn, started: threading.Event = started, release: threading.Event = release
+            ) -> int:
+                started.set()
+                release.wait(5)
+                return 0
+
+            first = asyncio.ensure_future(worker.run(blocker))
+            await asyncio.to_thread(started.wait, 5)
+            base = 10 if failing else 20
+            # Queued behind the blocker, so the writer takes them as one group.
+            jobs = [
+                worker.run(functools.partial(_insert, row=base + 1)),
+                worker.run(
+                    functools.partial(_insert, row=base + 2, fail=ValueError if failing else None)
+                ),
+                worker.run(
+                    functools.partial(
+                        _insert, row=base + 3, fail=RuntimeError if failing else None, keep=True
+                    )
+                ),
+                worker.run(
+                    lambda conn, row=base + 4: (
+                        conn.execute("INSERT INTO t (id) VALUES (?)", (row,)) and row
+                    )
+                ),
+            ]
+            calls = [asyncio.ensure_future(job) for job in jobs]
+            await asyncio.sleep(0.05)
+            release.set()
+            outcomes = await asyncio.gather(first, *calls, return_exceptions=True)
+            if failing:
+                assert [type(o).__name__ for o in outcomes[1:]] == [
+                    "int",
+                    "ValueError",
+                    "RuntimeError",
+                    "list",
+                ]
+            else:
+                assert outcomes[1:4] == [21, 22, 23]
+        rows = apsw.Connection(path).execute("SELECT id FROM t ORDER BY id").fetchall()
+        assert [row[0] for row in rows] == [11, 13, 14, 21, 22, 23, 24]
     finally:
         await asyncio.to_thread(worker.stop)
