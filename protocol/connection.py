@@ -15,6 +15,8 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
+from msgspec import UNSET
+
 from protocol.errors import (
     BatchTooLarge,
     Forbidden,
@@ -27,9 +29,11 @@ from protocol.errors import (
 )
 from protocol.framing import FrameDecoder
 from protocol.messages import (
+    JSONRPC_VERSION,
     Request,
     RequestId,
     Response,
+    SuccessResponse,
     append_frame_of,
     decode_batch,
     decode_request,
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
     from protocol.server import Server
 
 _UCRED = struct.Struct("3i")
+_OPEN_OBJECT = ord("{")
 
 
 class Connection(asyncio.Protocol):
@@ -101,8 +106,17 @@ class Connection(asyncio.Protocol):
                     self._backlog.extend(frames)
                 else:
                     self._handle_frames(frames)
-            self._watch_stall(bool(frames))
-            self._update_reading()
+            # Both are no-ops for the usual chunk (whole frames, reading, below
+            # the limits); checked here because this runs once per chunk.
+            if self._stall_timer is not None or self._decoder.has_partial:
+                self._watch_stall(bool(frames))
+            if (
+                self._read_paused
+                or self._write_paused
+                or self._backlog
+                or self._in_flight >= self._limits.max_in_flight
+            ):
+                self._update_reading()
         finally:
             self._flush()
 
@@ -151,7 +165,7 @@ class Connection(asyncio.Protocol):
             self._handle_frame(backlog.popleft())
 
     def _handle_frame(self, body: bytes) -> None:
-        if is_batch(body):
+        if body[0] != _OPEN_OBJECT and is_batch(body):
             self._start_batch(body)
             return
         try:
@@ -169,7 +183,8 @@ class Connection(asyncio.Protocol):
             response = self._call_inline(method, params, request)
             if started:
                 self._log_call(request, response, started)
-            self._answer(request, response)
+            if response is not None and request.id is not UNSET:
+                self._send_message(response)
         elif method.deferred and not self._server.debug:
             self._start_deferred(request, method, params)
         else:
@@ -181,7 +196,7 @@ class Connection(asyncio.Protocol):
             result = method.handler(params)
         except Exception as exc:
             return self._error_of(request, exc)
-        return success_response(request.id, result)  # type: ignore[arg-type]
+        return SuccessResponse(JSONRPC_VERSION, request.id, result)  # type: ignore[arg-type]
 
     def _start_deferred(self, request: Request, method: Method, params: Any) -> None:
         try:

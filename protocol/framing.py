@@ -55,6 +55,11 @@ class FrameDecoder:
             if len(buffer) < self._need:
                 return []
             data = bytes(buffer)
+        elif len(data) > HEADER_SIZE:
+            # The usual chunk: exactly one whole frame.
+            (length,) = _unpack_header(data)
+            if len(data) == HEADER_SIZE + length and length <= self.max_frame_bytes:
+                return [data[HEADER_SIZE:]]
         frames: list[bytes] = []
         size = len(data)
         pos = 0
