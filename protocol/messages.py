@@ -82,9 +82,8 @@ def success_response(request_id: RequestId, result: Any) -> SuccessResponse:
 
 def encode_frame_of(message: object) -> bytes:
     """One frame holding `message` as JSON, as bytes (uvloop writes bytes without a copy)."""
-    buffer = bytearray()
-    append_frame_of(message, buffer)
-    return bytes(buffer)
+    body = _encoder.encode(message)
+    return _pack_header(len(body)) + body
 
 
 def append_frame_of(message: object, buffer: bytearray) -> None:
@@ -103,6 +102,7 @@ def append_frame_of(message: object, buffer: bytearray) -> None:
 
 
 _NO_LENGTH = bytes(HEADER.size)
+_pack_header = HEADER.pack
 
 
 _OPEN_ARRAY = ord("[")
