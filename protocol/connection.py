@@ -210,7 +210,8 @@ class Connection(asyncio.Protocol):
     def _deferred_done(self, request: Request, ok: bool, value: Any) -> None:
         self._end_call()
         if ok:
-            self._answer(request, success_response(request.id, value))  # type: ignore[arg-type]
+            if request.id is not UNSET:
+                self._send_message(SuccessResponse(JSONRPC_VERSION, request.id, value))
         else:
             error = value if isinstance(value, Exception) else RuntimeError(repr(value))
             self._answer(request, self._error_of(request, error))
@@ -355,7 +356,8 @@ class Connection(asyncio.Protocol):
         self._server.call_finished()
         if self._backlog:
             self._drain_backlog()
-        self._update_reading()
+        if self._read_paused:
+            self._update_reading()
         if self._peer_done:
             # The call's answer is queued right after this returns; close after it.
             self._loop.call_soon(self._close_if_finished)
