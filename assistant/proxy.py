@@ -21,7 +21,9 @@ from protocol.errors import InvalidParams, RouteError, RpcError
 from protocol.sqlite import WriteTransaction, now_ms
 from protocol.values import SqlBind, to_wire
 
+# At most 1024 texts per connection, none over 16 KiB: about 16 MiB at worst.
 CHECKED_SQL_MAX = 1024
+CHECKED_SQL_MAX_CHARS = 16 * 1024
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?(\*/|$)", re.DOTALL)
 
 
@@ -85,14 +87,12 @@ class _Statement:
     def execute(self, mode: Mode, *, single: bool = True) -> apsw.Cursor:
         self.conn.guard.begin(mode)
         cursor = self.conn.db.cursor()
-        # A text already checked skips the trace callback: always when it has no
-        # result columns; in a query, also when it has some, read from the
-        # running statement (a write's must be read before it runs). Named
+        # A text already checked to be one statement skips the trace callback;
+        # its columns, if it has any, come from the running statement. Named
         # binds are always traced, to check for unknown names. A script runs
         # as written (the authorizer still checks each statement).
         checked = None if type(self.bind) is dict else self.conn.checked_sql.get(self.sql)
-        read_live = checked is True and mode is Mode.READ
-        if single and (checked is None or (checked and not read_live)):
+        if single and checked is None:
             cursor.exec_trace = self._check_single
         try:
             cursor.execute(self.sql, self.bind)
@@ -100,21 +100,23 @@ class _Statement:
             raise InvalidParams(
                 f"bind is missing named parameter {exc.args[0]!r}", path=f"{self.path}.bind"
             ) from exc
-        if single and read_live:
-            self.columns = self._live_columns(cursor)
+        if single and checked:
+            try:
+                self.columns = [column[0] for column in cursor.description]
+            except apsw.ExecutionCompleteError:
+                self.columns = self._probe_columns(cacheable=True)  # no row came
         return cursor
 
-    def _live_columns(self, cursor: apsw.Cursor) -> list[str]:
-        try:
-            return [column[0] for column in cursor.description]
-        except apsw.ExecutionCompleteError:
-            pass
-        # No row, so the statement is done: prepare it again only to read its
-        # columns, stopping before it runs (this is a read: nothing to undo).
+    def _probe_columns(self, *, cacheable: bool) -> list[str]:
+        """The statement's columns, from preparing it again and stopping before it runs.
+
+        Uncached, to see a schema change: apsw keeps the description it gave
+        the trace callback of a statement that SQLite then re-prepared.
+        """
         probe = self.conn.db.cursor()
         probe.exec_trace = self._capture_columns
         with contextlib.suppress(apsw.ExecTraceAbort):
-            probe.execute(self.sql, self.bind)
+            probe.execute(self.sql, self.bind, can_cache=cacheable)
         return self.columns
 
     def _capture_columns(self, cursor: apsw.Cursor, _statement: str, _bindings: object) -> bool:
@@ -134,10 +136,11 @@ class _Statement:
             self._check_bind(cursor)
         description = cursor.description
         self.columns = [column[0] for column in description] if description else []
-        checked = self.conn.checked_sql
-        if len(checked) >= CHECKED_SQL_MAX:
-            checked.clear()
-        checked[self.sql] = bool(description)
+        if len(self.sql) <= CHECKED_SQL_MAX_CHARS:
+            checked = self.conn.checked_sql
+            if len(checked) >= CHECKED_SQL_MAX:
+                checked.clear()
+            checked[self.sql] = bool(description)
         return True
 
     def _check_bind(self, cursor: apsw.Cursor) -> None:
@@ -159,6 +162,8 @@ class _Statement:
         rows: list[dict[str, Any]] = []
         append = rows.append
         for row in itertools.islice(cursor, max_rows):
+            if len(row) != len(columns):
+                columns = self._probe_columns(cacheable=False)
             if bytes in map(type, row):
                 append({name: to_wire(value) for name, value in zip(columns, row, strict=True)})
             else:

@@ -375,3 +375,13 @@ async def test_a_query_repeated_names_its_columns_with_rows_without_and_after_a_
         result = await sql(client, select_all, "query", bind=bind)
         assert result["columns"] == ["id", "v", "w"]
     assert result["rows"] == [{"id": 1, "v": "a", "w": None}]
+
+
+async def test_a_write_returning_rows_names_the_columns_after_a_schema_change(
+    client: Client,
+) -> None:
+    insert = "INSERT INTO t (id) VALUES (?) RETURNING *"
+    assert (await sql(client, insert, bind=[1]))["rows"] == [{"id": 1, "v": None}]
+    assert (await sql(client, insert, bind=[2]))["rows"] == [{"id": 2, "v": None}]
+    await sql(client, "ALTER TABLE t ADD COLUMN w DEFAULT 'new'", "exec")
+    assert (await sql(client, insert, bind=[3]))["rows"] == [{"id": 3, "v": None, "w": "new"}]

@@ -137,3 +137,45 @@ async def test_a_group_keeps_exactly_what_each_job_committed(short_tmp: Path) ->
         assert [row[0] for row in rows] == [11, 13, 14, 21, 22, 23, 24]
     finally:
         await asyncio.to_thread(worker.stop)
+
+
+async def test_a_call_run_twice_by_its_group_is_not_timed_out_by_the_first_run(
+    short_tmp: Path,
+) -> None:
+    worker = _writer(str(short_tmp / "deadline.db"))
+    try:
+        started = threading.Event()
+        release = threading.Event()
+
+        def blocker(conn: Conn) -> int:
+            started.set()
+            release.wait(5)
+            return 0
+
+        def slow_then_undone(conn: Conn) -> int:
+            with WriteTransaction(conn):
+                conn.execute("INSERT INTO t (id) VALUES (2)")
+                time.sleep(1.0)
+                raise ValueError("undone")
+
+        first = asyncio.ensure_future(worker.run(blocker))
+        await asyncio.to_thread(started.wait, 5)
+        # One group: the quick insert runs first, then the slow job sends the
+        # group back after its deadline has passed; the insert still holds.
+        quick = asyncio.ensure_future(
+            worker.run(functools.partial(_insert, row=1), time.monotonic() + 0.5)
+        )
+        slow = asyncio.ensure_future(worker.run(slow_then_undone))
+        await asyncio.sleep(0.05)
+        release.set()
+        outcomes = await asyncio.gather(first, quick, slow, return_exceptions=True)
+        assert outcomes[1] == 1
+        assert isinstance(outcomes[2], ValueError)
+        rows = worker_rows(short_tmp / "deadline.db")
+        assert rows == [1]
+    finally:
+        await asyncio.to_thread(worker.stop)
+
+
+def worker_rows(path: Path) -> list[int]:
+    return [row[0] for row in apsw.Connection(str(path)).execute("SELECT id FROM t ORDER BY id")]
