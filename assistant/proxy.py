@@ -132,8 +132,7 @@ class _Statement:
                     "sql must be exactly one statement (use mode=exec for a script)",
                     path=f"{self.path}.sql",
                 )
-        if type(self.bind) is dict:
-            self._check_bind(cursor)
+        self._check_bind(cursor)
         description = cursor.description
         self.columns = [column[0] for column in description] if description else []
         if len(self.sql) <= CHECKED_SQL_MAX_CHARS:

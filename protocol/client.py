@@ -186,7 +186,7 @@ class Client:
         self._pending[request_id] = (future, protocol, deadline, method, timeout)
         try:
             self._expire_at(deadline, loop)
-            await self._write(protocol, frame, [request_id], timeout)
+            await self._write(protocol, frame, timeout)
             response = await future
         finally:
             del self._pending[request_id]
@@ -196,7 +196,7 @@ class Client:
     async def notify(self, method: str, params: object = None) -> None:
         """Send a notification: executed by the peer, never answered."""
         frame = encode_frame_of(_Call("2.0", method, params=_params(params)))
-        await self._write(await self._writable_protocol(), frame, [], None)
+        await self._write(await self._writable_protocol(), frame, None)
 
     async def batch(
         self, calls: Sequence[BatchCall], *, timeout: float | None = None
@@ -230,7 +230,7 @@ class Client:
             protocol.batches.append(ids)
         try:
             self._expire_at(deadline, loop)
-            await self._write(protocol, frame, ids, timeout)
+            await self._write(protocol, frame, timeout)
             results: list[Any | IpcHandlerError] = []
             for future in futures:
                 response = await future
@@ -272,9 +272,7 @@ class Client:
             raise IpcTransportError(f"connection to {self.path} is closed", sent=False)
         return protocol
 
-    async def _write(
-        self, protocol: _ClientProtocol, frame: bytes, ids: list[int], timeout: float | None
-    ) -> None:
+    async def _write(self, protocol: _ClientProtocol, frame: bytes, timeout: float | None) -> None:
         """Write `frame`, then wait while the peer is not reading, up to the timeout."""
         assert protocol.transport is not None
         protocol.transport.write(frame)

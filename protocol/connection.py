@@ -29,11 +29,9 @@ from protocol.errors import (
 )
 from protocol.framing import FrameDecoder
 from protocol.messages import (
-    JSONRPC_VERSION,
     Request,
     RequestId,
     Response,
-    SuccessResponse,
     append_frame_of,
     decode_batch,
     decode_request,
@@ -183,8 +181,7 @@ class Connection(asyncio.Protocol):
             response = self._call_inline(method, params, request)
             if started:
                 self._log_call(request, response, started)
-            if response is not None and request.id is not UNSET:
-                self._send_message(response)
+            self._answer(request, response)
         elif method.deferred and not self._server.debug:
             self._start_deferred(request, method, params)
         else:
@@ -196,7 +193,7 @@ class Connection(asyncio.Protocol):
             result = method.handler(params)
         except Exception as exc:
             return self._error_of(request, exc)
-        return SuccessResponse(JSONRPC_VERSION, request.id, result)  # type: ignore[arg-type]
+        return success_response(request.id, result)  # type: ignore[arg-type]
 
     def _start_deferred(self, request: Request, method: Method, params: Any) -> None:
         try:
@@ -210,8 +207,7 @@ class Connection(asyncio.Protocol):
     def _deferred_done(self, request: Request, ok: bool, value: Any) -> None:
         self._end_call()
         if ok:
-            if request.id is not UNSET:
-                self._send_message(SuccessResponse(JSONRPC_VERSION, request.id, value))
+            self._answer(request, success_response(request.id, value))  # type: ignore[arg-type]
         else:
             error = value if isinstance(value, Exception) else RuntimeError(repr(value))
             self._answer(request, self._error_of(request, error))
@@ -305,7 +301,9 @@ class Connection(asyncio.Protocol):
         self._answer(request, response)
 
     def _answer(self, request: Request, response: Response | None) -> None:
-        if response is not None and not request.is_notification:
+        # `request.id is not UNSET` is `not request.is_notification`, without a
+        # property call: this runs once per answered call.
+        if response is not None and request.id is not UNSET:
             self._send_message(response)
 
     def _send_error(self, request_id: RequestId, error: RpcError) -> None:

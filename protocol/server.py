@@ -38,7 +38,7 @@ from protocol.errors import (
 )
 from protocol.framing import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_FRAME_BYTES
 from protocol.messages import Request
-from protocol.sqlite import settle_future
+from protocol.sqlite import outcome_of
 
 _CLOSE_WAIT = 1.0
 
@@ -188,7 +188,5 @@ class Server:
         if method.inline:
             return method.handler(params)
         if method.deferred:
-            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            cast("Deferred[Any]", method.handler(params)).then(settle_future, future)
-            return await future
+            return await outcome_of(cast("Deferred[Any]", method.handler(params)))
         return await anyio.to_thread.run_sync(method.handler, params)

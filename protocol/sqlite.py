@@ -31,6 +31,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import apsw
 
+from protocol.dispatch import Deferred
 from protocol.errors import EX_CANTCREAT, EX_DATAERR, DbOpenError
 
 T = TypeVar("T")
@@ -73,9 +74,10 @@ class Deadline:
     release_held: Callable[[], None] | None = None
 
     def expired(self) -> bool:
-        if self.release_held is not None and time.monotonic() - self.started > HOLD_LIMIT:
+        now = time.monotonic()
+        if self.release_held is not None and now - self.started > HOLD_LIMIT:
             self.release_held()
-        return bool(self.at) and time.monotonic() >= self.at
+        return bool(self.at) and now >= self.at
 
 
 @dataclass(slots=True)
@@ -331,10 +333,7 @@ class Worker(Generic[C]):
         Cancelling the caller does not stop a job that has started; its
         deadline does.
         """
-        job = self.submit(fn, deadline)
-        future: asyncio.Future[T] = job.loop.create_future()
-        job.then(settle_future, future)
-        return await future
+        return await outcome_of(self.submit(fn, deadline))
 
     def _serve(self, conn: C) -> None:
         held: list[tuple[Job[Any], tuple[bool, Any]]] = []
@@ -512,8 +511,15 @@ def _queued_past_deadline() -> QueuedPastDeadline:
     return QueuedPastDeadline("the call's deadline passed before it could start")
 
 
-def settle_future(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    """A `Job` callback that settles an awaited future (unless its caller gave up)."""
+async def outcome_of(deferred: Deferred[T]) -> T:
+    """Await what a `Job` (any `Deferred`) delivers: its result, or its exception raised."""
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    deferred.then(_settle_future, future)
+    return await future
+
+
+def _settle_future(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    """Settle an awaited future (unless its caller gave up)."""
     if future.done():
         return
     if ok:
