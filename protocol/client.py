@@ -99,8 +99,8 @@ class _ClientProtocol(asyncio.Protocol):
         try:
             for body in self._decoder.feed(data):
                 self._client._on_frame(self, body)
-        except (FrameError, msgspec.DecodeError, UnicodeDecodeError) as exc:
-            self._client._fail_connection(self, f"protocol violation by the peer: {exc}")
+        except (FrameError, msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            self._client._fail_connection(self, f"protocol violation by the peer: {exc!r}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f"connection lost: {exc}" if exc else "connection closed by the peer"
@@ -405,14 +405,16 @@ def _result_of(response: ClientResponse, result_type: Any) -> Any:
     raw: Raw = response.result
     if not raw:
         raise IpcTransportError("answer has neither result nor error", sent=True)
-    if result_type is None:
-        return _any_decoder.decode(raw)
+    decoder = _any_decoder if result_type is None else _decoder_for(result_type)
     try:
-        return _decoder_for(result_type).decode(raw)
+        return decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise IpcTransportError(
             f"answer does not match the expected type: {exc}", sent=True
         ) from exc
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # The envelope skipped `result` unchecked: this is where bad bytes show.
+        raise IpcTransportError(f"protocol violation by the peer: {exc!r}", sent=True) from exc
 
 
 def _describe(exc: BaseException) -> str:

@@ -37,6 +37,7 @@ from protocol.messages import (
     decode_request,
     error_response,
     is_batch,
+    request_id_of,
     success_response,
 )
 
@@ -71,6 +72,7 @@ class Connection(asyncio.Protocol):
         self._peer = "?"
         self._peer_done = False
         self._batch_members = asyncio.Semaphore(server.limits.max_in_flight)
+        self._bug_logged = False
 
     # -- asyncio.Protocol callbacks ---------------------------------------
 
@@ -154,13 +156,40 @@ class Connection(asyncio.Protocol):
             if self._in_flight >= limit:
                 self._backlog.extend(frames[index:])
                 return
-            self._handle_frame(body)
+            try:
+                self._handle_frame(body)
+            except Exception as exc:
+                self._frame_failed(body, exc)
 
     def _drain_backlog(self) -> None:
         limit = self._limits.max_in_flight
         backlog = self._backlog
         while backlog and self._in_flight < limit and not self._closed:
-            self._handle_frame(backlog.popleft())
+            body = backlog.popleft()
+            try:
+                self._handle_frame(body)
+            except Exception as exc:
+                self._frame_failed(body, exc)
+
+    def _frame_failed(self, body: bytes, exc: Exception) -> None:
+        """The last resort: a bug met while handling one frame costs that frame only.
+
+        Every failure a frame can cause by what it holds is answered before
+        this; reaching here is a bug of ours. The traceback is logged once per
+        connection (a peer repeating the frame must not flood the journal), the
+        frame answered INTERNAL_ERROR when its id can be read, and the
+        connection and its other calls go on.
+        """
+        if self._bug_logged:
+            self._server.log.error("unexpected error handling a frame from %s: %r", self._peer, exc)
+        else:
+            self._bug_logged = True
+            self._server.log.error(
+                "unexpected error handling a frame from %s", self._peer, exc_info=exc
+            )
+        request_id = request_id_of(body)
+        if request_id is not UNSET:
+            self._send_error(request_id, InternalError("internal error; see the daemon's log"))
 
     def _handle_frame(self, body: bytes) -> None:
         if body[0] != _OPEN_OBJECT and is_batch(body):
@@ -314,7 +343,7 @@ class Connection(asyncio.Protocol):
             return
         try:
             append_frame_of(message, self._out)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             self._server.log.error("could not encode an answer", exc_info=exc)
             request_id = getattr(message, "id", None)
             fallback = error_response(request_id, InternalError("unencodable result"))

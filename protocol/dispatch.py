@@ -83,8 +83,10 @@ class Method:
             return self.decoder.decode(body)
         except msgspec.ValidationError as exc:
             raise invalid_params(exc) from exc
-        except UnicodeDecodeError as exc:
-            raise ParseError(f"invalid JSON: {exc}") from exc
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise ParseError(f"invalid JSON in params: {exc}") from exc
+        except RecursionError as exc:
+            raise ParseError("invalid JSON: params nested too deeply to decode") from exc
 
     def _decode_positional(self, body: bytes) -> Any:
         values = msgspec.json.decode(body, type=list[Any])

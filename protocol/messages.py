@@ -120,16 +120,22 @@ def is_batch(body: bytes) -> bool:
 def decode_request(body: bytes | Raw) -> Request:
     """Decode one request envelope.
 
-    Raises `ParseError` when the body is not UTF-8 JSON and `InvalidRequest`
-    when it is JSON but not a request; the latter carries the request's id in
-    `request_id` when one could be read, so the answer can echo it.
+    Raises `ParseError` when the body is not UTF-8 JSON (bytes anywhere in
+    it, or nesting too deep to decode) and `InvalidRequest` when it is JSON
+    but not a request; the latter carries the request's id in `request_id`
+    when one could be read, so the answer can echo it. A batch member (`Raw`)
+    is not checked again: its batch was.
     """
+    if type(body) is bytes:
+        check_utf8(body)
     try:
         request = _request_decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise _invalid_request(body, str(exc)) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ParseError(f"invalid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise _too_deep() from exc
     if request.jsonrpc != JSONRPC_VERSION:
         raise _with_id(
             InvalidRequest(f'"jsonrpc" must be "2.0", got {request.jsonrpc!r}'), request.id
@@ -138,6 +144,18 @@ def decode_request(body: bytes | Raw) -> Request:
     if first and first not in (b"{", b"["):
         raise _with_id(InvalidRequest('"params" must be an object or an array'), request.id)
     return request
+
+
+def request_id_of(body: bytes) -> RequestId | UnsetType:
+    """The id of the request in `body` as far as it can be read: UNSET for a
+    notification, None when there is no readable id (a batch, broken JSON)."""
+    try:
+        request = decode_request(body)
+    except RpcError as exc:
+        return exc.request_id
+    except Exception:
+        return None
+    return request.id
 
 
 def _with_id(error: RpcError, request_id: RequestId | UnsetType) -> RpcError:
@@ -155,6 +173,8 @@ def _invalid_request(body: bytes | Raw, reason: str) -> RpcError:
         value = _any_decoder.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         return ParseError(f"invalid JSON: {exc}")
+    except RecursionError:
+        return _too_deep()
     error = InvalidRequest(f"not a valid JSON-RPC 2.0 request: {reason}")
     if isinstance(value, dict):
         request_id = value.get("id")
@@ -164,8 +184,33 @@ def _invalid_request(body: bytes | Raw, reason: str) -> RpcError:
 
 
 def decode_batch(body: bytes) -> list[Raw]:
-    """Decode a batch body into its members, each still raw JSON."""
+    """Decode a batch body into its members, each still raw JSON; `ParseError` as above."""
+    check_utf8(body)
     try:
         return _batch_decoder.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ParseError(f"invalid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise _too_deep() from exc
+
+
+def check_utf8(body: bytes) -> None:
+    """Raise `ParseError` unless the whole body is UTF-8.
+
+    msgspec checks only the strings it decodes: a member it skips, or one kept
+    as `Raw` (like `params`, until its method decodes it), is not looked at.
+    """
+    if body.isascii():
+        return
+    try:
+        body.decode()
+    except UnicodeDecodeError as exc:
+        raise ParseError(
+            f"invalid JSON: the body is not UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from exc
+
+
+def _too_deep() -> ParseError:
+    # msgspec raises RecursionError past Python's recursion limit, which counts
+    # the frames already on the stack: the depth refused is about 1000 less them.
+    return ParseError("invalid JSON: nested too deeply to decode")

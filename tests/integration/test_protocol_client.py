@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import json
 import signal
 import time
 from pathlib import Path
@@ -205,3 +207,41 @@ async def test_sigterm_lets_in_flight_calls_finish_and_refuses_new_ones(
     assert answers == [0.5] * 5
     assert demo.terminate() == 0
     assert not (demo.runtime_dir / "demo.sock").exists()
+
+
+MALFORMED_RESULTS = {
+    "invalid UTF-8 in the result": b'"\xed\xa0\x80"',
+    "a result nested too deeply": b"[" * 100_000 + b"]" * 100_000,
+}
+
+
+@pytest.mark.parametrize("result", MALFORMED_RESULTS.values(), ids=MALFORMED_RESULTS.keys())
+async def test_a_malformed_answer_is_a_transport_error_and_the_client_goes_on(
+    short_tmp: Path, result: bytes
+) -> None:
+    """A peer that answers its first call with bad bytes, later ones properly.
+
+    A result the envelope decode cannot skip costs the connection (no id can
+    be read); one it can skip costs the call. Either way the next call works.
+    """
+    bodies = iter([b'{"jsonrpc":"2.0","id":%d,"result":' + result + b"}"])
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                length = int.from_bytes(await reader.readexactly(4), "big")
+                request = json.loads(await reader.readexactly(length))
+                frame = next(bodies, b'{"jsonrpc":"2.0","id":%d,"result":1}') % request["id"]
+                writer.write(len(frame).to_bytes(4, "big") + frame)
+        writer.close()
+
+    path = str(short_tmp / "peer.sock")
+    server = await asyncio.start_unix_server(answer, path)
+    try:
+        async with Client(path) as client:
+            with pytest.raises(IpcTransportError, match="protocol violation") as caught:
+                await client.call("a", timeout=5)
+            assert caught.value.sent
+            assert await client.call("b", timeout=5) == 1
+    finally:
+        server.close()

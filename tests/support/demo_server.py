@@ -33,6 +33,16 @@ class FailParams(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
     error_code: str = "DEMO_CONFLICT"
 
 
+class BuggyParams(msgspec.Struct, forbid_unknown_fields=True):
+    """Params whose decoding hits a bug of ours (not a validation failure) when `bug` is set."""
+
+    bug: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bug:
+            raise RuntimeError("a bug in a params type")
+
+
 class DemoApp:
     def __init__(self, config: DaemonConfig, args: argparse.Namespace) -> None:
         self.router = Router("demo", "0.1.0")
@@ -43,6 +53,7 @@ class DemoApp:
         self.router.add("fail", self.fail, inline=True)
         self.router.add("boom", self.boom)
         self.router.add("pid", self.pid, inline=True)
+        self.router.add("buggy", self.buggy, inline=True)
         self.calls = 0
 
     def echo(self, params: EchoParams) -> EchoParams:
@@ -65,6 +76,9 @@ class DemoApp:
 
     async def boom(self, params: NoParams) -> None:
         raise ZeroDivisionError("secret detail")
+
+    def buggy(self, params: BuggyParams) -> bool:
+        return params.bug
 
     def pid(self, params: NoParams) -> int:
         return os.getpid()

@@ -2,12 +2,15 @@ from __future__ import annotations
 
 import contextlib
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.errors import InvalidRequest, ParseError
-from protocol.messages import decode_request
+from protocol.dispatch import Router
+from protocol.errors import InvalidRequest, ParseError, RpcError
+from protocol.messages import decode_batch, decode_request, request_id_of
+from protocol.values import WireValue
 
 
 def test_a_request_keeps_its_params_raw_until_the_method_is_known() -> None:
@@ -71,3 +74,56 @@ def test_invalid_requests_name_the_problem_and_keep_a_readable_id(
 def test_arbitrary_bodies_decode_or_raise_a_protocol_error(body: bytes) -> None:
     with contextlib.suppress(ParseError, InvalidRequest):
         decode_request(body)
+
+
+class _Params(msgspec.Struct, forbid_unknown_fields=True):
+    value: WireValue = None
+    items: list[dict[str, int]] = []
+
+
+def _handler(params: _Params) -> None:
+    return None
+
+
+_router = Router("unit", "0")
+_router.add("m", _handler)
+_method = _router.lookup("m")
+
+
+@given(
+    prefix=st.sampled_from([b"", b'{"jsonrpc":"2.0","id":1,"method":"m","params":', b'[{"x":']),
+    depth=st.integers(0, 5000),
+    middle=st.binary(max_size=40),
+    suffix=st.sampled_from([b"", b"}", b"]}"]),
+)
+def test_any_bytes_at_any_depth_raise_only_protocol_errors(
+    prefix: bytes, depth: int, middle: bytes, suffix: bytes
+) -> None:
+    """Every stage that parses bytes: a result or an RpcError, never another exception."""
+    body = prefix + b"[" * depth + middle + b"]" * depth + suffix
+    with contextlib.suppress(RpcError):
+        decode_request(body)
+    with contextlib.suppress(RpcError):
+        decode_batch(body)
+    with contextlib.suppress(RpcError):
+        _method.decode_params(msgspec.Raw(b"[" * depth + middle + b"]" * depth))
+    request_id_of(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"jsonrpc":"2.0","id":1,"method":"m","x":"\xed\xa0\x80"}',
+        b'{"jsonrpc":"2.0","id":1,"method":"m","params":{"value":"\xff"}}',
+        b'[{"jsonrpc":"2.0","id":1,"method":"m","params":["\xc0\xaf"]}]',
+    ],
+)
+def test_invalid_utf8_skipped_by_the_decoder_is_still_a_parse_error(body: bytes) -> None:
+    decode = decode_batch if body.startswith(b"[") else decode_request
+    with pytest.raises(ParseError, match="not UTF-8"):
+        decode(body)
+
+
+def test_params_nested_too_deeply_are_a_parse_error_not_a_recursion_error() -> None:
+    with pytest.raises(ParseError, match="nested too deeply"):
+        _method.decode_params(msgspec.Raw(b"[" * 100_000 + b"]" * 100_000))
