@@ -16,7 +16,7 @@ from gateway.db import Database
 from gateway.invites import GuessLimits
 from gateway.link import AssistantLink
 from gateway.migrations import MigrationRunner
-from gateway.outbox import Delivery, dead_count, pending_count
+from gateway.outbox import Delivery, backlog_bounds, dead_count
 from gateway.routes import GatewayRoutes
 from protocol import daemon
 from protocol.daemon import DaemonConfig
@@ -56,7 +56,9 @@ class GatewayApp:
         key = await anyio.to_thread.run_sync(load_or_create_key, self.key_path)
         self.hasher = CodeHasher(key)
         await self.migrations.load()
-        self.delivery.pending = await self.db.run(pending_count)
+        done_through, queued_through = await self.db.run(backlog_bounds)
+        self.delivery.backlog.done(done_through)
+        self.delivery.backlog.queued(queued_through)
         self.delivery.dead = await self.db.run(dead_count)
         log.info("database %s open at schema version %d", self.db.path, self.db.schema_version)
 

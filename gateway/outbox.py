@@ -55,15 +55,17 @@ def pending_events(conn: Conn, limit: int = BATCH) -> list[PendingEvent]:
     return [PendingEvent(*row) for row in rows]
 
 
-def pending_count(conn: Conn) -> int:
-    # Rows are delivered and deleted oldest first and a rolled-back insert
-    # takes no sequence number, so the pending rows are one contiguous range.
-    # Two subqueries, as SQLite's min/max shortcut (one index probe) only
-    # applies to a lone min() or max().
-    rows = conn.execute(
-        "SELECT coalesce((SELECT max(seq) FROM outbox) - (SELECT min(seq) FROM outbox) + 1, 0)"
-    )
-    return int(rows[0][0])
+def queued_through(conn: Conn) -> int:
+    """The highest sequence number the outbox has given out (0 before the first event)."""
+    rows = conn.execute("SELECT seq FROM main.sqlite_sequence WHERE name = 'outbox'")
+    return int(rows[0][0]) if rows else 0
+
+
+def backlog_bounds(conn: Conn) -> tuple[int, int]:
+    """`(done_through, queued_through)` as the table stands: every row above the first is there."""
+    queued = queued_through(conn)
+    first = conn.execute("SELECT min(seq) FROM outbox")[0][0]
+    return (queued if first is None else int(first) - 1), queued
 
 
 def mark_delivered(conn: Conn, through_seq: int) -> None:
@@ -105,6 +107,37 @@ class Signal:
         self._event = anyio.Event()
 
 
+class Backlog:
+    """How many events wait, exactly, from two watermarks on the outbox's sequence numbers.
+
+    `seq` is AUTOINCREMENT (never reused, and a rolled-back insert takes none)
+    and events leave oldest first (delivered, or set aside at the head), so
+    the waiting rows are exactly those in `(done_through, queued_through]`.
+    Both marks only move up: a report that reaches the loop late (a commit's
+    callback after the delivery that already took its event, an empty read
+    after a commit) can never undo a newer one, as a counter set to "0" or
+    "the count when my transaction ran" could.
+    """
+
+    __slots__ = ("done_through", "queued_through")
+
+    def __init__(self) -> None:
+        self.done_through = 0
+        self.queued_through = 0
+
+    def queued(self, through: int) -> None:
+        if through > self.queued_through:
+            self.queued_through = through
+
+    def done(self, through: int) -> None:
+        if through > self.done_through:
+            self.done_through = through
+
+    @property
+    def pending(self) -> int:
+        return max(0, self.queued_through - self.done_through)
+
+
 class Delivery:
     """Sends queued events to the assistant in order, retrying with backoff while it is away."""
 
@@ -112,14 +145,18 @@ class Delivery:
         self._db = db
         self._link = link
         self._wake = Signal()
-        self.pending = 0
+        self.backlog = Backlog()
         self.dead = 0
         self.last_error: str | None = None
         self._refusals: dict[int, int] = {}
 
-    def wake(self, pending: int) -> None:
-        """A transaction that may have queued events committed; `pending` is the backlog now."""
-        self.pending = pending
+    @property
+    def pending(self) -> int:
+        return self.backlog.pending
+
+    def wake(self, queued_through: int) -> None:
+        """A transaction that may have queued events committed; `queued_through` as it saw it."""
+        self.backlog.queued(queued_through)
         self._wake.set()
 
     async def run_forever(self) -> None:
@@ -127,7 +164,6 @@ class Delivery:
         while True:
             events = await self._db.run(pending_events)
             if not events:
-                self.pending = 0
                 await self._wake.wait(IDLE_POLL)
                 continue
             if await self._deliver(events):
@@ -166,7 +202,7 @@ class Delivery:
         finally:
             if delivered:
                 await self._db.run(functools.partial(mark_delivered, through_seq=through))
-                self.pending = max(0, self.pending - delivered)
+                self.backlog.done(through)
 
     async def _failed(self, event: PendingEvent, exc: IpcError) -> bool:
         """Record the failure; True when the event was set aside and delivery goes on.
@@ -188,5 +224,5 @@ class Delivery:
         del self._refusals[event.seq]
         log.error("event %s (%s) set aside in outbox_dead: %s", event.event_id, event.kind, exc)
         self.dead += 1
-        self.pending = max(0, self.pending - 1)
+        self.backlog.done(event.seq)
         return True

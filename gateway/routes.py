@@ -17,7 +17,7 @@ from gateway.inbound import Inbound, inbound
 from gateway.invites import GuessLimits, Redemption, Sender
 from gateway.link import AssistantLink
 from gateway.migrations import MigrationRunner
-from gateway.outbox import Delivery, pending_count
+from gateway.outbox import Delivery, queued_through
 from gateway.records import Channel, Contact, Invite
 from protocol import __version__
 from protocol.dispatch import Deferred, NoParams, Router
@@ -178,11 +178,11 @@ class GatewayRoutes:
     def _submit_queuing(self, job: Callable[..., T], **kwargs: object) -> Job[T]:
         """A job whose transaction may queue an event; delivery is woken once it commits."""
         bound = functools.partial(job, **kwargs)
-        return self.db.submit(functools.partial(_and_pending, job=bound)).map(self._woken)
+        return self.db.submit(functools.partial(_and_queued_through, job=bound)).map(self._woken)
 
     def _woken(self, outcome: tuple[T, int]) -> T:
-        result, pending = outcome
-        self.delivery.wake(pending)
+        result, through = outcome
+        self.delivery.wake(through)
         return result
 
     def health(self, params: NoParams) -> HealthResult:
@@ -289,5 +289,5 @@ class GatewayRoutes:
         )
 
 
-def _and_pending(conn: Conn, job: Callable[[Conn], T]) -> tuple[T, int]:
-    return job(conn), pending_count(conn)
+def _and_queued_through(conn: Conn, job: Callable[[Conn], T]) -> tuple[T, int]:
+    return job(conn), queued_through(conn)
