@@ -1,17 +1,24 @@
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+LATEST := .venv-latest
+N ?= 10
 
-.PHONY: test lint types unit run bench bench-rss soak clean
+.PHONY: test check lint types unit run bench bench-rss soak lock test-latest test-repeat clean
 
-$(STAMP): pyproject.toml
+# Every install of ours takes the exact versions (and hashes) of the lock; the
+# project itself goes in last, editable, built by the locked setuptools.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP) lint types unit
+test: $(STAMP) check
+
+check: lint types unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -38,5 +45,32 @@ bench: $(STAMP)
 bench-rss: $(STAMP)
 	$(BIN)/python -m bench.rss
 
+# Re-resolve every dependency to the newest release the ranges in pyproject.toml
+# allow, for every platform, with hashes.
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+		--generate-hashes --upgrade --quiet -o $(LOCK)
+
+# The suite on the newest releases the ranges allow, in a venv of its own: finds
+# upstream drift on purpose, before a `make lock` takes it in.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --upgrade -e '.[dev]'
+	$(LATEST)/bin/pip list --format freeze | grep -iE '^(anyio|msgspec|apsw|uvloop|pytest|mypy|ruff)='
+	touch $(LATEST)/.installed
+	$(MAKE) --no-print-directory check VENV=$(LATEST)
+
+# The whole suite N times, each in a random order with a fresh seed (pytest-randomly);
+# a failed run's seed reproduces its order: pytest -p randomly --randomly-seed=SEED
+test-repeat: $(STAMP)
+	@mkdir -p .pair; passed=0; for i in $$(seq $(N)); do \
+		seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); \
+		if $(BIN)/pytest -q -p no:cacheprovider -p randomly --randomly-seed=$$seed \
+			>.pair/test-repeat-$$i.log 2>&1; then result=passed; passed=$$((passed + 1)); \
+		else result=FAILED; fi; \
+		echo "run $$i/$(N) seed=$$seed $$result: $$(tail -n 1 .pair/test-repeat-$$i.log)"; \
+	done; echo "$$passed of $(N) runs passed (logs: .pair/test-repeat-*.log)"; test $$passed -eq $(N)
+
 clean:
-	rm -rf $(VENV) .pair .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) .pair .pytest_cache .mypy_cache .ruff_cache
