@@ -10,6 +10,7 @@ import pytest
 
 from protocol.client import BatchCall, Client
 from protocol.errors import IpcHandlerError
+from tests.support.waiting import dispatched
 
 pytestmark = pytest.mark.anyio
 
@@ -181,7 +182,7 @@ async def test_a_slow_query_times_out_while_health_answers_on_another_connection
 
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(slow)
-            await anyio.sleep(0.1)
+            await dispatched(client)
             for _ in range(20):
                 assert (await other.call("health"))["status"] == "ok"
             order.append("health")

@@ -13,6 +13,7 @@ import pytest
 from protocol.client import Client
 from protocol.errors import IpcHandlerError, IpcTransportError
 from tests.support.proc import DaemonProcess, run_once
+from tests.support.waiting import dispatched
 
 pytestmark = pytest.mark.anyio
 
@@ -42,7 +43,7 @@ async def test_sigterm_answers_every_call_in_flight_then_exits_zero(
         async with anyio.create_task_group() as task_group:
             for _ in range(4):
                 task_group.start_soon(slow_write)
-            await anyio.sleep(0.1)
+            await dispatched(client)
             assistant.signal(signal.SIGTERM)
         assert [answer["changes"] for answer in answers] == [1, 1, 1, 1]
     assert assistant.terminate() == 0
@@ -64,7 +65,7 @@ async def test_health_answers_while_a_long_write_holds_the_writer(
 
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(long_write)
-            await anyio.sleep(0.1)
+            await dispatched(client)
             health = await other.call("health")
             order.append("health")
             reads = await other.call(

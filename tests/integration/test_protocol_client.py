@@ -16,6 +16,7 @@ import pytest
 from protocol.client import BatchCall, Client
 from protocol.errors import IpcHandlerError, IpcTransportError
 from tests.support.proc import DaemonProcess
+from tests.support.waiting import dispatched
 
 pytestmark = pytest.mark.anyio
 
@@ -48,7 +49,7 @@ async def test_answers_arrive_out_of_order_and_are_matched_by_id(demo_socket: st
 
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(slow)
-            await anyio.sleep(0.05)
+            await dispatched(client, "pid")
             task_group.start_soon(fast)
     assert order == ["fast", "slow"]
 
@@ -89,7 +90,7 @@ async def test_a_daemon_killed_mid_call_fails_the_call_at_once_then_the_client_r
         started = time.monotonic()
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(stuck)
-            await anyio.sleep(0.2)
+            await dispatched(client, "pid")
             demo.kill()
         assert failure
         assert failure[0].sent is True
@@ -197,7 +198,7 @@ async def test_sigterm_lets_in_flight_calls_finish_and_refuses_new_ones(
         async with anyio.create_task_group() as task_group:
             for _ in range(5):
                 task_group.start_soon(slow)
-            await anyio.sleep(0.1)
+            await dispatched(client, "pid")
             demo.signal(signal.SIGTERM)
             await anyio.to_thread.run_sync(demo.wait_for, "STOPPING=1")
             with pytest.raises(IpcHandlerError) as caught:

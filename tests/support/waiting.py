@@ -32,6 +32,18 @@ async def gateway_health_reaches(
     await eventually(reached, timeout)
 
 
+async def dispatched(client: Any, probe: str = "health") -> None:
+    """Return once the daemon has read every call this client started before this one.
+
+    Calls started with `start_soon` write their frame in their first step, and
+    asyncio runs the ready tasks in order, so one yield lets them all write;
+    a daemon reads one connection's frames in order, so the answer to `probe`
+    sent after them on the same connection means theirs are in flight.
+    """
+    await anyio.sleep(0)
+    await client.call(probe)
+
+
 def outbox_drained(health: dict[str, Any]) -> bool:
     return bool(health["outbox"]["pending"] == 0)
 

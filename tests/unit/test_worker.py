@@ -121,7 +121,7 @@ async def test_a_group_keeps_exactly_what_each_job_committed(short_tmp: Path) ->
                 ),
             ]
             calls = [asyncio.ensure_future(job) for job in jobs]
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0)  # each job is queued in its task's first step
             release.set()
             outcomes = await asyncio.gather(first, *calls, return_exceptions=True)
             if failing:
@@ -166,7 +166,7 @@ async def test_a_call_run_twice_by_its_group_is_not_timed_out_by_the_first_run(
             worker.run(functools.partial(_insert, row=1), time.monotonic() + 0.5)
         )
         slow = asyncio.ensure_future(worker.run(slow_then_undone))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # each job is queued in its task's first step
         release.set()
         outcomes = await asyncio.gather(first, quick, slow, return_exceptions=True)
         assert outcomes[1] == 1
