@@ -13,9 +13,9 @@ from anyio.abc import TaskGroup
 from assistant.db import Database
 from assistant.proxy import sweep_idempotency_keys
 from assistant.routes import AssistantRoutes
-from protocol import daemon
-from protocol.daemon import DaemonConfig
-from protocol.sqlite import BUSY_TIMEOUT_MS, now_ms
+from runtime import daemon
+from runtime.daemon import DaemonConfig
+from runtime.sqlite import BUSY_TIMEOUT_MS, now_ms
 
 IDEMPOTENCY_KEEP_MS = 48 * 3600 * 1000
 SWEEP_INTERVAL = 3600.0

@@ -1,7 +1,7 @@
 """assistant.db: its schema, and the connections db_proxy runs on.
 
 One writer thread serialises every write in arrival order; `READERS` reader
-threads serve `query` beside it (WAL). See `protocol.sqlite` for the thread
+threads serve `query` beside it (WAL). See `runtime.sqlite` for the thread
 model and how deadlines interrupt a statement.
 """
 
@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 import apsw
 
 from assistant.policy import Guard, Mode
-from protocol.errors import EX_CANTCREAT, DbOpenError, RouteError
-from protocol.sqlite import (
+from protocol.errors import RouteError
+from runtime.errors import EX_CANTCREAT, DbOpenError
+from runtime.sqlite import (
     BUSY_TIMEOUT_MS,
     Conn,
     Job,

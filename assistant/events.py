@@ -7,7 +7,7 @@ from msgspec import Struct
 
 from assistant.db import GuardedConn
 from assistant.proxy import translate
-from protocol.sqlite import now_ms
+from runtime.sqlite import now_ms
 
 
 class EmitEventResult(Struct):

@@ -18,8 +18,8 @@ from msgspec import UNSET, Struct, UnsetType
 from assistant.db import GuardedConn, timeout_error
 from assistant.policy import Denial, Mode
 from protocol.errors import InvalidParams, RouteError, RpcError
-from protocol.sqlite import WriteTransaction, now_ms
 from protocol.values import SqlBind, to_wire
+from runtime.sqlite import WriteTransaction, now_ms
 
 # At most 1024 texts per connection, none over 16 KiB: about 16 MiB at worst.
 CHECKED_SQL_MAX = 1024

@@ -15,7 +15,8 @@ from assistant.db import Database
 from assistant.events import EmitEventResult, insert_event
 from assistant.proxy import ExecResult, QueryResult, RunResult, Step, TransactionResult
 from protocol import __version__
-from protocol.dispatch import Deferred, NoParams, Router
+from protocol.deferred import Deferred
+from protocol.dispatch import NoParams, Router
 from protocol.errors import InvalidParams
 from protocol.health import DbInfo, Health, uptime_ms
 from protocol.values import WireBind, bind_from_wire

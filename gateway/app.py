@@ -18,8 +18,8 @@ from gateway.link import AssistantLink
 from gateway.migrations import MigrationRunner
 from gateway.outbox import Delivery, backlog_bounds, dead_count
 from gateway.routes import GatewayRoutes
-from protocol import daemon
-from protocol.daemon import DaemonConfig
+from runtime import daemon
+from runtime.daemon import DaemonConfig
 
 SWEEP_INTERVAL = 60.0
 

@@ -13,7 +13,7 @@ import hmac
 import os
 import secrets
 
-from protocol.errors import EX_CANTCREAT, EX_CONFIG, DbOpenError
+from runtime.errors import EX_CANTCREAT, EX_CONFIG, DbOpenError
 
 CODE_DIGITS = 6
 KEY_BYTES = 32

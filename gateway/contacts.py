@@ -18,7 +18,7 @@ from gateway.records import (
     new_id,
 )
 from protocol.errors import InvalidParams, RouteError
-from protocol.sqlite import Conn, now_ms
+from runtime.sqlite import Conn, now_ms
 
 
 def not_found(what: str, record_id: str) -> RouteError:

@@ -2,7 +2,7 @@
 
 Everything the gateway stores is small and local, so one writer thread
 serves reads and writes alike: redemptions are serialised by it, and each
-runs in one BEGIN IMMEDIATE. See `protocol.sqlite` for the thread model.
+runs in one BEGIN IMMEDIATE. See `runtime.sqlite` for the thread model.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import TypeVar
 
 import apsw
 
-from protocol.errors import EX_CANTCREAT, DbOpenError
-from protocol.sqlite import (
+from runtime.errors import EX_CANTCREAT, DbOpenError
+from runtime.sqlite import (
     Conn,
     Job,
     Worker,

@@ -9,7 +9,7 @@ from msgspec import UNSET, Struct, UnsetType
 from gateway.codes import CodeHasher
 from gateway.contacts import find_sender_channel, touch_channel
 from gateway.invites import GuessLimits, Sender, redeem
-from protocol.sqlite import Conn
+from runtime.sqlite import Conn
 
 BARE_CODE = re.compile(r"\s*([0-9]{6})\s*")
 

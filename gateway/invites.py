@@ -24,7 +24,7 @@ from gateway.db import Commit, transaction
 from gateway.outbox import queue_event
 from gateway.records import INVITE_COLUMNS, Channel, Invite, invite_of, new_id
 from protocol.errors import RouteError
-from protocol.sqlite import Conn, now_ms
+from runtime.sqlite import Conn, now_ms
 
 CODE_ATTEMPTS = 50
 

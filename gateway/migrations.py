@@ -21,8 +21,8 @@ from gateway.db import Database, transaction
 from gateway.link import AssistantLink
 from gateway.records import new_id
 from protocol.errors import IpcError, IpcHandlerError
-from protocol.failpoints import failpoint
-from protocol.sqlite import Conn, now_ms
+from runtime.failpoints import failpoint
+from runtime.sqlite import Conn, now_ms
 
 log = logging.getLogger("gateway.migrations")
 

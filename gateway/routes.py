@@ -20,10 +20,11 @@ from gateway.migrations import MigrationRunner
 from gateway.outbox import Delivery, queued_through
 from gateway.records import Channel, Contact, Invite
 from protocol import __version__
-from protocol.dispatch import Deferred, NoParams, Router
+from protocol.deferred import Deferred
+from protocol.dispatch import NoParams, Router
 from protocol.errors import InvalidParams
 from protocol.health import DbInfo, Health, uptime_ms
-from protocol.sqlite import Conn, Job
+from runtime.sqlite import Conn, Job
 
 T = TypeVar("T")
 

@@ -20,8 +20,8 @@ import anyio
 from pairctl import render
 from pairctl.up import run_up
 from protocol.client import BatchCall, Client
-from protocol.daemon import default_runtime_dir, default_state_dir
 from protocol.errors import IpcHandlerError, IpcTransportError
+from runtime.paths import default_runtime_dir, default_state_dir
 
 EX_OK = 0
 EX_HANDLER = 1

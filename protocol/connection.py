@@ -44,7 +44,8 @@ from protocol.messages import (
 if TYPE_CHECKING:
     from msgspec import Raw
 
-    from protocol.dispatch import Deferred, Method
+    from protocol.deferred import Deferred
+    from protocol.dispatch import Method
     from protocol.server import Server
 
 _UCRED = struct.Struct("3i")

@@ -13,27 +13,13 @@ import types
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import msgspec
 from msgspec import Raw, Struct
 
+from protocol.deferred import Deferred
 from protocol.errors import InvalidParams, MethodNotFound, ParseError
-
-T_co = TypeVar("T_co", covariant=True)
-
-
-class Deferred(Protocol[T_co]):
-    """A result that arrives later, through a callback run on the loop (`protocol.sqlite.Job`).
-
-    A handler returning one hands its work to a thread without a task: the
-    connection answers from the callback.
-    """
-
-    def then(
-        self, on_done: Callable[[Any, bool, T_co | BaseException], None], context: Any
-    ) -> None: ...
-
 
 Handler = Callable[[Any], Awaitable[Any]] | Callable[[Any], Any]
 

@@ -30,7 +30,8 @@ import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from protocol.connection import Connection
-from protocol.dispatch import Deferred, Method, Router
+from protocol.deferred import Deferred, outcome_of
+from protocol.dispatch import Method, Router
 from protocol.errors import (
     InternalError,
     RpcError,
@@ -38,7 +39,6 @@ from protocol.errors import (
 )
 from protocol.framing import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_FRAME_BYTES
 from protocol.messages import Request
-from protocol.sqlite import outcome_of
 
 _CLOSE_WAIT = 1.0
 

@@ -4,9 +4,10 @@ import msgspec
 import pytest
 from msgspec import Raw
 
-from protocol.dispatch import Deferred, Router, openrpc_document
+from protocol.deferred import Deferred
+from protocol.dispatch import Router, openrpc_document
 from protocol.errors import InvalidParams, MethodNotFound
-from protocol.sqlite import Job
+from runtime.sqlite import Job
 
 
 class Step(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):

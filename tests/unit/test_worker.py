@@ -1,4 +1,4 @@
-"""protocol.sqlite.Worker: every job's result reaches the loop, whatever the threads' timing."""
+"""runtime.sqlite.Worker: every job's result reaches the loop, whatever the threads' timing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import apsw
 import pytest
 
-from protocol.sqlite import Conn, Deadline, Worker, WriteTransaction
+from runtime.sqlite import Conn, Deadline, Worker, WriteTransaction
 
 pytestmark = pytest.mark.anyio
 

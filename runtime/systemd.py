@@ -15,7 +15,7 @@ import anyio
 
 SD_LISTEN_FDS_START = 3
 
-log = logging.getLogger("protocol.systemd")
+log = logging.getLogger("runtime.systemd")
 
 
 class Notifier:

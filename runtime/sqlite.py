@@ -31,13 +31,13 @@ from typing import Any, Generic, TypeVar, cast
 
 import apsw
 
-from protocol.dispatch import Deferred
-from protocol.errors import EX_CANTCREAT, EX_DATAERR, DbOpenError
+from protocol.deferred import outcome_of
+from runtime.errors import EX_CANTCREAT, EX_DATAERR, DbOpenError
 
 T = TypeVar("T")
 U = TypeVar("U")
 
-log = logging.getLogger("protocol.sqlite")
+log = logging.getLogger("runtime.sqlite")
 
 BUSY_TIMEOUT_MS = 5000
 PROGRESS_STEPS = 1000
@@ -509,23 +509,6 @@ class Worker(Generic[C]):
 
 def _queued_past_deadline() -> QueuedPastDeadline:
     return QueuedPastDeadline("the call's deadline passed before it could start")
-
-
-async def outcome_of(deferred: Deferred[T]) -> T:
-    """Await what a `Job` (any `Deferred`) delivers: its result, or its exception raised."""
-    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-    deferred.then(_settle_future, future)
-    return await future
-
-
-def _settle_future(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    """Settle an awaited future (unless its caller gave up)."""
-    if future.done():
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
 
 
 def _settle_all(settled: list[tuple[Job[Any], tuple[bool, Any]]]) -> None:

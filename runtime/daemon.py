@@ -25,11 +25,12 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from protocol.dispatch import Router
-from protocol.errors import EX_CONFIG, StartupError
 from protocol.framing import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_FRAME_BYTES
-from protocol.listener import Listener, open_listener
 from protocol.server import Server, ServerLimits
-from protocol.systemd import Notifier, run_watchdog, watchdog_interval
+from runtime.errors import EX_CONFIG, StartupError
+from runtime.listener import Listener, open_listener
+from runtime.paths import default_runtime_dir, default_state_dir
+from runtime.systemd import Notifier, run_watchdog, watchdog_interval
 
 log = logging.getLogger("daemon")
 
@@ -65,23 +66,6 @@ class App(Protocol):
 
     def status(self) -> str:
         """One line for systemd's STATUS=."""
-
-
-def default_runtime_dir() -> Path:
-    for variable in ("PAIR_RUNTIME_DIR", "RUNTIME_DIRECTORY"):
-        value = os.environ.get(variable)
-        if value:
-            return Path(value.split(":")[0])
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(xdg) / "pair" if xdg else Path(".pair/run")
-
-
-def default_state_dir() -> Path:
-    for variable in ("PAIR_STATE_DIR", "STATE_DIRECTORY"):
-        value = os.environ.get(variable)
-        if value:
-            return Path(value.split(":")[0])
-    return Path(".pair/state")
 
 
 def argument_parser(name: str, description: str) -> argparse.ArgumentParser:

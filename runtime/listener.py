@@ -16,8 +16,8 @@ import socket
 import stat
 from dataclasses import dataclass
 
-from protocol.errors import EX_CANTCREAT, EX_CONFIG, EX_TEMPFAIL, ListenerError
-from protocol.systemd import listen_fds
+from runtime.errors import EX_CANTCREAT, EX_CONFIG, EX_TEMPFAIL, ListenerError
+from runtime.systemd import listen_fds
 
 # sun_path is 108 bytes on Linux, one of them the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107

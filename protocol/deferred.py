@@ -1,0 +1,39 @@
+"""Results that arrive later through a callback on the loop, and how to await one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Deferred(Protocol[T_co]):
+    """A result that arrives later, through a callback run on the loop (`runtime.sqlite.Job`).
+
+    A handler returning one hands its work to a thread without a task: the
+    connection answers from the callback.
+    """
+
+    def then(
+        self, on_done: Callable[[Any, bool, T_co | BaseException], None], context: Any
+    ) -> None: ...
+
+
+async def outcome_of(deferred: Deferred[T]) -> T:
+    """Await what a `Job` (any `Deferred`) delivers: its result, or its exception raised."""
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    deferred.then(_settle_future, future)
+    return await future
+
+
+def _settle_future(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    """Settle an awaited future (unless its caller gave up)."""
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)

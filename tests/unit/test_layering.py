@@ -1,0 +1,43 @@
+"""The wire layer stands alone: a client or a server loads no database code (SPEC.md section 1)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def loaded_after(imports: str) -> list[str]:
+    probe = (
+        f"import sys, {imports}; "
+        "print(sorted(m for m in sys.modules if m == 'apsw' or m.split('.')[0] == 'runtime'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return list(ast.literal_eval(result.stdout))
+
+
+def test_the_wire_client_and_server_load_no_database_code() -> None:
+    assert loaded_after("protocol.client, protocol.server") == []
+
+
+def test_the_ops_cli_loads_the_default_paths_and_no_database_code() -> None:
+    assert loaded_after("pairctl.cli") == ["runtime", "runtime.paths"]
+
+
+def test_protocol_imports_nothing_of_the_runtime_or_the_daemons() -> None:
+    forbidden = {"apsw", "runtime", "assistant", "gateway", "pairctl"}
+    found = []
+    for path in sorted((ROOT / "protocol").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in forbidden]
+    assert found == []
