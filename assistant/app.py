@@ -15,7 +15,8 @@ from assistant.proxy import sweep_idempotency_keys
 from assistant.routes import AssistantRoutes
 from runtime import daemon
 from runtime.daemon import DaemonConfig
-from runtime.sqlite import BUSY_TIMEOUT_MS, now_ms
+from runtime.sqlite import now_ms
+from runtime.upkeep import run_periodically
 
 IDEMPOTENCY_KEEP_MS = 48 * 3600 * 1000
 SWEEP_INTERVAL = 3600.0
@@ -29,7 +30,7 @@ class AssistantApp:
     def __init__(self, config: DaemonConfig, args: argparse.Namespace) -> None:
         self.db = Database(
             args.db or str(config.state_dir / "assistant.db"),
-            args.busy_timeout_ms,
+            config.busy_timeout_ms,
             config.synchronous,
         )
         self.routes = AssistantRoutes(self.db)
@@ -40,18 +41,22 @@ class AssistantApp:
         log.info("database %s open at schema version %d", self.db.path, self.db.schema_version)
 
     async def run_background(self, task_group: TaskGroup) -> None:
-        task_group.start_soon(self._sweep_idempotency_keys)
+        task_group.start_soon(
+            run_periodically,
+            "the idempotency key sweep",
+            self._sweep_idempotency_keys,
+            SWEEP_INTERVAL,
+            log,
+        )
 
     async def _sweep_idempotency_keys(self) -> None:
         # Keys live at least 24 h (SPEC); sweeping at 48 h keeps that with margin.
-        while True:
-            job = functools.partial(
-                sweep_idempotency_keys, older_than_ms=now_ms() - IDEMPOTENCY_KEEP_MS
-            )
-            removed = await self.db.write(job)
-            if removed:
-                log.info("forgot %d idempotency key(s) older than 48 h", removed)
-            await anyio.sleep(SWEEP_INTERVAL)
+        job = functools.partial(
+            sweep_idempotency_keys, older_than_ms=now_ms() - IDEMPOTENCY_KEEP_MS
+        )
+        removed = await self.db.write(job)
+        if removed:
+            log.info("forgot %d idempotency key(s) older than 48 h", removed)
 
     async def close(self) -> None:
         await anyio.to_thread.run_sync(self.db.close)
@@ -62,12 +67,6 @@ class AssistantApp:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", help="path of assistant.db (default: STATE_DIR/assistant.db)")
-    parser.add_argument(
-        "--busy-timeout-ms",
-        type=int,
-        default=BUSY_TIMEOUT_MS,
-        help="how long a statement waits for a lock held by another process before DB_BUSY",
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import apsw
 
 from assistant.policy import Guard, Mode
-from protocol.errors import RouteError
 from runtime.errors import EX_CANTCREAT, DbOpenError
 from runtime.sqlite import (
     BUSY_TIMEOUT_MS,
@@ -27,6 +26,7 @@ from runtime.sqlite import (
     migrate,
     watch_deadline,
 )
+from runtime.sqlite_errors import timeout_error
 
 T = TypeVar("T")
 
@@ -100,16 +100,6 @@ class GuardedConn(Conn):
         """
         self.guard.begin(Mode.TRUSTED)
         return list(self.db.execute(sql, bind, can_cache=cacheable))
-
-
-def timeout_error(data: dict[str, Any] | None = None) -> RouteError:
-    """DB_TIMEOUT: the call's `timeoutMs` passed, in the queue or in SQLite; nothing was applied."""
-    return RouteError(
-        "the statement ran past timeoutMs and was interrupted; nothing was applied",
-        504,
-        "DB_TIMEOUT",
-        data=data,
-    )
 
 
 def open_guarded(

@@ -15,11 +15,12 @@ import apsw
 import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
-from assistant.db import GuardedConn, timeout_error
+from assistant.db import GuardedConn
 from assistant.policy import Denial, Mode
 from protocol.errors import InvalidParams, RouteError, RpcError
 from protocol.values import SqlBind, to_wire
 from runtime.sqlite import WriteTransaction, now_ms
+from runtime.sqlite_errors import database_failure, sqlite_codes
 
 # At most 1024 texts per connection, none over 16 KiB: about 16 MiB at worst.
 CHECKED_SQL_MAX = 1024
@@ -303,27 +304,13 @@ def translate(
         return InvalidParams(f"{guard.reason}; use mode=run", path="$.sql")
     if guard.denial is Denial.FORBIDDEN:
         return RouteError(guard.reason, 403, "SQL_FORBIDDEN", data=extra)
-    if isinstance(exc, apsw.InterruptError):
-        return timeout_error(extra)
     if isinstance(exc, apsw.BindingsError):
         path = "$.bind" if step is None else f"$.steps[{step}].bind"
         return InvalidParams(str(exc), path=path, data=extra)
-    if isinstance(exc, apsw.BusyError):
-        return RouteError(
-            f"the database stayed locked past the busy timeout: {exc}",
-            503,
-            "DB_BUSY",
-            data=extra,
-            retryable=True,
-        )
-    assert isinstance(exc, apsw.Error)
-    extended = getattr(exc, "extendedresult", 0)
-    result_code = getattr(exc, "result", 0)
-    name = apsw.mapping_extended_result_codes.get(extended) or apsw.mapping_result_codes.get(
-        result_code, "SQLITE_ERROR"
-    )
-    sqlite = {"code": result_code, "extendedCode": extended, "name": name}
-    return RouteError(str(exc), 500, error_code, data={**extra, "sqlite": sqlite})
+    failure = database_failure(exc, extra)
+    if failure is not None:
+        return failure
+    return RouteError(str(exc), 500, error_code, data={**extra, "sqlite": sqlite_codes(exc)})
 
 
 def sweep_idempotency_keys(conn: GuardedConn, older_than_ms: int) -> int:

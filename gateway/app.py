@@ -20,6 +20,7 @@ from gateway.outbox import Delivery, backlog_bounds, dead_count
 from gateway.routes import GatewayRoutes
 from runtime import daemon
 from runtime.daemon import DaemonConfig
+from runtime.upkeep import run_periodically
 
 SWEEP_INTERVAL = 60.0
 
@@ -30,7 +31,11 @@ class GatewayApp:
     """gateway.db behind gateway.sock, and the link to the assistant."""
 
     def __init__(self, config: DaemonConfig, args: argparse.Namespace) -> None:
-        self.db = Database(args.db or str(config.state_dir / "gateway.db"), config.synchronous)
+        self.db = Database(
+            args.db or str(config.state_dir / "gateway.db"),
+            config.synchronous,
+            config.busy_timeout_ms,
+        )
         self.key_path = args.key_file or str(config.state_dir / "gateway.key")
         self.hasher: CodeHasher | None = None
         self.limits = GuessLimits(
@@ -65,7 +70,9 @@ class GatewayApp:
     async def run_background(self, task_group: TaskGroup) -> None:
         task_group.start_soon(self._link_then_migrate)
         task_group.start_soon(self.delivery.run_forever)
-        task_group.start_soon(self._sweep)
+        task_group.start_soon(
+            run_periodically, "the invite sweep", self._sweep, SWEEP_INTERVAL, log
+        )
 
     async def _link_then_migrate(self) -> None:
         log.info("waiting for the assistant at %s", self.link.socket_path)
@@ -73,15 +80,9 @@ class GatewayApp:
         await self.migrations.run()
 
     async def _sweep(self) -> None:
-        while True:
-            expired, forgotten = await self.db.run(
-                functools.partial(invites.sweep, limits=self.limits)
-            )
-            if expired or forgotten:
-                log.info(
-                    "expired %d invite(s), forgot %d old failed attempt(s)", expired, forgotten
-                )
-            await anyio.sleep(SWEEP_INTERVAL)
+        expired, forgotten = await self.db.run(functools.partial(invites.sweep, limits=self.limits))
+        if expired or forgotten:
+            log.info("expired %d invite(s), forgot %d old failed attempt(s)", expired, forgotten)
 
     async def close(self) -> None:
         await self.link.aclose()

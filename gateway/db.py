@@ -7,6 +7,7 @@ runs in one BEGIN IMMEDIATE. See `runtime.sqlite` for the thread model.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ import apsw
 
 from runtime.errors import EX_CANTCREAT, DbOpenError
 from runtime.sqlite import (
+    BUSY_TIMEOUT_MS,
     Conn,
     Job,
     Worker,
@@ -25,6 +27,7 @@ from runtime.sqlite import (
     migrate,
     watch_deadline,
 )
+from runtime.sqlite_errors import database_failure
 
 T = TypeVar("T")
 
@@ -120,9 +123,12 @@ MIGRATIONS: tuple[str, ...] = (
 class Database:
     """gateway.db on one connection thread."""
 
-    def __init__(self, path: str, synchronous: str = "FULL") -> None:
+    def __init__(
+        self, path: str, synchronous: str = "FULL", busy_timeout_ms: int = BUSY_TIMEOUT_MS
+    ) -> None:
         self.path = path
         self.synchronous = synchronous
+        self.busy_timeout_ms = busy_timeout_ms
         self.schema_version = 0
         self._worker: Worker[Conn] | None = None
 
@@ -130,8 +136,10 @@ class Database:
         """Open, migrate and start the thread (blocking; call off the loop)."""
         make_state_dir(self.path)
         try:
-            db = connect(self.path, synchronous=self.synchronous)
-            conn = Conn(db, watch_deadline(db))
+            db = connect(
+                self.path, synchronous=self.synchronous, busy_timeout_ms=self.busy_timeout_ms
+            )
+            conn = Conn(db, watch_deadline(db), busy_timeout_ms=self.busy_timeout_ms)
         except apsw.Error as exc:
             raise DbOpenError(f"cannot open database {self.path}: {exc}", EX_CANTCREAT) from exc
         try:
@@ -147,12 +155,28 @@ class Database:
             self._worker = None
 
     async def run(self, job: Callable[[Conn], T]) -> T:
+        """`job(conn)` on the database thread; a database failure raises `RouteError` by
+        SPEC.md's table (DB_BUSY, DB_FULL, ...), any other apsw error is our bug."""
         assert self._worker is not None, "database is not open"
-        return await self._worker.run(job)
+        return await self._worker.run(functools.partial(_translated, job=job))
 
     def submit(self, job: Callable[[Conn], T]) -> Job[T]:
+        """`run` without a task: the job, answered through `then`."""
         assert self._worker is not None, "database is not open"
-        return self._worker.submit(job)
+        return self._worker.submit(functools.partial(_translated, job=job))
+
+
+def _translated(conn: Conn, job: Callable[[Conn], T]) -> T:
+    # The gateway runs only its own SQL, so a failure outside the table (a
+    # constraint, a syntax error) is a bug: it stays an apsw error, answered
+    # INTERNAL_ERROR with its traceback in the log.
+    try:
+        return job(conn)
+    except apsw.Error as exc:
+        failure = database_failure(exc)
+        if failure is None:
+            raise
+        raise failure from exc
 
 
 @contextmanager

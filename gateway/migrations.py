@@ -73,7 +73,6 @@ class MigrationRunner:
             if key not in self.state.pending:
                 continue
             await self._run_until_done(key, migration)
-            await self.db.run(functools.partial(_record, key=key))
             self.state.pending.remove(key)
             log.info("one-time migration %s done", key)
 
@@ -82,6 +81,7 @@ class MigrationRunner:
         while True:
             try:
                 await migration(self.db, self.link)
+                await self.db.run(functools.partial(_record, key=key))
             except Exception as exc:
                 # Whatever the cause, this migration blocks the later ones and is
                 # retried; the gateway keeps serving.

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 import anyio
+import apsw
 import msgspec
 
 from gateway.db import Database, transaction
@@ -19,6 +20,7 @@ from gateway.link import AssistantLink
 from gateway.records import new_id
 from protocol.errors import IpcError, IpcHandlerError
 from runtime.sqlite import Conn, now_ms
+from runtime.sqlite_errors import DatabaseFailure
 
 log = logging.getLogger("gateway.outbox")
 
@@ -162,11 +164,20 @@ class Delivery:
     async def run_forever(self) -> None:
         delay = DELIVERY_BACKOFF_START
         while True:
-            events = await self._db.run(pending_events)
-            if not events:
-                await self._wake.wait(IDLE_POLL)
-                continue
-            if await self._deliver(events):
+            try:
+                events = await self._db.run(pending_events)
+                if not events:
+                    await self._wake.wait(IDLE_POLL)
+                    continue
+                delivered = await self._deliver(events)
+            except (apsw.Error, DatabaseFailure) as exc:
+                # gateway.db refused us (a lock held by another process, a full
+                # disk): the events stay queued, and one the assistant already
+                # stored is recognised by its id when it is sent again.
+                self.last_error = f"gateway.db: {exc}"
+                log.warning("outbox delivery paused: gateway.db: %s", exc)
+                delivered = False
+            if delivered:
                 delay = DELIVERY_BACKOFF_START
                 continue
             await anyio.sleep(delay)

@@ -30,6 +30,7 @@ from protocol.server import Server, ServerLimits
 from runtime.errors import EX_CONFIG, StartupError
 from runtime.listener import Listener, open_listener
 from runtime.paths import default_runtime_dir, default_state_dir
+from runtime.sqlite import BUSY_TIMEOUT_MS
 from runtime.systemd import Notifier, run_watchdog, watchdog_interval
 
 log = logging.getLogger("daemon")
@@ -48,6 +49,7 @@ class DaemonConfig:
     socket_mode: int
     socket_group: str | None
     synchronous: str = "full"
+    busy_timeout_ms: int = BUSY_TIMEOUT_MS
 
 
 class App(Protocol):
@@ -91,6 +93,12 @@ def argument_parser(name: str, description: str) -> argparse.ArgumentParser:
         help="full (default): an acknowledged write survives power loss; normal: faster, the"
         " last commits may be lost on power loss (never on a crash of the daemon)",
     )
+    add(
+        "--busy-timeout-ms",
+        type=int,
+        default=BUSY_TIMEOUT_MS,
+        help="how long a write waits for a lock held by another process before DB_BUSY",
+    )
     return parser
 
 
@@ -128,6 +136,7 @@ def config_from_args(name: str, args: argparse.Namespace) -> DaemonConfig:
         socket_mode=args.socket_mode,
         socket_group=args.socket_group,
         synchronous=args.synchronous,
+        busy_timeout_ms=args.busy_timeout_ms,
     )
 
 
