@@ -45,6 +45,9 @@ MIGRATIONS: tuple[str, ...] = (
         payload TEXT NOT NULL,
         received_at INTEGER NOT NULL
     );
+    -- The pre-gateway shape of invites, which older installs carry. The
+    -- assistant never reads it: the gateway's one-time migration imports the
+    -- live rows through db_proxy and deletes them (SPEC.md section 4).
     CREATE TABLE assistant_ingress_invites (
         id TEXT PRIMARY KEY,
         source_channel TEXT NOT NULL,
@@ -75,7 +78,6 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
 )
-SCHEMA_VERSION = len(MIGRATIONS)
 INTERNAL_TABLES = frozenset({"idempotency_keys"})
 
 

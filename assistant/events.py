@@ -6,6 +6,7 @@ import apsw
 from msgspec import Struct
 
 from assistant.db import GuardedConn
+from assistant.errors import EventStoreFailed
 from assistant.proxy import translate
 from runtime.sqlite import now_ms
 
@@ -28,5 +29,5 @@ def insert_event(conn: GuardedConn, event_id: str, kind: str, payload: str) -> E
     except apsw.Error as exc:
         # A locked database is DB_BUSY (retryable), not an internal error the
         # gateway would take for a refusal of the event itself.
-        raise translate(exc, conn, "EVENT_STORE_FAILED") from exc
+        raise translate(exc, conn, EventStoreFailed) from exc
     return EmitEventResult(accepted=True, duplicate=conn.db.total_changes() == before)

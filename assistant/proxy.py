@@ -16,8 +16,9 @@ import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
 from assistant.db import GuardedConn
+from assistant.errors import DbProxyFailed, DbProxyTransactionFailed, SqlForbidden
 from assistant.policy import Denial, Mode
-from protocol.errors import InvalidParams, RouteError, RpcError
+from protocol.errors import DomainError, InvalidParams, RpcError
 from protocol.values import SqlBind, to_wire
 from runtime.sqlite import WriteTransaction, now_ms
 from runtime.sqlite_errors import database_failure, sqlite_codes
@@ -181,7 +182,7 @@ def query(conn: GuardedConn, sql: str, bind: SqlBind | None, max_rows: int) -> Q
         cursor = statement.execute(Mode.READ)
         rows, truncated = statement.read_rows(cursor, max_rows)
     except apsw.Error as exc:
-        raise translate(exc, conn, "DB_PROXY_FAILED") from exc
+        raise translate(exc, conn, DbProxyFailed) from exc
     return QueryResult(statement.columns, rows, truncated)
 
 
@@ -191,7 +192,7 @@ def run(conn: GuardedConn, sql: str, bind: SqlBind | None, max_rows: int) -> Run
         try:
             return _run_one(conn, _Statement(conn, sql, bind, "$"), max_rows)
         except apsw.Error as exc:
-            raise translate(exc, conn, "DB_PROXY_FAILED") from exc
+            raise translate(exc, conn, DbProxyFailed) from exc
 
 
 def execute_script(conn: GuardedConn, sql: str) -> ExecResult:
@@ -202,14 +203,14 @@ def execute_script(conn: GuardedConn, sql: str) -> ExecResult:
             for _ in statement.execute(Mode.WRITE, single=False):
                 pass
         except apsw.Error as exc:
-            raise translate(exc, conn, "DB_PROXY_FAILED") from exc
+            raise translate(exc, conn, DbProxyFailed) from exc
     return ExecResult()
 
 
 def transaction(
     conn: GuardedConn, steps: list[Step], idempotency_key: str | None, max_rows: int
 ) -> TransactionResult:
-    """All steps in one BEGIN IMMEDIATE; `requireChanges` unmet -> everything rolled back."""
+    """All steps in one write transaction; `requireChanges` unmet -> everything rolled back."""
     with _WriteTransaction(conn) as tx:
         if idempotency_key is not None:
             stored = conn.execute(
@@ -243,13 +244,11 @@ def _run_step(conn: GuardedConn, index: int, step: Step, max_rows: int) -> RunRe
     try:
         return _run_one(conn, statement, max_rows)
     except apsw.Error as exc:
-        raise translate(exc, conn, "DB_PROXY_TRANSACTION_FAILED", step=index) from exc
+        raise translate(exc, conn, DbProxyTransactionFailed, step=index) from exc
     except InvalidParams as exc:
         if "exactly one statement" in exc.message:
-            raise RouteError(
+            raise SqlForbidden(
                 "a transaction step must be exactly one statement",
-                403,
-                "SQL_FORBIDDEN",
                 data={"failedStep": index, "path": exc.path},
             ) from exc
         exc.data["failedStep"] = index
@@ -282,18 +281,18 @@ class _WriteTransaction(WriteTransaction):
         try:
             super().__enter__()
         except apsw.Error as exc:
-            raise translate(exc, self.conn, "DB_PROXY_FAILED") from exc
+            raise translate(exc, self.conn, DbProxyFailed) from exc
         return self
 
     def commit(self) -> None:
         try:
             super().commit()
         except apsw.Error as exc:
-            raise translate(exc, self.conn, "DB_PROXY_FAILED") from exc
+            raise translate(exc, self.conn, DbProxyFailed) from exc
 
 
 def translate(
-    exc: apsw.Error, conn: GuardedConn, error_code: str, step: int | None = None
+    exc: apsw.Error, conn: GuardedConn, own_error: type[DomainError], step: int | None = None
 ) -> RpcError:
     """An apsw failure as the RouteError the caller gets, SQLite's message kept."""
     extra: dict[str, Any] = {} if step is None else {"failedStep": step}
@@ -303,18 +302,16 @@ def translate(
     if guard.denial is Denial.WRITE_IN_READ:
         return InvalidParams(f"{guard.reason}; use mode=run", path="$.sql")
     if guard.denial is Denial.FORBIDDEN:
-        return RouteError(guard.reason, 403, "SQL_FORBIDDEN", data=extra)
+        return SqlForbidden(guard.reason, data=extra)
     if isinstance(exc, apsw.BindingsError):
         path = "$.bind" if step is None else f"$.steps[{step}].bind"
         return InvalidParams(str(exc), path=path, data=extra)
     failure = database_failure(exc, extra)
     if failure is not None:
         return failure
-    return RouteError(str(exc), 500, error_code, data={**extra, "sqlite": sqlite_codes(exc)})
+    return own_error(str(exc), data={**extra, "sqlite": sqlite_codes(exc)})
 
 
 def sweep_idempotency_keys(conn: GuardedConn, older_than_ms: int) -> int:
     """Forget idempotency keys stored before `older_than_ms`; how many were removed."""
-    before = conn.db.total_changes()
-    conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (older_than_ms,))
-    return conn.db.total_changes() - before
+    return conn.changes_of("DELETE FROM idempotency_keys WHERE created_at < ?", (older_than_ms,))

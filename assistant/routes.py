@@ -28,7 +28,7 @@ DEFAULT_TIMEOUT_MS = 5000
 MAX_TIMEOUT_MS = 60_000
 DEFAULT_MAX_ROWS = 10_000
 MAX_MAX_ROWS = 1_000_000
-EVENT_KINDS = ("invite_redeemed", "contacts_changed")
+EventKind = Literal["invite_redeemed", "contacts_changed"]
 
 Sql = Annotated[str, Meta(min_length=1, max_length=MAX_SQL_CHARS)]
 Bind = WireBind | None
@@ -60,7 +60,7 @@ class TransactionParams(Struct, forbid_unknown_fields=True, rename="camel"):
 
 class EmitEventParams(Struct, forbid_unknown_fields=True):
     id: Key
-    kind: Literal["invite_redeemed", "contacts_changed"]
+    kind: EventKind
     payload: dict[str, Any]
 
 
@@ -105,7 +105,7 @@ class AssistantRoutes:
         return self.db.submit_write(functools.partial(proxy.execute_script, sql=sql), deadline)
 
     def db_proxy_transaction(self, params: TransactionParams) -> Deferred[TransactionResult]:
-        """Several statements in one BEGIN IMMEDIATE: all applied or none.
+        """Several statements in one write transaction: all applied or none.
 
         An unmet `requireChanges` rolls back and answers `ok: false`; an
         `idempotencyKey` already applied answers the stored result."""

@@ -15,7 +15,7 @@ from gateway.codes import CodeHasher, load_or_create_key
 from gateway.db import Database
 from gateway.invites import GuessLimits
 from gateway.link import AssistantLink
-from gateway.migrations import MigrationRunner
+from gateway.one_time_migrations import MigrationRunner
 from gateway.outbox import Delivery, backlog_bounds, dead_count
 from gateway.routes import GatewayRoutes
 from runtime import daemon

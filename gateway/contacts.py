@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
 from gateway.db import transaction
@@ -15,29 +13,12 @@ from gateway.records import (
     Contact,
     channel_of,
     contact_of,
+    decode_cursor,
+    encode_cursor,
     new_id,
+    not_found,
 )
-from protocol.errors import InvalidParams, RouteError
 from runtime.sqlite import Conn, now_ms
-
-
-def not_found(what: str, record_id: str) -> RouteError:
-    return RouteError(f"no {what} with id {record_id!r}", 404, "NOT_FOUND")
-
-
-def encode_cursor(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str | None) -> str:
-    """The id a page starts after; '' for the first page."""
-    if not cursor:
-        return ""
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        return base64.b64decode(padded, altchars=b"-_", validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
-        raise InvalidParams("cursor is not one this server returned", path="$.cursor") from exc
 
 
 def create_contact(conn: Conn, display_name: str, role: str, principal_id: str | None) -> Contact:
@@ -83,9 +64,7 @@ def list_contacts(conn: Conn, limit: int, cursor: str | None) -> tuple[list[Cont
 def delete_contact(conn: Conn, contact_id: str) -> None:
     """Delete the contact, its channels and invites (cascade), and queue `contacts_changed`."""
     with transaction(conn):
-        before = conn.db.total_changes()
-        conn.execute("DELETE FROM contacts WHERE id = ?", (contact_id,))
-        if conn.db.total_changes() == before:
+        if not conn.changes_of("DELETE FROM contacts WHERE id = ?", (contact_id,)):
             raise not_found("contact", contact_id)
         queue_event(conn, "contacts_changed", {"contactId": contact_id, "change": "deleted"})
 

@@ -2,7 +2,9 @@
 
 Everything the gateway stores is small and local, so one writer thread
 serves reads and writes alike: redemptions are serialised by it, and each
-runs in one BEGIN IMMEDIATE. See `runtime.sqlite` for the thread model.
+is atomic, on its own or as part of a group commit (several calls' jobs in
+one BEGIN IMMEDIATE transaction, each undone alone when it fails). See
+`runtime.sqlite` for the thread model.
 """
 
 from __future__ import annotations
@@ -181,21 +183,21 @@ def _translated(conn: Conn, job: Callable[[Conn], T]) -> T:
 
 @contextmanager
 def transaction(conn: Conn) -> Iterator[None]:
-    """A write transaction, rolled back when the block raises anything but `Commit`.
+    """A write transaction, rolled back when the block raises anything but `CommitThenRaise`.
 
     A domain error that must still keep what the block wrote (a failed
-    redemption attempt is recorded, then refused) raises `Commit(error)`.
+    redemption attempt is recorded, then refused) raises `CommitThenRaise(error)`.
     """
     with WriteTransaction(conn) as tx:
         try:
             yield
-        except Commit as keep:
+        except CommitThenRaise as keep:
             tx.commit()
             raise keep.error from None
 
 
-class Commit(Exception):
-    """Commit what the transaction wrote, then raise `error` to the caller."""
+class CommitThenRaise(Exception):
+    """Raised inside `transaction`: commit what it wrote, then raise `error` to the caller."""
 
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))

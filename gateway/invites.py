@@ -1,8 +1,9 @@
 """Invites, local to gateway.db: create, redeem (one transaction), revoke, list, expire.
 
-Every function runs on the database thread. Redemption is one BEGIN
-IMMEDIATE: the guarded claim of a use, the sender's channel and the
-`invite_redeemed` event are applied together or not at all.
+Every function runs on the database thread. Redemption is one write
+transaction (alone, or its own part of a group commit): the guarded claim of
+a use, the sender's channel and the `invite_redeemed` event are applied
+together or not at all.
 """
 
 from __future__ import annotations
@@ -13,17 +14,29 @@ from typing import Any
 from msgspec import Struct
 
 from gateway.codes import CodeHasher, new_code
-from gateway.contacts import (
+from gateway.contacts import find_contact, sender_channels
+from gateway.db import CommitThenRaise, transaction
+from gateway.errors import (
+    CodeSpaceExhausted,
+    InviteExhausted,
+    InviteExpired,
+    InviteInvalid,
+    InviteMissingIdentity,
+    InviteRevoked,
+    RateLimited,
+)
+from gateway.outbox import queue_event
+from gateway.records import (
+    INVITE_COLUMNS,
+    Channel,
+    Invite,
     decode_cursor,
     encode_cursor,
-    find_contact,
+    invite_of,
+    new_id,
     not_found,
-    sender_channels,
 )
-from gateway.db import Commit, transaction
-from gateway.outbox import queue_event
-from gateway.records import INVITE_COLUMNS, Channel, Invite, invite_of, new_id
-from protocol.errors import RouteError
+from protocol.errors import DomainError
 from runtime.sqlite import Conn, now_ms
 
 CODE_ATTEMPTS = 50
@@ -117,11 +130,8 @@ def _unused_code(conn: Conn, hasher: CodeHasher, channel: str, now: int) -> tupl
         )
         if not taken:
             return code, candidates[0]
-    raise RouteError(
-        f"could not find a code unused by the active invites of {channel}; retry later",
-        503,
-        "CODE_SPACE_EXHAUSTED",
-        retryable=True,
+    raise CodeSpaceExhausted(
+        f"could not find a code unused by the active invites of {channel}; retry later"
     )
 
 
@@ -130,10 +140,8 @@ def redeem(
 ) -> Redemption:
     """Redeem `code` for `sender`, or raise the outcome's RouteError (a failure is recorded)."""
     if not (sender.external_user_id or sender.external_chat_id):
-        raise RouteError(
-            "externalUserId or externalChatId is required to redeem an invite",
-            400,
-            "INVITE_MISSING_IDENTITY",
+        raise InviteMissingIdentity(
+            "externalUserId or externalChatId is required to redeem an invite"
         )
     now = now_ms()
     scopes = (sender.scope, f"channel:{sender.channel}")
@@ -146,7 +154,7 @@ def redeem(
         refusal = _refusal(invite, channels, now)
         if refusal is not None:
             _record_failure(conn, scopes, now)
-            raise Commit(refusal)
+            raise CommitThenRaise(refusal)
         assert invite is not None
         # The sender may be known under other contacts too; what matters here
         # is its channel with this invite's contact.
@@ -155,7 +163,7 @@ def redeem(
             return Redemption("already_member", invite.id, invite.contact_id, known.id)
         if not _claim(conn, invite, sender, now):
             _record_failure(conn, scopes, now)
-            raise Commit(_exhausted())
+            raise CommitThenRaise(_exhausted())
         channel_id = _upsert_channel(conn, invite, known, sender, now)
         if sender_failures:
             # Older ones are swept with the expired invites.
@@ -183,12 +191,9 @@ def _check_guess_limits(conn: Conn, limits: GuessLimits, scopes: tuple[str, str]
         )[0]
         retry_after = max(1, freed_at + limits.window_ms - now)
         who = "sender" if scope.startswith("sender:") else "channel"
-        raise RouteError(
+        raise RateLimited(
             f"too many failed redemption attempts for this {who}; retry in {retry_after} ms",
-            429,
-            "RATE_LIMITED",
             data={"retryAfterMs": retry_after},
-            retryable=True,
         )
     return int(counts[0])
 
@@ -226,36 +231,36 @@ def _invites_by_hash(conn: Conn, code_hash: str, channel: str) -> list[tuple[Any
     )
 
 
-def _refusal(invite: _Candidate | None, channels: list[Channel], now: int) -> RouteError | None:
+def _refusal(invite: _Candidate | None, channels: list[Channel], now: int) -> DomainError | None:
     blocked = any(c.status == "blocked" or c.policy == "deny" for c in channels)
     if invite is None or blocked:
         # A blocked sender hears the same as a wrong code: membership does not leak.
-        return RouteError("no invite matches this code on this channel", 404, "INVITE_INVALID")
+        return InviteInvalid("no invite matches this code on this channel")
     if invite.status == "revoked":
-        return RouteError("this invite was revoked", 410, "INVITE_REVOKED")
+        return InviteRevoked("this invite was revoked")
     if invite.status == "expired" or invite.expires_at <= now:
-        return RouteError("this invite has expired", 410, "INVITE_EXPIRED")
+        return InviteExpired("this invite has expired")
     if invite.status != "active" or invite.use_count >= invite.max_uses:
         return _exhausted()
     return None
 
 
-def _exhausted() -> RouteError:
-    return RouteError("this invite has no uses left", 410, "INVITE_EXHAUSTED")
+def _exhausted() -> InviteExhausted:
+    return InviteExhausted("this invite has no uses left")
 
 
 def _claim(conn: Conn, invite: _Candidate, sender: Sender, now: int) -> bool:
     """Take one use with a single guarded UPDATE; False when none was left."""
-    before = conn.db.total_changes()
-    conn.execute(
-        "UPDATE ingress_invites SET use_count = use_count + 1,"
-        " status = CASE WHEN use_count + 1 >= max_uses THEN 'redeemed' ELSE status END,"
-        " redeemed_by_external_user_id = ?, redeemed_by_external_chat_id = ?,"
-        " redeemed_at = ?, updated_at = ?"
-        " WHERE id = ? AND status = 'active' AND expires_at > ? AND use_count < max_uses",
-        (sender.external_user_id, sender.external_chat_id, now, now, invite.id, now),
+    return bool(
+        conn.changes_of(
+            "UPDATE ingress_invites SET use_count = use_count + 1,"
+            " status = CASE WHEN use_count + 1 >= max_uses THEN 'redeemed' ELSE status END,"
+            " redeemed_by_external_user_id = ?, redeemed_by_external_chat_id = ?,"
+            " redeemed_at = ?, updated_at = ?"
+            " WHERE id = ? AND status = 'active' AND expires_at > ? AND use_count < max_uses",
+            (sender.external_user_id, sender.external_chat_id, now, now, invite.id, now),
+        )
     )
-    return conn.db.total_changes() != before
 
 
 def _upsert_channel(
@@ -363,12 +368,12 @@ def sweep(conn: Conn, limits: GuessLimits) -> tuple[int, int]:
     """Mark lapsed invites expired and forget failures older than the window."""
     now = now_ms()
     with transaction(conn):
-        before = conn.db.total_changes()
-        conn.execute(
+        expired = conn.changes_of(
             "UPDATE ingress_invites SET status = 'expired', updated_at = ?"
             " WHERE status = 'active' AND expires_at <= ?",
             (now, now),
         )
-        expired = conn.db.total_changes() - before
-        conn.execute("DELETE FROM redeem_failures WHERE at <= ?", (now - limits.window_ms,))
-    return expired, conn.db.total_changes() - before - expired
+        forgotten = conn.changes_of(
+            "DELETE FROM redeem_failures WHERE at <= ?", (now - limits.window_ms,)
+        )
+    return expired, forgotten

@@ -52,7 +52,6 @@ class AssistantLink:
         self.socket_path = socket_path
         self.client = Client(socket_path, timeout=CALL_TIMEOUT, connect_timeout=HEALTH_TIMEOUT)
         self.status = LinkState()
-        self.ready = anyio.Event()
 
     async def call_assistant(
         self, method: str, params: object = None, *, timeout: float = CALL_TIMEOUT
@@ -107,7 +106,6 @@ class AssistantLink:
                 self.status.update("connected", f"health answered {exc.code}: {exc.message}")
                 log.error("assistant health failed: %s %s", exc.code, exc.message)
             else:
-                self.ready.set()
                 return
             await anyio.sleep(delay)
             delay = min(delay * 2, WAIT_BACKOFF_CAP)

@@ -94,7 +94,7 @@ def dead_count(conn: Conn) -> int:
     return int(conn.execute("SELECT count(*) FROM outbox_dead")[0][0])
 
 
-class Signal:
+class WakeUp:
     """Wakes the delivery task when a transaction queued something."""
 
     def __init__(self) -> None:
@@ -146,7 +146,7 @@ class Delivery:
     def __init__(self, db: Database, link: AssistantLink) -> None:
         self._db = db
         self._link = link
-        self._wake = Signal()
+        self._wake = WakeUp()
         self.backlog = Backlog()
         self.dead = 0
         self.last_error: str | None = None

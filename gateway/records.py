@@ -1,12 +1,18 @@
-"""The gateway's records as they go on the wire (camelCase), built from rows."""
+"""The gateway's records as they go on the wire (camelCase), built from rows, and their ids
+and page cursors."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import time
 from typing import Any
 
 from msgspec import Struct
+
+from gateway.errors import NotFound
+from protocol.errors import InvalidParams
 
 CONTACT_COLUMNS = "id, display_name, role, principal_id, created_at, updated_at"
 CHANNEL_COLUMNS = (
@@ -92,3 +98,22 @@ def new_id(prefix: str) -> str:
     a group commit wrote about 250 pages to the WAL for 25 redemptions.
     """
     return f"{prefix}_{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+def not_found(what: str, record_id: str) -> NotFound:
+    return NotFound(f"no {what} with id {record_id!r}")
+
+
+def encode_cursor(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> str:
+    """The id a page starts after; '' for the first page."""
+    if not cursor:
+        return ""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        return base64.b64decode(padded, altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidParams("cursor is not one this server returned", path="$.cursor") from exc

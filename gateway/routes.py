@@ -16,7 +16,7 @@ from gateway.db import Database
 from gateway.inbound import Inbound, inbound
 from gateway.invites import GuessLimits, Redemption, Sender
 from gateway.link import AssistantLink
-from gateway.migrations import MigrationRunner
+from gateway.one_time_migrations import MigrationRunner
 from gateway.outbox import Delivery, queued_through
 from gateway.records import Channel, Contact, Invite
 from protocol import __version__

@@ -147,10 +147,6 @@ class Client:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    @property
-    def connected(self) -> bool:
-        return self._protocol is not None
-
     @overload
     async def call(
         self, method: str, params: object = None, *, timeout: float | None = None

@@ -26,6 +26,7 @@ from protocol.errors import (
     RouteError,
     RpcError,
     ShuttingDown,
+    TooManyConnections,
 )
 from protocol.framing import FrameDecoder
 from protocol.messages import (
@@ -438,11 +439,8 @@ class Connection(asyncio.Protocol):
         if server.allowed_uids is not None and uid not in server.allowed_uids:
             return Forbidden(f"uid {uid} may not use this socket")
         if len(server.connections) > server.limits.max_connections:
-            return RouteError(
-                f"too many connections (limit {server.limits.max_connections}); retry later",
-                503,
-                "TOO_MANY_CONNECTIONS",
-                retryable=True,
+            return TooManyConnections(
+                f"too many connections (limit {server.limits.max_connections}); retry later"
             )
         return None
 

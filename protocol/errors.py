@@ -154,6 +154,23 @@ class RouteError(RpcError):
         )
 
 
+class DomainError(RouteError):
+    """A route's domain failure whose codes are fixed by its class: one subclass per
+    `errorCode`, so a daemon's whole vocabulary is one module (`<daemon>/errors.py`)."""
+
+    def __init__(self, message: str, *, data: dict[str, Any] | None = None) -> None:
+        RpcError.__init__(self, message, data=data)
+
+
+class TooManyConnections(RpcError):
+    """A connection arrived while the server held `max_connections`; it is closed after this."""
+
+    code = -32000
+    default_status = 503
+    default_error_code = "TOO_MANY_CONNECTIONS"
+    default_retryable = True
+
+
 class IpcError(Exception):
     """Base of the two ways a client call can fail."""
 

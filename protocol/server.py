@@ -4,11 +4,10 @@ Why `asyncio.Protocol` (`protocol.connection`) under anyio: the per-frame
 path is the product here. A protocol object gets whole chunks from the loop,
 splits every complete frame out of each, answers inline methods without
 creating a task and coalesces the answers of one loop turn into one write.
-anyio gives the
-structure around it (`serve()` reports ready through `TaskStatus` only once
-the listener accepts; the daemon's task group owns `serve()`). The price is
-that this module runs on anyio's asyncio backend only (with uvloop on
-Linux), which is what the daemons use.
+anyio gives the structure around it (`serve()` reports ready through
+`TaskStatus` only once the listener accepts; the daemon's task group owns
+`serve()`). The price is that this module runs on anyio's asyncio backend
+only (with uvloop on Linux), which is what the daemons use.
 
 Handler tasks are plain asyncio tasks in a set the server owns, awaited and
 cancelled by the drain like a task group's children: measured here, anyio's
@@ -133,7 +132,11 @@ class Server:
                 self._idle = anyio.Event()
                 await self._idle.wait()
         if self.in_flight:
-            self.log.warning("grace period over: cancelling %d call(s)", self.in_flight)
+            # Coroutine calls are cancelled; a database job already queued still
+            # runs (its thread finishes the queue), its answer is dropped.
+            self.log.warning(
+                "grace period over: %d call(s) still running are abandoned", self.in_flight
+            )
 
     async def _cancel_tasks(self) -> None:
         tasks = list(self._tasks)

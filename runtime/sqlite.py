@@ -100,6 +100,12 @@ class Conn:
         """Run one of our own statements; all its rows."""
         return list(self.db.execute(sql, bind, can_cache=cacheable))
 
+    def changes_of(self, sql: str, bind: tuple[Any, ...] | None = None) -> int:
+        """Run one of our own INSERT, UPDATE or DELETE statements; how many rows it changed."""
+        before = self.db.total_changes()
+        self.execute(sql, bind)
+        return self.db.total_changes() - before
+
 
 C = TypeVar("C", bound=Conn)
 

@@ -42,9 +42,6 @@ class Notifier:
     def ready(self, status: str) -> None:
         self.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
 
-    def status(self, status: str) -> None:
-        self.notify(f"STATUS={status}")
-
     def stopping(self, status: str = "draining") -> None:
         self.notify("STOPPING=1", f"STATUS={status}")
 
@@ -80,7 +77,7 @@ class InheritedSocket:
     name: str
 
 
-def listen_fds(*, unset_environment: bool = True) -> list[InheritedSocket]:
+def listen_fds() -> list[InheritedSocket]:
     """The listening sockets passed by systemd (`LISTEN_FDS`), with their `LISTEN_FDNAMES`.
 
     Empty when the variables are absent or meant for another process
@@ -90,9 +87,8 @@ def listen_fds(*, unset_environment: bool = True) -> list[InheritedSocket]:
     pid = os.environ.get("LISTEN_PID")
     count = os.environ.get("LISTEN_FDS")
     names = os.environ.get("LISTEN_FDNAMES", "")
-    if unset_environment:
-        for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            os.environ.pop(key, None)
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)
     if not pid or not count or pid != str(os.getpid()):
         return []
     name_list = names.split(":") if names else []

@@ -24,7 +24,7 @@ from protocol.errors import IpcError, IpcHandlerError
 from runtime.failpoints import failpoint
 from runtime.sqlite import Conn, now_ms
 
-log = logging.getLogger("gateway.migrations")
+log = logging.getLogger("gateway.one_time_migrations")
 
 RETRY_START = 0.5
 RETRY_CAP = 30.0
@@ -139,8 +139,7 @@ def _import_rows(conn: Conn, rows: list[dict[str, Any]]) -> int:
     with transaction(conn):
         for row in rows:
             contact_id = _contact_for(conn, row, now)
-            before = conn.db.total_changes()
-            conn.execute(
+            imported += conn.changes_of(
                 "INSERT OR IGNORE INTO ingress_invites (id, source_channel, invite_code_hash, note,"
                 " max_uses, use_count, expires_at, status, contact_id, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?)",
@@ -150,7 +149,6 @@ def _import_rows(conn: Conn, rows: list[dict[str, Any]]) -> int:
                     contact_id, row["created_at"], now,
                 ),
             )  # fmt: skip
-            imported += conn.db.total_changes() - before
     return imported
 
 
