@@ -19,14 +19,14 @@ from runtime.errors import EX_CANTCREAT, DbOpenError
 from runtime.sqlite import (
     BUSY_TIMEOUT_MS,
     Conn,
+    ConnectionPool,
     Job,
-    Worker,
     connect,
     make_state_dir,
     migrate,
+    timeout_error,
     watch_deadline,
 )
-from runtime.sqlite_errors import timeout_error
 
 T = TypeVar("T")
 
@@ -124,8 +124,8 @@ class Database:
         self.busy_timeout_ms = busy_timeout_ms
         self.synchronous = synchronous
         self.schema_version = 0
-        self.writer: Worker[GuardedConn] | None = None
-        self.readers: Worker[GuardedConn] | None = None
+        self.writer: ConnectionPool[GuardedConn] | None = None
+        self.readers: ConnectionPool[GuardedConn] | None = None
 
     def open(self) -> None:
         """Open, migrate and start the threads (blocking; call off the loop)."""
@@ -148,8 +148,10 @@ class Database:
         except apsw.Error as exc:
             writer.db.close()
             raise DbOpenError(f"cannot migrate database {self.path}: {exc}", EX_CANTCREAT) from exc
-        self.writer = Worker("db-writer", [writer], group_commit=True, late_error=timeout_error)
-        self.readers = Worker(
+        self.writer = ConnectionPool(
+            "db-writer", [writer], group_commit=True, late_error=timeout_error
+        )
+        self.readers = ConnectionPool(
             "db-reader", readers, batch_max=READER_BATCH, late_error=timeout_error
         )
 

@@ -20,8 +20,7 @@ from assistant.errors import DbProxyFailed, DbProxyTransactionFailed, SqlForbidd
 from assistant.policy import Denial, Mode
 from protocol.errors import DomainError, InvalidParams, RpcError
 from protocol.values import SqlBind, to_wire
-from runtime.sqlite import WriteTransaction, now_ms
-from runtime.sqlite_errors import database_failure, sqlite_codes
+from runtime.sqlite import WriteTransaction, database_failure, now_ms, sqlite_codes
 
 # At most 1024 texts per connection, none over 16 KiB: about 16 MiB at worst.
 CHECKED_SQL_MAX = 1024

@@ -21,15 +21,15 @@ from runtime.errors import EX_CANTCREAT, DbOpenError
 from runtime.sqlite import (
     BUSY_TIMEOUT_MS,
     Conn,
+    ConnectionPool,
     Job,
-    Worker,
     WriteTransaction,
     connect,
+    database_failure,
     make_state_dir,
     migrate,
     watch_deadline,
 )
-from runtime.sqlite_errors import database_failure
 
 T = TypeVar("T")
 
@@ -132,7 +132,7 @@ class Database:
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
         self.schema_version = 0
-        self._worker: Worker[Conn] | None = None
+        self._worker: ConnectionPool[Conn] | None = None
 
     def open(self) -> None:
         """Open, migrate and start the thread (blocking; call off the loop)."""
@@ -149,7 +149,7 @@ class Database:
         except apsw.Error as exc:
             db.close()
             raise DbOpenError(f"cannot migrate database {self.path}: {exc}", EX_CANTCREAT) from exc
-        self._worker = Worker("gateway-db", [conn], group_commit=True)
+        self._worker = ConnectionPool("gateway-db", [conn], group_commit=True)
 
     def close(self) -> None:
         if self._worker is not None:

@@ -19,8 +19,7 @@ from gateway.db import Database, transaction
 from gateway.link import AssistantLink
 from gateway.records import new_id
 from protocol.errors import IpcError, IpcHandlerError
-from runtime.sqlite import Conn, now_ms
-from runtime.sqlite_errors import DatabaseFailure
+from runtime.sqlite import Conn, DatabaseFailure, now_ms
 
 log = logging.getLogger("gateway.outbox")
 

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import apsw
 
-from runtime.sqlite_errors import DatabaseFailure
+from runtime.sqlite import DatabaseFailure
 
 
 async def run_periodically(

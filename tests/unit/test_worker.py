@@ -1,4 +1,4 @@
-"""runtime.sqlite.Worker: every job's result reaches the loop, whatever the threads' timing."""
+"""runtime.sqlite.ConnectionPool: every job's result reaches the loop, whatever the timing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import apsw
 import pytest
 
-from runtime.sqlite import Conn, Deadline, Worker, WriteTransaction
+from runtime.sqlite import Conn, ConnectionPool, Deadline, WriteTransaction
 
 pytestmark = pytest.mark.anyio
 
@@ -31,22 +31,9 @@ class _SlowQueue(queue.SimpleQueue[Any]):
         return super().get_nowait()
 
 
-def _readers(count: int) -> Worker[Conn]:
+def _readers(count: int) -> ConnectionPool[Conn]:
     connections = [Conn(apsw.Connection(":memory:"), Deadline()) for _ in range(count)]
-    worker = Worker("test-reader", connections, batch_max=1)
-    # Swap in the slow queue before any job: retire the started threads first.
-    for _ in connections:
-        worker._queue.put(None)
-    for thread in worker._threads:
-        thread.join()
-    worker._queue = _SlowQueue()
-    worker._threads = [
-        threading.Thread(target=worker._serve, args=(conn,), daemon=True)
-        for conn in [Conn(apsw.Connection(":memory:"), Deadline()) for _ in range(count)]
-    ]
-    for thread in worker._threads:
-        thread.start()
-    return worker
+    return ConnectionPool("test-reader", connections, batch_max=1, jobs=_SlowQueue())
 
 
 def _query(conn: Conn) -> int:
@@ -66,11 +53,11 @@ async def test_no_result_is_held_while_its_thread_waits_for_more_jobs() -> None:
         await asyncio.to_thread(worker.stop)
 
 
-def _writer(path: str) -> Worker[Conn]:
+def _writer(path: str) -> ConnectionPool[Conn]:
     db = apsw.Connection(path)
     db.execute("PRAGMA journal_mode = WAL").fetchall()
     db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
-    return Worker("test-writer", [Conn(db, Deadline())], group_commit=True)
+    return ConnectionPool("test-writer", [Conn(db, Deadline())], group_commit=True)
 
 
 def _insert(

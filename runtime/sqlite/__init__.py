@@ -1,0 +1,54 @@
+"""SQLite through apsw, as both daemons use it.
+
+connect.py       open a database: pragmas, the state directory, migrations
+transaction.py   a connection as a job sees it; the job's write transaction
+job.py           a unit of work for a thread, and its way back to the loop
+pool.py          the connection threads (no apsw call runs on the loop)
+group_commit.py  queued write jobs in one transaction
+errors.py        database failures as callers hear them (SPEC.md section 3)
+"""
+
+from runtime.sqlite.connect import (
+    STATEMENT_CACHE_SIZE,
+    connect,
+    make_state_dir,
+    migrate,
+    now_ms,
+)
+from runtime.sqlite.errors import (
+    DatabaseFailure,
+    database_failure,
+    sqlite_codes,
+    timeout_error,
+)
+from runtime.sqlite.job import Job
+from runtime.sqlite.pool import ConnectionPool, QueuedPastDeadline
+from runtime.sqlite.transaction import (
+    BUSY_TIMEOUT_MS,
+    Conn,
+    Deadline,
+    TxMode,
+    WriteTransaction,
+    watch_deadline,
+)
+
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "STATEMENT_CACHE_SIZE",
+    "Conn",
+    "ConnectionPool",
+    "DatabaseFailure",
+    "Deadline",
+    "Job",
+    "QueuedPastDeadline",
+    "TxMode",
+    "WriteTransaction",
+    "connect",
+    "database_failure",
+    "make_state_dir",
+    "migrate",
+    "now_ms",
+    "sqlite_codes",
+    "timeout_error",
+    "watch_deadline",
+]

@@ -1,0 +1,67 @@
+"""A unit of work for a connection thread, and how its outcome reaches the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, cast
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+log = logging.getLogger("runtime.sqlite")
+
+OnDone = Callable[[Any, bool, Any], None]  # (context, ok, result or exception)
+
+
+class Job(Generic[T]):
+    """A job queued for a connection thread. Its outcome goes to `then`'s callback on the
+    loop: `on_done(context, True, result)` or `on_done(context, False, exception)`.
+
+    `then` must be called right after `ConnectionPool.submit`, before the loop runs
+    anything else: the outcome is delivered by a loop callback, never earlier.
+    """
+
+    __slots__ = ("after", "context", "deadline", "fn", "loop", "on_done")
+
+    def __init__(
+        self, fn: Callable[[Any], T], deadline: float, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.fn = fn
+        self.deadline = deadline
+        self.loop = loop
+        self.on_done: OnDone | None = None
+        self.context: Any = None
+        self.after: Callable[[Any], Any] | None = None
+
+    def then(self, on_done: Callable[[Any, bool, T | BaseException], None], context: Any) -> None:
+        self.on_done = on_done
+        self.context = context
+
+    def map(self, after: Callable[[T], U]) -> Job[U]:
+        """This job, its result passed through `after` on the loop before it is delivered."""
+        before = self.after
+        self.after = after if before is None else lambda value: after(before(value))
+        return cast("Job[U]", self)
+
+
+Outcome = tuple[bool, Any]  # (ok, result or exception)
+
+
+def settle_all(settled: list[tuple[Job[Any], Outcome]]) -> None:
+    """On the loop: deliver each finished job's outcome to its callback."""
+    for job, (ok, value) in settled:
+        if job.on_done is None:
+            log.error("a database job finished with nobody waiting for it")
+            continue
+        try:
+            if ok and job.after is not None:
+                try:
+                    value = job.after(value)
+                except Exception as exc:
+                    ok, value = False, exc
+            job.on_done(job.context, ok, value)
+        except Exception:
+            # One caller's broken callback must not strand the others' results.
+            log.exception("a database job's callback failed")

@@ -1,0 +1,154 @@
+"""A connection as a job sees it, and the job's write transaction (alone or in a group)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import apsw
+
+BUSY_TIMEOUT_MS = 5000
+PROGRESS_STEPS = 1000
+# A thread hands results back in one wake-up of the loop when jobs queued up
+# behind each other: at most HOLD_MAX of them, and none held longer than a
+# running job's HOLD_LIMIT seconds (checked by the progress handler).
+HOLD_MAX = 16
+HOLD_LIMIT = 0.001
+
+
+class NeedsSavepoint(Exception):
+    """A job in an optimistic group pass had to roll back; the group runs again with savepoints."""
+
+
+@dataclass(slots=True)
+class Deadline:
+    """The running job's deadline (monotonic seconds; 0 = none), read by the progress handler.
+
+    The progress handler also hands back results the thread is holding for a
+    batched wake-up once the running job has taken longer than `HOLD_LIMIT`:
+    quick calls finished earlier never wait out a slow one.
+    """
+
+    at: float = 0.0
+    started: float = 0.0
+    release_held: Callable[[], None] | None = None
+
+    def on_progress(self) -> bool:
+        """SQLite's progress handler: True (interrupt the statement) once the deadline has
+        passed; on the way, hands back held results if the running job is a slow one."""
+        now = time.monotonic()
+        if self.release_held is not None and now - self.started > HOLD_LIMIT:
+            self.release_held()
+        return bool(self.at) and now >= self.at
+
+
+class TxMode(Enum):
+    """How the running job's `WriteTransaction` maps onto SQLite's transaction.
+
+    ALONE: its own BEGIN IMMEDIATE ... COMMIT. SAVEPOINT: a savepoint of the
+    group commit's transaction. OPTIMISTIC: part of the group's transaction
+    with no savepoint of its own. RERUN: an OPTIMISTIC job had to roll back
+    its own writes, which it cannot alone, so the group is run again with a
+    savepoint per job.
+    """
+
+    ALONE = "alone"
+    SAVEPOINT = "savepoint"
+    OPTIMISTIC = "optimistic"
+    RERUN = "rerun"
+
+
+@dataclass(slots=True)
+class Conn:
+    """A connection, the deadline of the job running on it, and how that job's write
+    transaction maps onto SQLite's (`TxMode`, set by the group commit)."""
+
+    db: apsw.Connection
+    deadline: Deadline
+    tx_mode: TxMode = TxMode.ALONE
+    busy_timeout_ms: int = BUSY_TIMEOUT_MS
+
+    def execute(
+        self, sql: str, bind: tuple[Any, ...] | None = None, *, cacheable: bool = True
+    ) -> list[Any]:
+        """Run one of our own statements; all its rows."""
+        return list(self.db.execute(sql, bind, can_cache=cacheable))
+
+    def changes_of(self, sql: str, bind: tuple[Any, ...] | None = None) -> int:
+        """Run one of our own INSERT, UPDATE or DELETE statements; how many rows it changed."""
+        before = self.db.total_changes()
+        self.execute(sql, bind)
+        return self.db.total_changes() - before
+
+
+# Our own transaction control carries a per-process nonce so it can be cached:
+# the statement policy is checked when a statement is prepared, and a caller's
+# identical text would otherwise be served our prepared, unchecked BEGIN.
+_NONCE = secrets.token_hex(8)
+BEGIN = f"BEGIN IMMEDIATE /* {_NONCE} */"
+COMMIT = f"COMMIT /* {_NONCE} */"
+ROLLBACK = f"ROLLBACK /* {_NONCE} */"
+SAVEPOINT = f"SAVEPOINT job_{_NONCE}"
+RELEASE = f"RELEASE job_{_NONCE}"
+ROLLBACK_TO = f"ROLLBACK TO job_{_NONCE}"
+
+
+class WriteTransaction:
+    """One job's write transaction: BEGIN IMMEDIATE ... COMMIT, or its part of a group
+    commit's transaction (see `TxMode`).
+
+    Rolled back when the block raises or on `rollback()`.
+    """
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self.done = False
+
+    def __enter__(self) -> WriteTransaction:
+        mode = self.conn.tx_mode
+        if mode is not TxMode.OPTIMISTIC:
+            self.conn.execute(SAVEPOINT if mode is TxMode.SAVEPOINT else BEGIN, cacheable=True)
+        return self
+
+    def commit(self) -> None:
+        mode = self.conn.tx_mode
+        if mode is not TxMode.OPTIMISTIC:
+            self.conn.execute(RELEASE if mode is TxMode.SAVEPOINT else COMMIT, cacheable=True)
+        self.done = True
+
+    def rollback(self) -> None:
+        self.done = True
+        conn = self.conn
+        if conn.tx_mode is TxMode.OPTIMISTIC:
+            conn.tx_mode = TxMode.RERUN
+            raise NeedsSavepoint("this job's rollback needs the group run with savepoints")
+        if not conn.db.in_transaction:
+            return
+        if conn.tx_mode is TxMode.SAVEPOINT:
+            conn.execute(ROLLBACK_TO, cacheable=True)
+            conn.execute(RELEASE, cacheable=True)
+        else:
+            conn.execute(ROLLBACK, cacheable=True)
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self.done:
+            return
+        if exc_type is not None:
+            self.rollback()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+
+
+def watch_deadline(db: apsw.Connection) -> Deadline:
+    """The deadline of the jobs run on `db`, enforced by its progress handler."""
+    deadline = Deadline()
+    db.set_progress_handler(deadline.on_progress, PROGRESS_STEPS)
+    return deadline
