@@ -37,7 +37,6 @@ _response_decoder = msgspec.json.Decoder(ClientResponse)
 _batch_response_decoder = msgspec.json.Decoder(list[ClientResponse])
 _any_decoder = msgspec.json.Decoder()
 _typed_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
-_OPEN_OBJECT = ord("{")
 
 
 # A pending call: its future, the connection it was sent on, its deadline (loop
@@ -334,7 +333,7 @@ class Client:
             return protocol
 
     def _on_frame(self, protocol: _ClientProtocol, body: bytes) -> None:
-        if body[0] != _OPEN_OBJECT and is_batch(body):
+        if is_batch(body):
             for response in _batch_response_decoder.decode(body):
                 self._resolve(protocol, response)
         else:

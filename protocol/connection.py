@@ -1,34 +1,25 @@
 """One client connection of the server: frames in, answers out, bounded by `max_in_flight`.
 
 The per-frame path lives here: whole chunks from the loop, every complete
-frame split out of each, inline methods answered without a task, and the
-answers of one loop turn encoded into one buffer and written once.
+frame split out of each, its call started through `protocol.calls`, and the
+answers of one loop turn encoded into one buffer and written once. What the
+connection needs of its server is the `CallHost` below; it does not import
+the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
-import struct
-import time
 from collections import deque
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
 
 from msgspec import UNSET
 
-from protocol.errors import (
-    BatchTooLarge,
-    Forbidden,
-    FrameError,
-    InternalError,
-    InvalidRequest,
-    RouteError,
-    RpcError,
-    ShuttingDown,
-    TooManyConnections,
-)
-from protocol.framing import FrameDecoder
+from protocol.errors import BatchTooLarge, FrameError, InternalError, InvalidRequest, RpcError
+from protocol.framing import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_FRAME_BYTES, FrameDecoder
 from protocol.messages import (
     Request,
     RequestId,
@@ -39,27 +30,51 @@ from protocol.messages import (
     error_response,
     is_batch,
     request_id_of,
-    success_response,
 )
 
 if TYPE_CHECKING:
-    from msgspec import Raw
+    from protocol.calls import Calls
 
-    from protocol.deferred import Deferred
-    from protocol.dispatch import Method
-    from protocol.server import Server
 
-_UCRED = struct.Struct("3i")
-_OPEN_OBJECT = ord("{")
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Per-server tunables; the defaults are PROTOCOL.md's."""
+
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    frame_timeout: float = DEFAULT_FRAME_TIMEOUT
+    max_in_flight: int = 256
+    max_batch: int = 1000
+    max_connections: int = 2048
+    grace: float = 10.0
+    backlog: int = socket.SOMAXCONN
+
+
+class CallHost(Protocol):
+    """What a connection needs of the server that accepted it."""
+
+    limits: ServerLimits
+    log: logging.Logger
+    calls: Calls
+
+    def admit(self, connection: Connection, transport: asyncio.Transport) -> RpcError | None:
+        """Register the connection; the reason to refuse it (then closed), or None."""
+
+    def connection_lost(self, connection: Connection) -> None: ...
+
+    def call_started(self) -> None: ...
+
+    def call_finished(self) -> None: ...
 
 
 class Connection(asyncio.Protocol):
     """One client connection: frames in, answers out, bounded by `max_in_flight`."""
 
-    def __init__(self, server: Server) -> None:
-        self._server = server
-        self._limits = server.limits
-        self._decoder = FrameDecoder(server.limits.max_frame_bytes)
+    def __init__(self, host: CallHost) -> None:
+        self._host = host
+        self._calls = host.calls
+        self._limits = host.limits
+        self._log = host.log
+        self._decoder = FrameDecoder(host.limits.max_frame_bytes)
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._in_flight = 0
@@ -71,9 +86,9 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._closed = False
         self._stall_timer: asyncio.TimerHandle | None = None
-        self._peer = "?"
+        self.peer = "?"
         self._peer_done = False
-        self._batch_members = asyncio.Semaphore(server.limits.max_in_flight)
+        self._batch_members = asyncio.Semaphore(host.limits.max_in_flight)
         self._bug_logged = False
 
     # -- asyncio.Protocol callbacks ---------------------------------------
@@ -81,11 +96,9 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = transport = cast("asyncio.Transport", transport)
-        server = self._server
-        server.connections.add(self)
-        refusal = self._refusal(transport)
+        refusal = self._host.admit(self, transport)
         if refusal is not None:
-            server.log.warning("refused connection from %s: %s", self._peer, refusal.message)
+            self._log.warning("refused connection from %s: %s", self.peer, refusal.message)
             self._send_error(None, refusal)
             self._abort_after_flush()
 
@@ -95,7 +108,7 @@ class Connection(asyncio.Protocol):
         try:
             frames = self._decoder.feed(data)
         except FrameError as exc:
-            self._server.log.warning("bad frame from %s: %s", self._peer, exc.message)
+            self._log.warning("bad frame from %s: %s", self.peer, exc.message)
             self._send_error(None, exc)
             self._abort_after_flush()
             return
@@ -125,8 +138,10 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # A peer that half-closes after its last request still gets the answers:
         # keep the transport open until the calls in flight are answered.
-        if self._decoder.has_partial:
-            self._server.log.info("peer %s closed in the middle of a frame", self._peer)
+        try:
+            self._decoder.check_eof()
+        except FrameError as exc:
+            self._log.info("peer %s: %s", self.peer, exc.message)
         self._peer_done = True
         self._close_if_finished()
         return True
@@ -140,7 +155,7 @@ class Connection(asyncio.Protocol):
         self._cancel_stall_timer()
         self._backlog.clear()
         self._out.clear()
-        self._server.connection_lost(self)
+        self._host.connection_lost(self)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -183,18 +198,16 @@ class Connection(asyncio.Protocol):
         connection and its other calls go on.
         """
         if self._bug_logged:
-            self._server.log.error("unexpected error handling a frame from %s: %r", self._peer, exc)
+            self._log.error("unexpected error handling a frame from %s: %r", self.peer, exc)
         else:
             self._bug_logged = True
-            self._server.log.error(
-                "unexpected error handling a frame from %s", self._peer, exc_info=exc
-            )
+            self._log.error("unexpected error handling a frame from %s", self.peer, exc_info=exc)
         request_id = request_id_of(body)
         if request_id is not UNSET:
             self._send_error(request_id, InternalError("internal error; see the daemon's log"))
 
     def _handle_frame(self, body: bytes) -> None:
-        if body[0] != _OPEN_OBJECT and is_batch(body):
+        if is_batch(body):
             self._start_batch(body)
             return
         try:
@@ -202,81 +215,8 @@ class Connection(asyncio.Protocol):
         except RpcError as exc:
             self._send_error(exc.request_id, exc)
             return
-        try:
-            method, params = self._server.resolve(request)
-        except RpcError as exc:
-            self._answer_error(request, exc)
-            return
-        if method.inline:
-            started = time.perf_counter() if self._server.debug else 0.0
-            response = self._call_inline(method, params, request)
-            if started:
-                self._log_call(request, response, started)
-            self._answer(request, response)
-        elif method.deferred and not self._server.debug:
-            self._start_deferred(request, method, params)
-        else:
+        if self._calls.start(request, self):
             self._begin_call()
-            self._server.spawn(self._run(request, method, params))
-
-    def _call_inline(self, method: Method, params: Any, request: Request) -> Response | None:
-        try:
-            result = method.handler(params)
-        except Exception as exc:
-            return self._error_of(request, exc)
-        return success_response(request.id, result)  # type: ignore[arg-type]
-
-    def _start_deferred(self, request: Request, method: Method, params: Any) -> None:
-        try:
-            then = cast("Deferred[Any]", method.handler(params)).then
-        except Exception as exc:
-            self._answer(request, self._error_of(request, exc))
-            return
-        self._begin_call()
-        then(self._deferred_done, request)
-
-    def _deferred_done(self, request: Request, ok: bool, value: Any) -> None:
-        self._end_call()
-        if ok:
-            self._answer(request, success_response(request.id, value))  # type: ignore[arg-type]
-        else:
-            error = value if isinstance(value, Exception) else RuntimeError(repr(value))
-            self._answer(request, self._error_of(request, error))
-
-    async def _run(self, request: Request, method: Method, params: Any) -> None:
-        started = time.perf_counter() if self._server.debug else 0.0
-        try:
-            result = await self._server.invoke(method, params)
-            response: Response | None = success_response(request.id, result)  # type: ignore[arg-type]
-        except Exception as exc:
-            response = self._error_of(request, exc)
-        finally:
-            self._end_call()
-        if started:
-            self._log_call(request, response, started)
-        self._answer(request, response)
-
-    def _member_answer(self, raw: Raw) -> Response | Coroutine[Any, Any, Response | None] | None:
-        """One batch member: its answer now, None (a notification), or a coroutine for it."""
-        try:
-            request = decode_request(raw)
-        except RpcError as exc:
-            return error_response(exc.request_id, exc)
-        try:
-            method, params = self._server.resolve(request)
-        except RpcError as exc:
-            return self._error_of(request, exc)
-        if method.inline:
-            response = self._call_inline(method, params, request)
-            return None if request.is_notification else response
-        return self._member_call(request, method, params)
-
-    async def _member_call(self, request: Request, method: Method, params: Any) -> Response | None:
-        try:
-            result = await self._server.invoke(method, params)
-        except Exception as exc:
-            return self._error_of(request, exc)
-        return None if request.is_notification else success_response(request.id, result)  # type: ignore[arg-type]
 
     def _start_batch(self, body: bytes) -> None:
         try:
@@ -291,51 +231,26 @@ class Connection(asyncio.Protocol):
             self._send_error(None, exc)
             return
         self._begin_call()
-        self._server.spawn(self._run_batch(members))
+        # A batch is one call of the connection's max_in_flight; its members
+        # share one bound per connection, however many batches.
+        self._calls.start_batch(members, self, self._batch_members)
 
-    async def _run_batch(self, members: list[Raw]) -> None:
-        try:
-            answers = [self._member_answer(raw) for raw in members]
-            pending = [(i, a) for i, a in enumerate(answers) if asyncio.iscoroutine(a)]
-            if pending:
-                # A batch is one call of the connection's max_in_flight; its
-                # members share one bound per connection, however many batches.
-                limit = self._batch_members
+    # -- answers (protocol.calls.Answers) ---------------------------------
 
-                async def bounded(coroutine: Coroutine[Any, Any, Response | None]) -> Any:
-                    async with limit:
-                        return await coroutine
-
-                results = await asyncio.gather(*(bounded(c) for _, c in pending))
-                for (index, _), result in zip(pending, results, strict=True):
-                    answers[index] = result
-        finally:
-            self._end_call()
-        responses = [a for a in answers if a is not None and not asyncio.iscoroutine(a)]
-        if responses:
-            self._send_message(responses)
-
-    # -- answers ----------------------------------------------------------
-
-    def _error_of(self, request: Request, exc: Exception) -> Response | None:
-        error = self._server.as_rpc_error(exc, request.method)
-        if request.is_notification:
-            if not isinstance(error, RouteError | ShuttingDown):
-                self._server.log.info("notification %s failed: %s", request.method, error.message)
-            return None
-        return error_response(request.id, error)  # type: ignore[arg-type]
-
-    def _answer_error(self, request: Request, error: RpcError) -> None:
-        response = self._error_of(request, error)
-        if self._server.debug:
-            self._log_call(request, response, time.perf_counter())
-        self._answer(request, response)
-
-    def _answer(self, request: Request, response: Response | None) -> None:
+    def answer(self, request: Request, response: Response | None) -> None:
         # `request.id is not UNSET` is `not request.is_notification`, without a
         # property call: this runs once per answered call.
         if response is not None and request.id is not UNSET:
             self._send_message(response)
+
+    def finish(self, request: Request, response: Response | None) -> None:
+        self._end_call()
+        self.answer(request, response)
+
+    def finish_batch(self, responses: list[Response]) -> None:
+        self._end_call()
+        if responses:
+            self._send_message(responses)
 
     def _send_error(self, request_id: RequestId, error: RpcError) -> None:
         self._send_message(error_response(request_id, error))
@@ -346,7 +261,7 @@ class Connection(asyncio.Protocol):
         try:
             append_frame_of(message, self._out)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-            self._server.log.error("could not encode an answer", exc_info=exc)
+            self._log.error("could not encode an answer", exc_info=exc)
             request_id = getattr(message, "id", None)
             fallback = error_response(request_id, InternalError("unencodable result"))
             append_frame_of(fallback, self._out)
@@ -361,28 +276,15 @@ class Connection(asyncio.Protocol):
             self._transport.write(bytes(self._out))
             self._out.clear()
 
-    def _log_call(self, request: Request, response: Response | None, started: float) -> None:
-        outcome = "ok"
-        if response is not None and hasattr(response, "error"):
-            outcome = response.error.data.get("errorCode", "?")
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        self._server.log.debug(
-            "call method=%s id=%r duration_ms=%.2f outcome=%s",
-            request.method,
-            request.id,
-            elapsed_ms,
-            outcome,
-        )
-
-    # -- flow control, stalls, refusal ------------------------------------
+    # -- flow control and stalls ------------------------------------
 
     def _begin_call(self) -> None:
         self._in_flight += 1
-        self._server.call_started()
+        self._host.call_started()
 
     def _end_call(self) -> None:
         self._in_flight -= 1
-        self._server.call_finished()
+        self._host.call_finished()
         if self._backlog:
             self._drain_backlog()
         if self._read_paused:
@@ -422,27 +324,12 @@ class Connection(asyncio.Protocol):
 
     def _stalled(self) -> None:
         self._stall_timer = None
-        self._server.log.warning(
+        self._log.warning(
             "peer %s stalled mid-frame for %.1fs; disconnecting",
-            self._peer,
+            self.peer,
             self._limits.frame_timeout,
         )
         self.close()
-
-    def _refusal(self, transport: asyncio.Transport) -> RpcError | None:
-        server = self._server
-        sock = transport.get_extra_info("socket")
-        pid, uid, _gid = _UCRED.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        )
-        self._peer = f"pid={pid} uid={uid}"
-        if server.allowed_uids is not None and uid not in server.allowed_uids:
-            return Forbidden(f"uid {uid} may not use this socket")
-        if len(server.connections) > server.limits.max_connections:
-            return TooManyConnections(
-                f"too many connections (limit {server.limits.max_connections}); retry later"
-            )
-        return None
 
     def _abort_after_flush(self) -> None:
         self._flush()

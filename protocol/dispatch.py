@@ -13,6 +13,7 @@ import types
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import msgspec
@@ -37,24 +38,24 @@ class NoParams(Struct, forbid_unknown_fields=True):
 _NO_PARAMS = NoParams()
 
 
+class Kind(Enum):
+    """How a method's handler runs (`protocol.calls` runs each kind)."""
+
+    INLINE = "inline"  # a plain function that never blocks, called on the loop
+    DEFERRED = "deferred"  # a plain function returning Deferred[T], called on the loop
+    TASK = "task"  # a coroutine function, run in a task
+    THREAD = "thread"  # a blocking plain function, run in a worker thread
+
+
 @dataclass(slots=True)
 class Method:
-    """One registered method.
-
-    Coroutine handlers run in a task of the server's task group; plain
-    functions run in a worker thread, unless registered `inline`: those never
-    block and are called on the loop, with no task at all. A plain function
-    returning `Deferred[T]` is called on the loop too and answered when its
-    result arrives, again with no task.
-    """
+    """One registered method: its handler, how it runs, and its params and result types."""
 
     name: str
     handler: Handler
     params_type: type[Struct]
     result_type: Any
-    inline: bool
-    is_async: bool
-    deferred: bool
+    kind: Kind
     summary: str
     decoder: msgspec.json.Decoder[Any]
 
@@ -86,6 +87,18 @@ class Method:
         return msgspec.convert(named, self.params_type)
 
 
+def _kind_of(name: str, *, is_async: bool, deferred: bool, inline: bool, thread: bool) -> Kind:
+    if is_async:
+        if thread:
+            raise TypeError(f"{name}: a coroutine handler runs in a task, not a thread")
+        return Kind.TASK
+    if deferred:
+        return Kind.DEFERRED
+    if inline == thread:
+        raise TypeError(f"{name}: a plain handler says inline=True (never blocks) or thread=True")
+    return Kind.INLINE if inline else Kind.THREAD
+
+
 def invalid_params(exc: msgspec.ValidationError) -> InvalidParams:
     """Translate msgspec's message into `InvalidParams` with `data.path` set to the field."""
     message = str(exc)
@@ -106,8 +119,16 @@ class Router:
         self._methods: dict[str, Method] = {}
         self.add("rpc.discover", self._discover, inline=True)
 
-    def add(self, name: str, handler: Handler, *, inline: bool = False) -> None:
-        """Register `handler` under `name`; its annotations give the params and result types."""
+    def add(
+        self, name: str, handler: Handler, *, inline: bool = False, thread: bool = False
+    ) -> None:
+        """Register `handler` under `name`; its annotations give the params and result types.
+
+        The kind follows from the handler: a coroutine function is a TASK, a
+        plain function returning `Deferred[T]` is DEFERRED. Any other plain
+        function must say how it runs: `inline=True` (it never blocks) or
+        `thread=True` (it does), so none takes a thread hop by accident.
+        """
         if name in self._methods:
             raise ValueError(f"method {name!r} is registered twice")
         hints = typing.get_type_hints(handler)
@@ -123,7 +144,7 @@ class Router:
         if not deferred and hasattr(typing.get_origin(result_type) or result_type, "then"):
             raise TypeError(f"{name}: annotate a handler that returns a job as Deferred[...]")
         if deferred:
-            if is_async or inline:
+            if is_async or inline or thread:
                 raise TypeError(f"{name}: a Deferred handler is a plain function, not inline")
             (result_type,) = typing.get_args(result_type)
         self._methods[name] = Method(
@@ -131,9 +152,7 @@ class Router:
             handler=handler,
             params_type=params_type,
             result_type=result_type,
-            inline=inline,
-            is_async=is_async,
-            deferred=deferred,
+            kind=_kind_of(name, is_async=is_async, deferred=deferred, inline=inline, thread=thread),
             summary=inspect.getdoc(handler) or "",
             decoder=msgspec.json.Decoder(params_type),
         )

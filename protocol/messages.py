@@ -106,11 +106,15 @@ _pack_header = HEADER.pack
 
 
 _OPEN_ARRAY = ord("[")
+_OPEN_OBJECT = ord("{")
 _BLANKS = frozenset(b" \t\r\n")
 
 
 def is_batch(body: bytes) -> bool:
     """True when the body's first non-blank byte opens a JSON array (without copying it)."""
+    # The usual body is one request object, told by its first byte with no loop.
+    if body[0] == _OPEN_OBJECT:
+        return False
     for byte in body:
         if byte not in _BLANKS:
             return byte == _OPEN_ARRAY

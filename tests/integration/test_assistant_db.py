@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -10,6 +11,7 @@ import pytest
 
 from protocol.client import BatchCall, Client
 from protocol.errors import IpcHandlerError
+from tests.support.proc import DaemonProcess
 from tests.support.waiting import dispatched
 
 pytestmark = pytest.mark.anyio
@@ -386,3 +388,23 @@ async def test_a_write_returning_rows_names_the_columns_after_a_schema_change(
     assert (await sql(client, insert, bind=[2]))["rows"] == [{"id": 2, "v": None}]
     await sql(client, "ALTER TABLE t ADD COLUMN w DEFAULT 'new'", "exec")
     assert (await sql(client, insert, bind=[3]))["rows"] == [{"id": 3, "v": None, "w": "new"}]
+
+
+async def test_debug_logs_each_database_call_with_its_outcome(short_tmp: Path) -> None:
+    """Database calls are answered without a task; at DEBUG they still log one line each."""
+    (short_tmp / "run").mkdir()
+    daemon = DaemonProcess(
+        "assistant", short_tmp / "run", short_tmp / "state", "--log-level", "DEBUG"
+    ).start()
+    try:
+        async with Client(str(short_tmp / "run" / "assistant.sock")) as client:
+            await sql(client, "SELECT 1 AS one", "query")
+            await failure(sql(client, "SELECT * FROM missing", "query"))
+        assert daemon.terminate() == 0
+    finally:
+        daemon.close()
+    log = daemon.stderr()
+    assert "call method=db_proxy id=1 " in log
+    assert "outcome=ok" in log
+    assert "call method=db_proxy id=2 " in log
+    assert "outcome=DB_PROXY_FAILED" in log

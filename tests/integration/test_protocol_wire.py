@@ -278,3 +278,26 @@ def test_a_peer_that_half_closes_after_its_requests_still_gets_every_answer(
         answers = {conn.recv_json()["id"], conn.recv_json()["id"]}
         assert answers == {1, 2}
         assert conn.is_closed_by_peer()
+
+
+def test_debug_logs_one_line_per_call_whatever_way_it_runs(short_tmp: Path) -> None:
+    daemon = DaemonProcess(
+        "tests.support.demo_server", short_tmp, short_tmp, "--log-level", "DEBUG"
+    ).start()
+    try:
+        with RawConnection(str(short_tmp / "demo.sock")) as conn:
+            for request_id, method in enumerate(("echo", "echo_async", "echo_thread", "nope")):
+                conn.call(request(method, {"text": "x"}, request_id))
+        assert daemon.terminate() == 0
+    finally:
+        daemon.close()
+    log = daemon.stderr()
+    for line in (
+        "call method=echo id=0 ",
+        "call method=echo_async id=1 ",
+        "call method=echo_thread id=2 ",
+        "call method=nope id=3 ",
+    ):
+        assert line in log
+    assert "outcome=METHOD_NOT_FOUND" in log
+    assert log.count(" outcome=ok") == 3

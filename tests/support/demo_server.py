@@ -48,7 +48,7 @@ class DemoApp:
         self.router = Router("demo", "0.1.0")
         self.router.add("echo", self.echo, inline=True)
         self.router.add("echo_async", self.echo_async)
-        self.router.add("echo_thread", self.echo_thread)
+        self.router.add("echo_thread", self.echo_thread, thread=True)
         self.router.add("sleep", self.sleep)
         self.router.add("fail", self.fail, inline=True)
         self.router.add("boom", self.boom)

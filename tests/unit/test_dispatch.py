@@ -5,7 +5,7 @@ import pytest
 from msgspec import Raw
 
 from protocol.deferred import Deferred
-from protocol.dispatch import Router, openrpc_document
+from protocol.dispatch import Kind, Router, openrpc_document
 from protocol.errors import InvalidParams, MethodNotFound
 from runtime.sqlite import Job
 
@@ -105,7 +105,7 @@ def test_a_deferred_method_is_described_by_the_result_it_defers() -> None:
     router = Router("test", "1.2.3")
     router.add("tx", deferred_tx)
     method = router.lookup("tx")
-    assert method.deferred
+    assert method.kind is Kind.DEFERRED
     assert method.result_type is TxResult
     result = openrpc_document(router)["methods"][1]["result"]["schema"]
     assert result == {"$ref": "#/components/schemas/TxResult"}
@@ -114,6 +114,21 @@ def test_a_deferred_method_is_described_by_the_result_it_defers() -> None:
 def test_a_job_handler_not_annotated_as_deferred_is_refused_at_registration() -> None:
     with pytest.raises(TypeError, match="Deferred"):
         Router("test", "1.2.3").add("tx", job_tx)
+
+
+def plain_tx(params: TxParams) -> TxResult:
+    return TxResult(ok=True)
+
+
+def test_a_plain_handler_says_whether_it_blocks() -> None:
+    router = Router("test", "1.2.3")
+    with pytest.raises(TypeError, match=r"inline=True .* or thread=True"):
+        router.add("tx", plain_tx)
+    router.add("inline", plain_tx, inline=True)
+    router.add("thread", plain_tx, thread=True)
+    router.add("task", transaction)
+    kinds = [router.lookup(name).kind for name in ("inline", "thread", "task")]
+    assert kinds == [Kind.INLINE, Kind.THREAD, Kind.TASK]
 
 
 def test_the_openrpc_document_describes_params_and_result_from_the_types() -> None:

@@ -86,7 +86,7 @@ def _handler(params: _Params) -> None:
 
 
 _router = Router("unit", "0")
-_router.add("m", _handler)
+_router.add("m", _handler, inline=True)
 _method = _router.lookup("m")
 
 

@@ -1,0 +1,249 @@
+"""How a call runs: resolve the method, run it by its kind, turn any failure into an answer.
+
+The one place that decides how a request becomes a response. A method's
+`Kind` (protocol.dispatch) says how its handler runs:
+
+    INLINE    a plain function that never blocks: called on the loop, answered at once
+    DEFERRED  a plain function returning `Deferred[T]` (a database job): called on the
+              loop, answered from the job's callback; no task, no future
+    TASK      a coroutine: run in an asyncio task the `Calls` own and the drain awaits
+    THREAD    a blocking plain function: run in anyio's worker threads
+
+Batch members run by the same kinds, inside one task per batch. DEBUG
+logging times every call on whatever path it takes; it never changes the
+path. Unexpected exceptions stop here: logged with their traceback and
+answered INTERNAL_ERROR without it.
+
+Handler tasks are plain asyncio tasks in a set, awaited and cancelled at the
+drain like a task group's children: measured here, anyio's
+`TaskGroup.start_soon` cost 54 us per spawn against 4.7 us for
+`loop.create_task`, and a coroutine handler paid that on every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any, Protocol, cast
+
+import anyio.to_thread
+from msgspec import UNSET, Raw
+
+from protocol.deferred import Deferred, outcome_of
+from protocol.dispatch import Kind, Method, Router
+from protocol.errors import InternalError, RouteError, RpcError, ShuttingDown
+from protocol.messages import Request, Response, decode_request, error_response, success_response
+
+
+class Answers(Protocol):
+    """Where a call's answer goes: the connection it came on."""
+
+    def answer(self, request: Request, response: Response | None) -> None:
+        """The answer of a call that finished without being pending (inline, refused)."""
+
+    def finish(self, request: Request, response: Response | None) -> None:
+        """The answer of a pending call (`Calls.start` returned True)."""
+
+    def finish_batch(self, responses: list[Response]) -> None:
+        """The answers of a batch (`Calls.start_batch`), notifications left out."""
+
+
+class Calls:
+    """Runs the requests of every connection of one server."""
+
+    def __init__(self, router: Router, log: logging.Logger) -> None:
+        self.router = router
+        self.log = log
+        self.draining = False
+        self.debug = log.isEnabledFor(logging.DEBUG)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- one request --------------------------------------------------------
+
+    def start(self, request: Request, to: Answers) -> bool:
+        """Run `request`; True while its answer is pending (it goes to `to.finish`),
+        False when it was answered (through `to.answer`) before this returned."""
+        started = time.perf_counter() if self.debug else 0.0
+        try:
+            method, params = self.resolve(request)
+        except RpcError as exc:
+            self._answer_now(request, self.error_of(request, exc), to, started)
+            return False
+        kind = method.kind
+        if kind is Kind.INLINE:
+            try:
+                result = method.handler(params)
+            except Exception as exc:
+                response = self.error_of(request, exc)
+            else:
+                response = success_response(request.id, result)  # type: ignore[arg-type]
+            self._answer_now(request, response, to, started)
+            return False
+        if kind is Kind.DEFERRED:
+            try:
+                then = cast("Deferred[Any]", method.handler(params)).then
+            except Exception as exc:
+                self._answer_now(request, self.error_of(request, exc), to, started)
+                return False
+            if started:
+                then(self._deferred_done_timed, (request, to, started))
+            else:
+                then(self._deferred_done, (request, to))
+            return True
+        self.spawn(self._run(request, method, params, to, started))
+        return True
+
+    def resolve(self, request: Request) -> tuple[Method, Any]:
+        if self.draining:
+            raise ShuttingDown("the daemon is shutting down; retry shortly")
+        method = self.router.lookup(request.method)
+        return method, method.decode_params(request.params)
+
+    def _answer_now(
+        self, request: Request, response: Response | None, to: Answers, started: float
+    ) -> None:
+        if started:
+            self.log_call(request, response, started)
+        to.answer(request, response)
+
+    def _deferred_done(self, context: tuple[Request, Answers], ok: bool, value: Any) -> None:
+        request, to = context
+        to.finish(request, self._outcome_response(request, ok, value))
+
+    def _deferred_done_timed(
+        self, context: tuple[Request, Answers, float], ok: bool, value: Any
+    ) -> None:
+        request, to, started = context
+        response = self._outcome_response(request, ok, value)
+        self.log_call(request, response, started)
+        to.finish(request, response)
+
+    def _outcome_response(self, request: Request, ok: bool, value: Any) -> Response | None:
+        if ok:
+            return success_response(request.id, value)  # type: ignore[arg-type]
+        error = value if isinstance(value, Exception) else RuntimeError(repr(value))
+        return self.error_of(request, error)
+
+    async def _run(
+        self, request: Request, method: Method, params: Any, to: Answers, started: float
+    ) -> None:
+        try:
+            result = await self.invoke(method, params)
+            response: Response | None = success_response(request.id, result)  # type: ignore[arg-type]
+        except Exception as exc:
+            response = self.error_of(request, exc)
+        if started:
+            self.log_call(request, response, started)
+        to.finish(request, response)
+
+    async def invoke(self, method: Method, params: Any) -> Any:
+        """The handler's result, whatever its kind (batch members and tasks await this)."""
+        kind = method.kind
+        if kind is Kind.TASK:
+            return await method.handler(params)
+        if kind is Kind.INLINE:
+            return method.handler(params)
+        if kind is Kind.DEFERRED:
+            return await outcome_of(cast("Deferred[Any]", method.handler(params)))
+        return await anyio.to_thread.run_sync(method.handler, params)
+
+    # -- batches ------------------------------------------------------------
+
+    def start_batch(self, members: list[Raw], to: Answers, bound: asyncio.Semaphore) -> None:
+        """Run a batch's members; their answers go to `to.finish_batch` in one frame.
+
+        `bound` limits how many members run at once, shared by a connection's batches.
+        """
+        self.spawn(self._run_batch(members, to, bound))
+
+    async def _run_batch(self, members: list[Raw], to: Answers, bound: asyncio.Semaphore) -> None:
+        answers: list[Response | None] = [None] * len(members)
+        pending = []
+        for index, raw in enumerate(members):
+            answer = self._member_answer(raw)
+            if asyncio.iscoroutine(answer):
+                pending.append((index, answer))
+            else:
+                answers[index] = answer
+        if pending:
+
+            async def bounded(coroutine: Coroutine[Any, Any, Response | None]) -> Any:
+                async with bound:
+                    return await coroutine
+
+            results = await asyncio.gather(*(bounded(c) for _, c in pending))
+            for (index, _), result in zip(pending, results, strict=True):
+                answers[index] = result
+        to.finish_batch([answer for answer in answers if answer is not None])
+
+    def _member_answer(self, raw: Raw) -> Response | Coroutine[Any, Any, Response | None] | None:
+        """One member: its answer now, None (a notification), or a coroutine for it."""
+        try:
+            request = decode_request(raw)
+        except RpcError as exc:
+            return error_response(exc.request_id, exc)
+        try:
+            method, params = self.resolve(request)
+        except RpcError as exc:
+            return self.error_of(request, exc)
+        if method.kind is Kind.INLINE:
+            try:
+                result = method.handler(params)
+            except Exception as exc:
+                return self.error_of(request, exc)
+            return None if request.is_notification else success_response(request.id, result)  # type: ignore[arg-type]
+        return self._member_call(request, method, params)
+
+    async def _member_call(self, request: Request, method: Method, params: Any) -> Response | None:
+        try:
+            result = await self.invoke(method, params)
+        except Exception as exc:
+            return self.error_of(request, exc)
+        return None if request.is_notification else success_response(request.id, result)  # type: ignore[arg-type]
+
+    # -- answers and the error boundary -------------------------------------
+
+    def error_of(self, request: Request, exc: Exception) -> Response | None:
+        """The error answer of `request` (None for a notification, whose failure is logged)."""
+        error = self.as_rpc_error(exc, request.method)
+        if request.id is UNSET:
+            if not isinstance(error, RouteError | ShuttingDown):
+                self.log.info("notification %s failed: %s", request.method, error.message)
+            return None
+        return error_response(request.id, error)
+
+    def as_rpc_error(self, exc: Exception, method: str) -> RpcError:
+        """The error boundary: unexpected exceptions are logged with traceback, answered bare."""
+        if isinstance(exc, RpcError):
+            return exc
+        self.log.error("unexpected error in %s", method, exc_info=exc)
+        return InternalError("internal error; see the daemon's log")
+
+    def log_call(self, request: Request, response: Response | None, started: float) -> None:
+        outcome = "ok"
+        if response is not None and hasattr(response, "error"):
+            outcome = response.error.data.get("errorCode", "?")
+        self.log.debug(
+            "call method=%s id=%r duration_ms=%.2f outcome=%s",
+            request.method,
+            request.id,
+            (time.perf_counter() - started) * 1000,
+            outcome,
+        )
+
+    # -- tasks --------------------------------------------------------------
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def cancel_tasks(self) -> None:
+        """Cancel the calls still running in tasks and wait for them to end."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
