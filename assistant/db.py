@@ -78,7 +78,8 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
 )
-INTERNAL_TABLES = frozenset({"idempotency_keys"})
+# The daemon's own tables: a caller may read them, never write them (SPEC.md section 3).
+INTERNAL_TABLES = frozenset({"events", "idempotency_keys"})
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ longer (PAIR_SOAK_ROUNDS rounds) and prints what they did.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -24,6 +25,7 @@ from protocol.client import Client
 from protocol.errors import IpcHandlerError, IpcTransportError
 from tests.integration.conftest import Pair
 from tests.support.proc import DaemonProcess
+from tests.support.sqlite import count
 from tests.support.waiting import (
     eventually,
     gateway_health_reaches,
@@ -93,7 +95,7 @@ async def test_restarting_the_gateway_under_load_refuses_no_connection(short_tmp
                 before = outcomes["ok"]
                 await anyio.to_thread.run_sync(both.gateway.restart)
                 outcomes["restarts"] += 1
-                await eventually(lambda before=before: _more(outcomes, before))
+                await eventually(functools.partial(_more, outcomes, before))
             stop.set()
     finally:
         both.close()
@@ -264,14 +266,14 @@ async def test_random_kills_of_both_sides_lose_and_duplicate_nothing(pair: Pair)
         )
     assert ledger["truncated"] is False
     per_key = Counter(row["k"] for row in ledger["rows"])
-    assert all(count == 2 for count in per_key.values()), "a transaction applied twice or half"
+    assert all(n == 2 for n in per_key.values()), "a transaction applied twice or half"
     assert {f"tx-{n}" for n in done_tx | unsure_tx} == set(per_key)
     counts["transactions"] = len(per_key)
 
     async with Client(pair.gateway_socket) as gw:
         await gateway_health_reaches(pair.gateway_socket, outbox_drained, timeout=30)
     db = apsw.Connection(str(pair.state / "gateway.db"))
-    (uses,) = db.execute("SELECT use_count FROM ingress_invites").fetchone()
+    uses = count(db, "SELECT use_count FROM ingress_invites")
     channels = {row[0] for row in db.execute("SELECT external_user_id FROM contact_channels")}
     db.close()
     assert uses == len(channels)

@@ -18,6 +18,7 @@ import pytest
 from protocol.client import Client
 from protocol.errors import IpcHandlerError, IpcTransportError
 from tests.integration.conftest import Pair
+from tests.support.sqlite import count
 from tests.support.waiting import (
     eventually,
     gateway_health_reaches,
@@ -267,11 +268,9 @@ async def test_sigkill_mid_redemptions_leaves_invites_and_channels_consistent(pa
             task_group.start_soon(redeemer, lane)
 
     db = apsw.Connection(str(pair.state / "gateway.db"))
-    (use_count,) = db.execute(
-        "SELECT use_count FROM ingress_invites WHERE id = ?", (invite_id,)
-    ).fetchone()
+    use_count = count(db, "SELECT use_count FROM ingress_invites WHERE id = ?", (invite_id,))
     channels = {row[0] for row in db.execute("SELECT external_user_id FROM contact_channels")}
-    (queued,) = db.execute("SELECT count(*) FROM outbox WHERE kind = 'invite_redeemed'").fetchone()
+    queued = count(db, "SELECT count(*) FROM outbox WHERE kind = 'invite_redeemed'")
     db.close()
     assert use_count == len(channels)
     assert acknowledged <= channels
@@ -305,4 +304,4 @@ async def test_an_event_the_assistant_always_refuses_is_set_aside_not_blocking(p
     db.close()
     assert dead[0][0] == "ev_poison"
     assert dead[0][1] == 5
-    assert "INVALID_PARAMS" in dead[0][2]
+    assert "INVALID_PARAMS" in str(dead[0][2])

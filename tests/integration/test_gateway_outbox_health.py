@@ -11,6 +11,7 @@ import pytest
 
 from protocol.client import Client
 from tests.integration.conftest import Pair
+from tests.support.sqlite import count
 from tests.support.waiting import gateway_health_reaches
 
 pytestmark = pytest.mark.anyio
@@ -28,8 +29,7 @@ def outbox_table(pair: Pair) -> Iterator[apsw.Connection]:
 
 
 def waiting(db: apsw.Connection) -> int:
-    (count,) = db.execute("SELECT count(*) FROM outbox").fetchone()
-    return int(count)
+    return count(db, "SELECT count(*) FROM outbox")
 
 
 async def test_pending_never_reports_fewer_events_than_wait_while_commits_and_deliveries_race(

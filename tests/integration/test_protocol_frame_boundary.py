@@ -148,7 +148,7 @@ def test_a_repeated_bug_on_one_connection_logs_one_traceback(
         conn.send_json(buggy)
         answers = answers_by_id(conn, 5)
         assert conn.call({"jsonrpc": "2.0", "id": "after", "method": "pid"})["id"] == "after"
-    assert sorted(answers) == [0, 1, 2, 3, 4]
+    assert set(answers) == {0, 1, 2, 3, 4}
     log = demo.stderr()
     assert log.count("Traceback") == 1
     assert log.count("unexpected error handling a frame") == 6

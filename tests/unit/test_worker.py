@@ -101,11 +101,7 @@ async def test_a_group_keeps_exactly_what_each_job_committed(short_tmp: Path) ->
                         _insert, row=base + 3, fail=RuntimeError if failing else None, keep=True
                     )
                 ),
-                worker.run(
-                    lambda conn, row=base + 4: (
-                        conn.execute("INSERT INTO t (id) VALUES (?)", (row,)) and row
-                    )
-                ),
+                worker.run(functools.partial(_insert_returning, row=base + 4)),
             ]
             calls = [asyncio.ensure_future(job) for job in jobs]
             await asyncio.sleep(0)  # each job is queued in its task's first step
@@ -162,6 +158,10 @@ async def test_a_call_run_twice_by_its_group_is_not_timed_out_by_the_first_run(
         assert rows == [1]
     finally:
         await asyncio.to_thread(worker.stop)
+
+
+def _insert_returning(conn: Conn, row: int) -> list[Any]:
+    return conn.execute("INSERT INTO t (id) VALUES (?)", (row,)) and [row]
 
 
 def worker_rows(path: Path) -> list[int]:
