@@ -1,4 +1,10 @@
-"""gateway.sock's methods: the wire types and the handlers that map them onto the services."""
+"""gateway.sock's methods: the wire types and the handlers that map them onto the services.
+
+One rule for how a handler runs: a method whose transaction may queue an
+event returns `Deferred` (`_submit_then_wake_delivery`: no task, and the
+outbox delivery is woken once the transaction has committed); the others
+are coroutines around `await self._run(...)`; `health` is inline.
+"""
 
 from __future__ import annotations
 
@@ -176,12 +182,14 @@ class GatewayRoutes:
     async def _run(self, job: Callable[..., T], **kwargs: object) -> T:
         return await self.db.run(functools.partial(job, **kwargs))
 
-    def _submit_queuing(self, job: Callable[..., T], **kwargs: object) -> Job[T]:
+    def _submit_then_wake_delivery(self, job: Callable[..., T], **kwargs: object) -> Job[T]:
         """A job whose transaction may queue an event; delivery is woken once it commits."""
         bound = functools.partial(job, **kwargs)
-        return self.db.submit(functools.partial(_and_queued_through, job=bound)).map(self._woken)
+        return self.db.submit(functools.partial(_and_queued_through, job=bound)).map(
+            self._wake_delivery
+        )
 
-    def _woken(self, outcome: tuple[T, int]) -> T:
+    def _wake_delivery(self, outcome: tuple[T, int]) -> T:
         result, through = outcome
         self.delivery.wake(through)
         return result
@@ -208,7 +216,7 @@ class GatewayRoutes:
 
     def contacts_create(self, params: ContactsCreateParams) -> Deferred[ContactResult]:
         """Create a contact (queues `contacts_changed`)."""
-        return self._submit_queuing(
+        return self._submit_then_wake_delivery(
             contacts.create_contact,
             display_name=params.display_name,
             role=params.role,
@@ -229,7 +237,7 @@ class GatewayRoutes:
 
     def contacts_delete(self, params: IdParams) -> Deferred[Deleted]:
         """Delete a contact with its channels and invites (queues `contacts_changed`)."""
-        deleted = self._submit_queuing(contacts.delete_contact, contact_id=params.id)
+        deleted = self._submit_then_wake_delivery(contacts.delete_contact, contact_id=params.id)
         return deleted.map(lambda _: Deleted(True))
 
     async def invites_create(self, params: InvitesCreateParams) -> InviteCreated:
@@ -254,7 +262,7 @@ class GatewayRoutes:
             params.address,
             params.display_name,
         )
-        return self._submit_queuing(
+        return self._submit_then_wake_delivery(
             invites.redeem,
             hasher=self._hasher(),
             limits=self.limits,
@@ -285,7 +293,7 @@ class GatewayRoutes:
                 "externalUserId or externalChatId is required", path="$.externalUserId"
             )
         sender = Sender(params.source_channel, params.external_user_id, params.external_chat_id)
-        return self._submit_queuing(
+        return self._submit_then_wake_delivery(
             inbound, hasher=self._hasher(), limits=self.limits, sender=sender, text=params.text
         )
 
