@@ -21,6 +21,7 @@ from runtime.sqlite import (
     Conn,
     ConnectionPool,
     Job,
+    WriteHealth,
     connect,
     make_state_dir,
     migrate,
@@ -126,6 +127,7 @@ class Database:
         self.synchronous = synchronous
         self.schema_version = 0
         self.writer: ConnectionPool[GuardedConn] | None = None
+        self.write_health = WriteHealth()
         self.readers: ConnectionPool[GuardedConn] | None = None
 
     def open(self) -> None:
@@ -149,6 +151,7 @@ class Database:
         except apsw.Error as exc:
             writer.db.close()
             raise DbOpenError(f"cannot migrate database {self.path}: {exc}", EX_CANTCREAT) from exc
+        writer.health = self.write_health
         self.writer = ConnectionPool(
             "db-writer", [writer], group_commit=True, late_error=timeout_error
         )

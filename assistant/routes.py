@@ -12,7 +12,7 @@ from msgspec import Meta, Struct
 
 from assistant import proxy
 from assistant.db import Database
-from assistant.events import EmitEventResult, insert_event
+from assistant.events import EmitEventResult, EmitEventsResult, insert_event, insert_events
 from assistant.proxy import ExecResult, QueryResult, RunResult, Step, TransactionResult
 from protocol import __version__
 from protocol.deferred import Deferred
@@ -28,6 +28,7 @@ DEFAULT_TIMEOUT_MS = 5000
 MAX_TIMEOUT_MS = 60_000
 DEFAULT_MAX_ROWS = 10_000
 MAX_MAX_ROWS = 1_000_000
+MAX_EVENTS = 500
 EventKind = Literal["invite_redeemed", "contacts_changed"]
 
 Sql = Annotated[str, Meta(min_length=1, max_length=MAX_SQL_CHARS)]
@@ -35,6 +36,8 @@ Bind = WireBind | None
 TimeoutMs = Annotated[int, Meta(ge=1, le=MAX_TIMEOUT_MS)]
 MaxRows = Annotated[int, Meta(ge=1, le=MAX_MAX_ROWS)]
 Key = Annotated[str, Meta(min_length=1, max_length=200)]
+
+_encoder = msgspec.json.Encoder()
 
 
 class DbProxyParams(Struct, forbid_unknown_fields=True, rename="camel"):
@@ -64,6 +67,10 @@ class EmitEventParams(Struct, forbid_unknown_fields=True):
     payload: dict[str, Any]
 
 
+class EmitEventsParams(Struct, forbid_unknown_fields=True):
+    events: Annotated[list[EmitEventParams], Meta(min_length=1, max_length=MAX_EVENTS)]
+
+
 class AssistantRoutes:
     """The handlers of assistant.sock over one open `Database`."""
 
@@ -76,15 +83,20 @@ class AssistantRoutes:
         self.router.add("db_proxy", self.db_proxy)
         self.router.add("db_proxy_transaction", self.db_proxy_transaction)
         self.router.add("emit_event", self.emit_event)
+        self.router.add("emit_events", self.emit_events)
 
     def health(self, params: NoParams) -> Health:
-        """Liveness and identity; never touches the database, so it answers during long queries."""
+        """Liveness and identity; never touches the database, so it answers during long queries.
+
+        `status` is "degraded" while writes fail for the database's own reason
+        (full, unreachable, corrupt): `db.lastError` says which."""
+        last_error = self.db.write_health.last_error
         return Health(
-            status="ok",
+            status="ok" if last_error is None else "degraded",
             version=__version__,
             pid=self.pid,
             uptime_ms=uptime_ms(self.started),
-            db=DbInfo(self.db.path, self.db.schema_version),
+            db=DbInfo(self.db.path, self.db.schema_version, last_error),
         )
 
     def db_proxy(self, params: DbProxyParams) -> Deferred[QueryResult | RunResult | ExecResult]:
@@ -132,6 +144,13 @@ class AssistantRoutes:
         payload = msgspec.json.encode(params.payload).decode()
         job = functools.partial(insert_event, event_id=params.id, kind=params.kind, payload=payload)
         return self.db.submit_write(job)
+
+    def emit_events(self, params: EmitEventsParams) -> Deferred[EmitEventsResult]:
+        """Store 1..500 events in order in one transaction; ids already stored are skipped and
+        listed in `duplicates`, so a batch delivered again is harmless. An invalid event
+        refuses the whole call (`data.path` names it) and stores nothing."""
+        events = [(e.id, e.kind, _encoder.encode(e.payload).decode()) for e in params.events]
+        return self.db.submit_write(functools.partial(insert_events, events=events))
 
 
 def _check_bind_size(bind: Bind, path: str) -> None:

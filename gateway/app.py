@@ -61,9 +61,10 @@ class GatewayApp:
         key = await anyio.to_thread.run_sync(load_or_create_key, self.key_path)
         self.hasher = CodeHasher(key)
         await self.migrations.load()
-        done_through, queued_through = await self.db.run(backlog_bounds)
+        done_through, queued_through, oldest_at = await self.db.run(backlog_bounds)
         self.delivery.backlog.done(done_through)
         self.delivery.backlog.queued(queued_through)
+        self.delivery.backlog.oldest_at = oldest_at
         self.delivery.dead = await self.db.run(dead_count)
         log.info("database %s open at schema version %d", self.db.path, self.db.schema_version)
 

@@ -23,6 +23,7 @@ from runtime.sqlite import (
     Conn,
     ConnectionPool,
     Job,
+    WriteHealth,
     WriteTransaction,
     connect,
     database_failure,
@@ -132,6 +133,7 @@ class Database:
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
         self.schema_version = 0
+        self.write_health = WriteHealth()
         self._worker: ConnectionPool[Conn] | None = None
 
     def open(self) -> None:
@@ -141,7 +143,12 @@ class Database:
             db = connect(
                 self.path, synchronous=self.synchronous, busy_timeout_ms=self.busy_timeout_ms
             )
-            conn = Conn(db, watch_deadline(db), busy_timeout_ms=self.busy_timeout_ms)
+            conn = Conn(
+                db,
+                watch_deadline(db),
+                busy_timeout_ms=self.busy_timeout_ms,
+                health=self.write_health,
+            )
         except apsw.Error as exc:
             raise DbOpenError(f"cannot open database {self.path}: {exc}", EX_CANTCREAT) from exc
         try:
@@ -178,6 +185,7 @@ def _translated(conn: Conn, job: Callable[[Conn], T]) -> T:
         failure = database_failure(exc)
         if failure is None:
             raise
+        conn.health.failed(failure)
         raise failure from exc
 
 

@@ -1,8 +1,12 @@
 """The event outbox: events are queued in the transaction that caused them, then delivered.
 
-Delivery sends them to the assistant's `emit_event` one at a time, oldest
-first, and removes a row only once the assistant has acknowledged it; the
-event id makes a re-delivery after a lost answer harmless.
+Delivery sends the oldest waiting events to the assistant's `emit_events` in
+batches of up to `BATCH`, one call at a time (so order holds), and removes a
+batch's rows in one commit once the assistant has acknowledged it; the
+event ids make a re-delivery after a lost answer harmless. A batch the
+assistant refuses outright is split until the one event that causes it is
+alone: only that event counts refusals, and goes to `outbox_dead` after
+`DEAD_AFTER` of them. The assistant being away, busy or full never counts.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from runtime.sqlite import Conn, DatabaseFailure, now_ms
 
 log = logging.getLogger("gateway.outbox")
 
-BATCH = 100
+BATCH = 500
 DEAD_AFTER = 5
 DELIVERY_BACKOFF_START = 0.05
 DELIVERY_BACKOFF_CAP = 5.0
 IDLE_POLL = 5.0
+# A batch of 500 small events is well under a second of the assistant's work;
+# a call that takes longer than this is treated as lost and sent again.
+DELIVERY_TIMEOUT = 30.0
 
 _encoder = msgspec.json.Encoder()
 
@@ -37,6 +44,7 @@ class PendingEvent(msgspec.Struct, gc=False):
     event_id: str
     kind: str
     payload: str
+    created_at: int
 
 
 def queue_event(conn: Conn, kind: str, payload: dict[str, Any]) -> str:
@@ -51,7 +59,8 @@ def queue_event(conn: Conn, kind: str, payload: dict[str, Any]) -> str:
 
 def pending_events(conn: Conn, limit: int = BATCH) -> list[PendingEvent]:
     rows = conn.execute(
-        "SELECT seq, event_id, kind, payload FROM outbox ORDER BY seq LIMIT ?", (limit,)
+        "SELECT seq, event_id, kind, payload, created_at FROM outbox ORDER BY seq LIMIT ?",
+        (limit,),
     )
     return [PendingEvent(*row) for row in rows]
 
@@ -62,11 +71,15 @@ def queued_through(conn: Conn) -> int:
     return int(rows[0][0]) if rows else 0
 
 
-def backlog_bounds(conn: Conn) -> tuple[int, int]:
-    """`(done_through, queued_through)` as the table stands: every row above the first is there."""
+def backlog_bounds(conn: Conn) -> tuple[int, int, int | None]:
+    """`(done_through, queued_through, oldest created_at)` as the table stands: every row
+    above the first is there."""
     queued = queued_through(conn)
-    first = conn.execute("SELECT min(seq) FROM outbox")[0][0]
-    return (queued if first is None else int(first) - 1), queued
+    rows = conn.execute("SELECT seq, created_at FROM outbox ORDER BY seq LIMIT 1")
+    if not rows:
+        return queued, queued, None
+    first, created_at = rows[0]
+    return int(first) - 1, queued, int(created_at)
 
 
 def mark_delivered(conn: Conn, through_seq: int) -> None:
@@ -120,23 +133,36 @@ class Backlog:
     "the count when my transaction ran" could.
     """
 
-    __slots__ = ("done_through", "queued_through")
+    __slots__ = ("done_through", "oldest_at", "queued_through")
 
     def __init__(self) -> None:
         self.done_through = 0
         self.queued_through = 0
+        # created_at (ms) of the oldest waiting event, as last known: from each
+        # read of the head, else when the backlog last became non-empty. It is
+        # only ever older than the truth, never younger.
+        self.oldest_at: int | None = None
 
     def queued(self, through: int) -> None:
         if through > self.queued_through:
+            if self.oldest_at is None or not self.pending:
+                self.oldest_at = now_ms()
             self.queued_through = through
 
     def done(self, through: int) -> None:
         if through > self.done_through:
             self.done_through = through
+        if not self.pending:
+            self.oldest_at = None
 
     @property
     def pending(self) -> int:
         return max(0, self.queued_through - self.done_through)
+
+    def oldest_age_ms(self) -> int | None:
+        if self.oldest_at is None or not self.pending:
+            return None
+        return max(0, now_ms() - self.oldest_at)
 
 
 class Delivery:
@@ -148,6 +174,7 @@ class Delivery:
         self._wake = WakeUp()
         self.backlog = Backlog()
         self.dead = 0
+        self.delivered_total = 0
         self.last_error: str | None = None
         self._refusals: dict[int, int] = {}
 
@@ -168,6 +195,7 @@ class Delivery:
                 if not events:
                     await self._wake.wait(IDLE_POLL)
                     continue
+                self.backlog.oldest_at = events[0].created_at
                 delivered = await self._deliver(events)
             except (apsw.Error, DatabaseFailure) as exc:
                 # gateway.db refused us (a lock held by another process, a full
@@ -183,48 +211,40 @@ class Delivery:
             delay = min(delay * 2, DELIVERY_BACKOFF_CAP)
 
     async def _deliver(self, events: list[PendingEvent]) -> bool:
-        """Deliver in order; False at the first event the assistant did not take.
+        """Deliver `events` in order; False when delivery must wait and try again.
 
-        Delivered rows are removed together after the run (one commit, not
-        one per event); a crash before that re-delivers them, which the
-        assistant recognises by event id.
+        A batch refused outright is split in two and each half delivered in
+        turn, down to the one event that is refused; the events before it
+        are delivered (and removed) on the way.
         """
-        delivered = 0
-        through = 0
         try:
+            await self._link.call_assistant(
+                "emit_events", {"events": [_wire(e) for e in events]}, timeout=DELIVERY_TIMEOUT
+            )
+        except IpcError as exc:
+            self.last_error = str(exc)
+            if not _outright(exc):
+                return False
+            if len(events) > 1:
+                half = len(events) // 2
+                return await self._deliver(events[:half]) and await self._deliver(events[half:])
+            return await self._refused(events[0], exc)
+        await self._delivered(events)
+        return True
+
+    async def _delivered(self, events: list[PendingEvent]) -> None:
+        through = events[-1].seq
+        await self._db.run(functools.partial(mark_delivered, through_seq=through))
+        self.backlog.done(through)
+        self.delivered_total += len(events)
+        self.last_error = None
+        if self._refusals:
             for event in events:
-                params = {
-                    "id": event.event_id,
-                    "kind": event.kind,
-                    "payload": msgspec.Raw(event.payload.encode()),
-                }
-                try:
-                    await self._link.call_assistant("emit_event", params)
-                except IpcError as exc:
-                    if not await self._failed(event, exc):
-                        return False
-                    continue
-                delivered += 1
-                through = event.seq
                 self._refusals.pop(event.seq, None)
-                self.last_error = None
-            return True
-        finally:
-            if delivered:
-                await self._db.run(functools.partial(mark_delivered, through_seq=through))
-                self.backlog.done(through)
 
-    async def _failed(self, event: PendingEvent, exc: IpcError) -> bool:
-        """Record the failure; True when the event was set aside and delivery goes on.
-
-        Only an outright refusal (a non-retryable error) counts towards setting
-        an event aside, and only `DEAD_AFTER` of them in a row: the assistant
-        being away or busy never does.
-        """
-        self.last_error = str(exc)
-        refusals = 0
-        if isinstance(exc, IpcHandlerError) and not exc.retryable:
-            refusals = self._refusals.get(event.seq, 0) + 1
+    async def _refused(self, event: PendingEvent, exc: IpcError) -> bool:
+        """The assistant refused this event alone; True when it was set aside (go on)."""
+        refusals = self._refusals.get(event.seq, 0) + 1
         self._refusals[event.seq] = refusals
         set_aside = refusals >= DEAD_AFTER
         failed = functools.partial(mark_failed, seq=event.seq, error=str(exc), set_aside=set_aside)
@@ -236,3 +256,16 @@ class Delivery:
         self.dead += 1
         self.backlog.done(event.seq)
         return True
+
+
+def _wire(event: PendingEvent) -> dict[str, Any]:
+    return {
+        "id": event.event_id,
+        "kind": event.kind,
+        "payload": msgspec.Raw(event.payload.encode()),
+    }
+
+
+def _outright(exc: IpcError) -> bool:
+    """A refusal of what was sent (not retryable), as opposed to the assistant away or busy."""
+    return isinstance(exc, IpcHandlerError) and not exc.retryable

@@ -131,6 +131,8 @@ class LinkInfo(Struct, rename="camel"):
 class OutboxInfo(Struct, rename="camel"):
     pending: int
     dead: int
+    oldest_age_ms: int | None
+    delivered_total: int
     last_error: str | None
 
 
@@ -166,6 +168,7 @@ class GatewayRoutes:
         self.delivery = delivery
         self.migrations = migrations
         self.started = time.monotonic()
+        self.pid = os.getpid()
         self.router = Router("gatewayd", __version__)
         add = self.router.add
         add("health", self.health, inline=True)
@@ -195,17 +198,28 @@ class GatewayRoutes:
         return result
 
     def health(self, params: NoParams) -> HealthResult:
-        """Liveness, assistant link, outbox backlog, migrations; never calls the assistant."""
+        """Liveness, assistant link, outbox backlog, migrations; never calls the assistant.
+
+        `status` is "degraded" while gateway.db's writes fail for its own reason
+        (full, unreachable, corrupt): `db.lastError` says which."""
         status = self.link.status
         migrations = self.migrations.state
+        delivery = self.delivery
+        db_error = self.db.write_health.last_error
         return HealthResult(
-            status="ok",
+            status="ok" if db_error is None else "degraded",
             version=__version__,
-            pid=os.getpid(),
+            pid=self.pid,
             uptime_ms=uptime_ms(self.started),
-            db=DbInfo(self.db.path, self.db.schema_version),
+            db=DbInfo(self.db.path, self.db.schema_version, db_error),
             assistant=LinkInfo(status.state, status.since, status.last_error),
-            outbox=OutboxInfo(self.delivery.pending, self.delivery.dead, self.delivery.last_error),
+            outbox=OutboxInfo(
+                delivery.pending,
+                delivery.dead,
+                delivery.backlog.oldest_age_ms(),
+                delivery.delivered_total,
+                delivery.last_error,
+            ),
             migrations=MigrationsInfo(
                 pending=len(migrations.pending),
                 failed=1 if migrations.failed else 0,

@@ -10,6 +10,7 @@ from msgspec import Struct
 class DbInfo(Struct, rename="camel"):
     path: str
     schema_version: int
+    last_error: str | None = None
 
 
 class Health(Struct, rename="camel", kw_only=True):

@@ -17,6 +17,7 @@ from runtime.sqlite.connect import (
 )
 from runtime.sqlite.errors import (
     DatabaseFailure,
+    WriteHealth,
     database_failure,
     sqlite_codes,
     timeout_error,
@@ -29,6 +30,7 @@ from runtime.sqlite.transaction import (
     Deadline,
     TxMode,
     WriteTransaction,
+    ours,
     watch_deadline,
 )
 
@@ -42,12 +44,14 @@ __all__ = [
     "Job",
     "QueuedPastDeadline",
     "TxMode",
+    "WriteHealth",
     "WriteTransaction",
     "connect",
     "database_failure",
     "make_state_dir",
     "migrate",
     "now_ms",
+    "ours",
     "sqlite_codes",
     "timeout_error",
     "watch_deadline",

@@ -35,6 +35,32 @@ class DatabaseFailure(RouteError):
     """
 
 
+# The failures that make a daemon "degraded": its writes fail whatever the caller sends.
+DEGRADING = frozenset({"DB_FULL", "DB_UNAVAILABLE", "DB_CORRUPT"})
+
+
+class WriteHealth:
+    """Whether a database's last write failed for a reason of its own (SPEC.md section 3).
+
+    Set by a write that fails with DB_FULL, DB_UNAVAILABLE or DB_CORRUPT,
+    cleared by the first write that commits; `health` reads `last_error`.
+    Written by the database thread, read on the loop: one attribute, no lock.
+    """
+
+    __slots__ = ("last_error",)
+
+    def __init__(self) -> None:
+        self.last_error: str | None = None
+
+    def failed(self, failure: DatabaseFailure) -> None:
+        if failure.error_code in DEGRADING:
+            self.last_error = f"{failure.error_code}: {failure.message}"
+
+    def committed(self) -> None:
+        if self.last_error is not None:
+            self.last_error = None
+
+
 TIMEOUT_MESSAGE = "the statement ran past timeoutMs and was interrupted; nothing was applied"
 
 

@@ -66,6 +66,7 @@ class GroupCommit(Generic[C]):
                     break
             else:
                 conn.execute(COMMIT, cacheable=True)
+                conn.health.committed()
                 return outcomes
         except apsw.Error:
             pass
@@ -110,6 +111,7 @@ class GroupCommit(Generic[C]):
                     conn.tx_mode = TxMode.ALONE
                     return self._redo(conn, jobs, outcomes, index)
             conn.execute(COMMIT, cacheable=True)
+            conn.health.committed()
             return outcomes
         except apsw.Error:
             conn.tx_mode = TxMode.ALONE

@@ -5,11 +5,13 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import apsw
+
+from runtime.sqlite.errors import WriteHealth
 
 BUSY_TIMEOUT_MS = 5000
 PROGRESS_STEPS = 1000
@@ -71,6 +73,7 @@ class Conn:
     deadline: Deadline
     tx_mode: TxMode = TxMode.ALONE
     busy_timeout_ms: int = BUSY_TIMEOUT_MS
+    health: WriteHealth = field(default_factory=WriteHealth)
 
     def execute(
         self, sql: str, bind: tuple[Any, ...] | None = None, *, cacheable: bool = True
@@ -97,6 +100,11 @@ RELEASE = f"RELEASE job_{_NONCE}"
 ROLLBACK_TO = f"ROLLBACK TO job_{_NONCE}"
 
 
+def ours(sql: str) -> str:
+    """`sql` marked with the nonce, so it can be cached on a connection callers also use."""
+    return f"{sql} /* {_NONCE} */"
+
+
 class WriteTransaction:
     """One job's write transaction: BEGIN IMMEDIATE ... COMMIT, or its part of a group
     commit's transaction (see `TxMode`).
@@ -116,8 +124,11 @@ class WriteTransaction:
 
     def commit(self) -> None:
         mode = self.conn.tx_mode
-        if mode is not TxMode.OPTIMISTIC:
-            self.conn.execute(RELEASE if mode is TxMode.SAVEPOINT else COMMIT, cacheable=True)
+        if mode is TxMode.ALONE:
+            self.conn.execute(COMMIT, cacheable=True)
+            self.conn.health.committed()
+        elif mode is TxMode.SAVEPOINT:
+            self.conn.execute(RELEASE, cacheable=True)
         self.done = True
 
     def rollback(self) -> None:

@@ -143,15 +143,15 @@ def test_deleting_a_contact_takes_its_invites_and_queues_an_event(conn: Conn) ->
 
 
 def test_the_outbox_watermarks_follow_queued_and_delivered_events(conn: Conn) -> None:
-    assert backlog_bounds(conn) == (0, 0)
+    assert backlog_bounds(conn) == (0, 0, None)
     new_invite(conn)
     new_invite(conn)
     queued = queued_through(conn)
-    assert backlog_bounds(conn) == (0, queued)
-    first = pending_events(conn)[0]
+    first, second = pending_events(conn)[:2]
+    assert backlog_bounds(conn) == (0, queued, first.created_at)
     mark_delivered(conn, first.seq)
-    assert backlog_bounds(conn) == (first.seq, queued)
+    assert backlog_bounds(conn) == (first.seq, queued, second.created_at)
     mark_delivered(conn, queued)
-    assert backlog_bounds(conn) == (queued, queued)
+    assert backlog_bounds(conn) == (queued, queued, None)
     new_invite(conn)
     assert queued_through(conn) == queued + 1, "a sequence number is never reused"
