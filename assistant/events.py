@@ -10,6 +10,7 @@ from msgspec import Struct
 from assistant.db import GuardedConn
 from assistant.errors import EventStoreFailed
 from assistant.proxy import translate
+from runtime.failpoints import failpoint
 from runtime.sqlite import WriteTransaction, now_ms, ours
 
 # Marked as ours: it is cached on the writer, which callers' statements share,
@@ -48,7 +49,9 @@ def insert_events(conn: GuardedConn, events: Sequence[Event]) -> EmitEventsResul
     now = now_ms()
     try:
         with WriteTransaction(conn):
-            for event_id, kind, payload in events:
+            for index, (event_id, kind, payload) in enumerate(events):
+                if index == len(events) // 2:
+                    failpoint("mid_emit_events")
                 before = conn.db.total_changes()
                 conn.execute(_INSERT, (event_id, kind, payload, now), cacheable=True)
                 if conn.db.total_changes() == before:

@@ -23,6 +23,7 @@ from gateway.db import Database, transaction
 from gateway.link import AssistantLink
 from gateway.records import new_id
 from protocol.errors import IpcError, IpcHandlerError
+from runtime.failpoints import failpoint
 from runtime.sqlite import Conn, DatabaseFailure, now_ms
 
 log = logging.getLogger("gateway.outbox")
@@ -229,6 +230,7 @@ class Delivery:
                 half = len(events) // 2
                 return await self._deliver(events[:half]) and await self._deliver(events[half:])
             return await self._refused(events[0], exc)
+        failpoint("after_emit_events")
         await self._delivered(events)
         return True
 

@@ -1,0 +1,326 @@
+"""Events from the gateway's outbox to the assistant: batches, a poison event, full disks, kills.
+
+Every event the gateway acknowledged reaches the assistant exactly once and
+in order, whatever happens on the way; only an event the assistant refuses
+for what it is ends in `outbox_dead`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import apsw
+import pytest
+
+from protocol.client import Client
+from protocol.errors import IpcHandlerError
+from tests.support.proc import DaemonProcess
+from tests.support.sqlite import count
+from tests.support.waiting import eventually, gateway_health_reaches, outbox_drained
+
+pytestmark = pytest.mark.anyio
+
+
+def event(n: int, kind: str = "contacts_changed", **payload: Any) -> dict[str, Any]:
+    return {"id": f"e{n}", "kind": kind, "payload": payload or {"n": n}}
+
+
+async def stored_ids(client: Client, kind: str | None = None) -> list[str]:
+    where, bind = ("WHERE kind = ?", [kind]) if kind else ("", [])
+    found = await client.call(
+        "db_proxy",
+        {
+            "sql": f"SELECT id FROM events {where} ORDER BY rowid",
+            "mode": "query",
+            "bind": bind,
+            "maxRows": 100_000,
+        },
+    )
+    return [row["id"] for row in found["rows"]]
+
+
+# -- emit_events --------------------------------------------------------------
+
+
+async def test_emit_events_stores_in_order_and_lists_what_was_already_there(
+    assistant_socket: str,
+) -> None:
+    async with Client(assistant_socket) as client:
+        first = await client.call("emit_events", {"events": [event(1), event(2)]})
+        assert first == {"accepted": 2, "duplicates": []}
+        again = await client.call("emit_events", {"events": [event(2), event(3), event(3)]})
+        assert again == {"accepted": 1, "duplicates": ["e2", "e3"]}
+        assert await stored_ids(client) == ["e1", "e2", "e3"]
+
+
+@pytest.mark.parametrize(
+    ("events", "path"),
+    [
+        ([], "$.events"),
+        ([event(n) for n in range(501)], "$.events"),
+        ([event(0), event(1), event(2), event(3, kind="nope")], "$.events[3].kind"),
+        (
+            [event(0), {"id": "e1", "kind": "contacts_changed", "payload": [1]}],
+            "$.events[1].payload",
+        ),
+        ([{"id": "", "kind": "contacts_changed", "payload": {}}], "$.events[0].id"),
+        ([{"id": "x" * 201, "kind": "contacts_changed", "payload": {}}], "$.events[0].id"),
+    ],
+    ids=["none", "501", "unknown kind", "payload not an object", "empty id", "id too long"],
+)
+async def test_an_invalid_batch_is_refused_whole_with_the_path_and_stores_nothing(
+    assistant_socket: str, events: list[dict[str, Any]], path: str
+) -> None:
+    async with Client(assistant_socket) as client:
+        with pytest.raises(IpcHandlerError) as caught:
+            await client.call("emit_events", {"events": events})
+        assert (caught.value.code, caught.value.status_code) == ("INVALID_PARAMS", 400)
+        assert caught.value.data["path"] == path
+        assert caught.value.retryable is False
+        assert await stored_ids(client) == []
+
+
+# -- the pair -----------------------------------------------------------------
+
+
+class Pair:
+    """Both daemons, each with a state dir of its own (one may live on a small tmpfs)."""
+
+    def __init__(self, root: Path, assistant_state: Path, gateway_state: Path) -> None:
+        self.runtime = root / "run"
+        self.runtime.mkdir(exist_ok=True)
+        self.assistant = DaemonProcess("assistant", self.runtime, assistant_state)
+        self.gateway = DaemonProcess("gateway", self.runtime, gateway_state)
+        self.gateway_db = gateway_state / "gateway.db"
+
+    @property
+    def assistant_socket(self) -> str:
+        return str(self.runtime / "assistant.sock")
+
+    @property
+    def gateway_socket(self) -> str:
+        return str(self.runtime / "gateway.sock")
+
+    def close(self) -> None:
+        self.gateway.close()
+        self.assistant.close()
+
+
+@contextlib.contextmanager
+def pair_on(root: Path, assistant_state: Path, gateway_state: Path) -> Iterator[Pair]:
+    both = Pair(root, assistant_state, gateway_state)
+    try:
+        both.assistant.start()
+        both.gateway.start()
+        yield both
+    finally:
+        both.close()
+
+
+async def contacts(gw: Client, count: int, prefix: str = "c") -> list[str]:
+    return [
+        (await gw.call("contacts_create", {"displayName": f"{prefix}{n}"}))["contact"]["id"]
+        for n in range(count)
+    ]
+
+
+async def contact_ids_stored(assistant_socket: str) -> list[str]:
+    async with Client(assistant_socket) as client:
+        found = await client.call(
+            "db_proxy",
+            {
+                "sql": "SELECT json_extract(payload, '$.contactId') AS c FROM events"
+                " WHERE kind = 'contacts_changed' ORDER BY rowid",
+                "mode": "query",
+                "maxRows": 100_000,
+            },
+        )
+    return [row["c"] for row in found["rows"]]
+
+
+def dead_ids(gateway_db: Path) -> list[str]:
+    db = apsw.Connection(str(gateway_db))
+    try:
+        return [str(row[0]) for row in db.execute("SELECT event_id FROM outbox_dead")]
+    finally:
+        db.close()
+
+
+async def test_a_poison_event_in_the_middle_of_a_batch_alone_goes_to_outbox_dead(
+    short_tmp: Path,
+) -> None:
+    with pair_on(short_tmp, short_tmp / "state", short_tmp / "state") as pair:
+        assert pair.assistant.terminate() == 0
+        async with Client(pair.gateway_socket) as gw:
+            before = await contacts(gw, 3, "before")
+            db = apsw.Connection(str(pair.gateway_db))
+            db.set_busy_timeout(5000)
+            db.execute(
+                "INSERT INTO outbox (event_id, kind, payload, created_at)"
+                " VALUES ('ev_poison', 'bogus', '{}', 1)"
+            )
+            db.close()
+            after = await contacts(gw, 3, "after")
+            pair.assistant.restart()
+
+            async def settled() -> bool:
+                outbox = (await gw.call("health"))["outbox"]
+                return bool(outbox["dead"] == 1 and outbox["pending"] == 0)
+
+            await eventually(settled)
+            health = await gw.call("health")
+        assert await contact_ids_stored(pair.assistant_socket) == before + after
+        assert dead_ids(pair.gateway_db) == ["ev_poison"]
+        assert health["outbox"]["deliveredTotal"] == 6
+        assert health["outbox"]["oldestAgeMs"] is None
+
+
+async def test_a_gateway_killed_after_the_assistant_stored_a_batch_delivers_it_again_once(
+    short_tmp: Path,
+) -> None:
+    with pair_on(short_tmp, short_tmp / "state", short_tmp / "state") as pair:
+        assert pair.assistant.terminate() == 0
+        async with Client(pair.gateway_socket) as gw:
+            ids = await contacts(gw, 20)
+        pair.gateway.env["PAIR_FAILPOINT"] = "after_emit_events"
+        pair.gateway.kill()
+        pair.gateway.restart()
+        pair.assistant.restart()
+        assert pair.gateway.proc is not None
+        pair.gateway.proc.wait(30)
+        assert pair.gateway.proc.returncode == -9, "the failpoint was not reached"
+        assert await contact_ids_stored(pair.assistant_socket) == ids
+        del pair.gateway.env["PAIR_FAILPOINT"]
+        pair.gateway.restart()
+        await gateway_health_reaches(pair.gateway_socket, outbox_drained)
+        assert await contact_ids_stored(pair.assistant_socket) == ids
+
+
+async def test_an_assistant_killed_in_the_middle_of_a_batch_stores_all_of_it_once_later(
+    short_tmp: Path,
+) -> None:
+    with pair_on(short_tmp, short_tmp / "state", short_tmp / "state") as pair:
+        assert pair.assistant.terminate() == 0
+        async with Client(pair.gateway_socket) as gw:
+            ids = await contacts(gw, 20)
+        pair.assistant.env["PAIR_FAILPOINT"] = "mid_emit_events"
+        pair.assistant.start(wait=False)
+        assert pair.assistant.proc is not None
+        pair.assistant.proc.wait(30)
+        assert pair.assistant.proc.returncode == -9, "the failpoint was not reached"
+        del pair.assistant.env["PAIR_FAILPOINT"]
+        pair.assistant.restart()
+        await gateway_health_reaches(pair.gateway_socket, outbox_drained)
+        assert await contact_ids_stored(pair.assistant_socket) == ids
+
+
+# -- full disks ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs at `path`: a disk the test can fill up and free again."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def disk_full(disk: Path, database: Path) -> Iterator[None]:
+    """Fill `disk` to the last byte, with `database`'s WAL emptied first so no write fits."""
+    db = apsw.Connection(str(database))
+    db.set_busy_timeout(5000)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, bytes(size))
+    finally:
+        os.close(fd)
+    try:
+        yield
+    finally:
+        filler.unlink()
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+@needs_root
+async def test_a_full_assistant_disk_degrades_it_and_loses_no_event(short_tmp: Path) -> None:
+    with (
+        small_disk(short_tmp / "disk") as disk,
+        pair_on(short_tmp, disk, short_tmp / "gstate") as pair,
+    ):
+        async with Client(pair.gateway_socket) as gw, Client(pair.assistant_socket) as assistant:
+            await assistant.call("db_proxy", {"sql": "CREATE TABLE t (v BLOB)", "mode": "exec"})
+            first = await contacts(gw, 1, "first")
+            await gateway_health_reaches(pair.gateway_socket, outbox_drained)
+            with disk_full(disk, disk / "assistant.db"):
+                with pytest.raises(IpcHandlerError) as caught:
+                    await assistant.call(
+                        "db_proxy",
+                        {"sql": "INSERT INTO t VALUES (zeroblob(100000))", "mode": "run"},
+                    )
+                assert (caught.value.code, caught.value.status_code) == ("DB_FULL", 507)
+                assert caught.value.retryable is True
+                health = await assistant.call("health")
+                assert health["status"] == "degraded"
+                assert "DB_FULL" in health["db"]["lastError"]
+                during = await contacts(gw, 5, "during")
+
+                async def refused_for_space() -> bool:
+                    outbox = (await gw.call("health"))["outbox"]
+                    return "DB_FULL" in (outbox["lastError"] or "")
+
+                await eventually(refused_for_space)
+            await gateway_health_reaches(pair.gateway_socket, outbox_drained, timeout=30)
+            assert (await assistant.call("health"))["status"] == "ok"
+            gateway_health = await gw.call("health")
+        assert await contact_ids_stored(pair.assistant_socket) == first + during
+        assert gateway_health["outbox"]["dead"] == 0
+        assert dead_ids(pair.gateway_db) == []
+
+
+@needs_root
+async def test_a_full_gateway_disk_refuses_a_redemption_whole_then_it_succeeds(
+    short_tmp: Path,
+) -> None:
+    with (
+        small_disk(short_tmp / "disk") as disk,
+        pair_on(short_tmp, short_tmp / "astate", disk) as pair,
+    ):
+        async with Client(pair.gateway_socket) as gw:
+            contact = (await gw.call("contacts_create", {"displayName": "Kim"}))["contact"]
+            created = await gw.call(
+                "invites_create", {"contactId": contact["id"], "sourceChannel": "sms"}
+            )
+            redeem = {"sourceChannel": "sms", "code": created["code"], "externalUserId": "u1"}
+            with disk_full(disk, pair.gateway_db):
+                with pytest.raises(IpcHandlerError) as caught:
+                    await gw.call("invites_redeem", redeem)
+                assert (caught.value.code, caught.value.status_code) == ("DB_FULL", 507)
+                assert caught.value.retryable is True
+                health = await gw.call("health")
+                assert health["status"] == "degraded"
+                listed = await gw.call("invites_list", {})
+                assert [i["useCount"] for i in listed["invites"]] == [0]
+            assert (await gw.call("invites_redeem", redeem))["outcome"] == "redeemed"
+            assert (await gw.call("health"))["status"] == "ok"
+        db = apsw.Connection(str(pair.gateway_db))
+        try:
+            assert count(db, "SELECT use_count FROM ingress_invites") == 1
+        finally:
+            db.close()
