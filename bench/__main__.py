@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import json
 import os
 import platform
@@ -30,6 +31,7 @@ from typing import Any
 import uvloop
 
 from bench.floor import FloorClient
+from bench.sustained import QUEUED, Sustained, delivery_alone, queue_events, run_sustained
 from protocol.client import BatchCall, Client
 
 Call = Callable[[], Awaitable[Any]]
@@ -61,6 +63,7 @@ class Report:
     python: str
     cases: list[CaseResult] = field(default_factory=list)
     rss_kib: dict[str, dict[str, int]] = field(default_factory=dict)
+    sustained: Sustained | None = None
 
 
 class Daemon:
@@ -290,12 +293,40 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
             "invites_redeem (fresh invites)", "gateway", redeem, gateway, args, floor=ping
         )
         report.cases.append(result)
+        if args.sustained:
+            print("sustained redemptions (20 s), then delivery alone ...", flush=True)
+            report.sustained = await run_sustained(
+                client, functools.partial(floor_rate, ping), result.par_calls_per_s
+            )
     for daemon in daemons:
         report.rss_kib[daemon.name] = daemon.rss()
+    for daemon in daemons:
+        daemon.stop()
+    if report.sustained is not None:
+        report.sustained.delivery_alone_per_s = await measure_delivery_alone(workdir)
     await floor_client.aclose()
-    for daemon in [*daemons, floor]:
-        daemon.proc.terminate() if daemon is floor else daemon.stop()
+    floor.proc.terminate()
     return report
+
+
+async def floor_rate(ping: Floor) -> float:
+    rate, _ = await concurrent(ping.call, 1.0)
+    return rate
+
+
+async def measure_delivery_alone(workdir: Path) -> float:
+    """Both daemons down, QUEUED events in the outbox, then both up: the gateway's drain rate."""
+    queue_events(workdir / "gateway.db", QUEUED)
+    args = ["--runtime-dir", str(workdir), "--state-dir", str(workdir)]
+    assistant = Daemon("assistant-again", ["-m", "assistant", *args], workdir)
+    assistant.wait_ready()
+    gateway = Daemon("gateway-again", ["-m", "gateway", *args], workdir)
+    gateway.wait_ready()
+    try:
+        return await delivery_alone(str(workdir / "gateway.sock"))
+    finally:
+        gateway.stop()
+        assistant.stop()
 
 
 ROWS = 10_000
@@ -404,6 +435,8 @@ def print_table(report: Report) -> None:
             f"{name}: RSS {rss.get('VmRSS', 0) / 1024:.1f} MiB,"
             f" peak {rss.get('VmHWM', 0) / 1024:.1f} MiB"
         )
+    if report.sustained is not None:
+        print("\n" + "\n".join(report.sustained.lines()))
 
 
 def fmt(value: float | None) -> str:
@@ -417,6 +450,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--no-sustained",
+        dest="sustained",
+        action="store_false",
+        help="skip the 20 s sustained-redemption run and the delivery-alone run",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-", dir="/tmp") as tmp:
         report = uvloop.run(run(args, Path(tmp)))
