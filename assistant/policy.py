@@ -47,17 +47,46 @@ READ_ONLY_PRAGMAS = frozenset(
 _READ_ACTIONS = frozenset(
     {apsw.SQLITE_SELECT, apsw.SQLITE_READ, apsw.SQLITE_FUNCTION, apsw.SQLITE_RECURSIVE}
 )
-_TABLE_WRITES = frozenset(
+# The actions that change a table or something about it, by which argument of
+# the authorizer names the table (SQLite's "Authorizer Action Codes"): the first
+# for the table's own rows and DDL and for any table or view created (a TEMP
+# one of an internal table's name would shadow it on this connection), the
+# second for an index or trigger on it and for ALTER TABLE (whose first is the
+# schema's name). SQLITE_READ (first: table) is not here: callers may read.
+_TABLE_IN_ARG1 = frozenset(
     {
         apsw.SQLITE_INSERT,
         apsw.SQLITE_UPDATE,
         apsw.SQLITE_DELETE,
+        apsw.SQLITE_CREATE_TABLE,
+        apsw.SQLITE_CREATE_TEMP_TABLE,
         apsw.SQLITE_DROP_TABLE,
-        apsw.SQLITE_ALTER_TABLE,
-        apsw.SQLITE_CREATE_INDEX,
-        apsw.SQLITE_CREATE_TRIGGER,
+        apsw.SQLITE_DROP_TEMP_TABLE,
+        apsw.SQLITE_CREATE_VIEW,
+        apsw.SQLITE_CREATE_TEMP_VIEW,
+        apsw.SQLITE_DROP_VIEW,
+        apsw.SQLITE_DROP_TEMP_VIEW,
+        apsw.SQLITE_CREATE_VTABLE,
+        apsw.SQLITE_DROP_VTABLE,
+        apsw.SQLITE_ANALYZE,
     }
 )
+_TABLE_IN_ARG2 = frozenset(
+    {
+        apsw.SQLITE_CREATE_INDEX,
+        apsw.SQLITE_CREATE_TEMP_INDEX,
+        apsw.SQLITE_DROP_INDEX,
+        apsw.SQLITE_DROP_TEMP_INDEX,
+        apsw.SQLITE_CREATE_TRIGGER,
+        apsw.SQLITE_CREATE_TEMP_TRIGGER,
+        apsw.SQLITE_DROP_TRIGGER,
+        apsw.SQLITE_DROP_TEMP_TRIGGER,
+        apsw.SQLITE_ALTER_TABLE,
+    }
+)
+# Functions that reach memory or files through their arguments: fts3_tokenizer
+# with a bound blob is a pointer SQLite calls through (a caller crashed it so).
+REFUSED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer"})
 
 
 class Mode(enum.Enum):
@@ -99,16 +128,17 @@ class Guard:
             )
         if action in (apsw.SQLITE_ATTACH, apsw.SQLITE_DETACH):
             return "ATTACH and DETACH are not allowed"
-        if action == apsw.SQLITE_FUNCTION and arg2 == "load_extension":
-            return "extension loading is not allowed"
+        if action == apsw.SQLITE_FUNCTION and (arg2 or "").lower() in REFUSED_FUNCTIONS:
+            return f"the function {arg2} is not allowed"
         if action == apsw.SQLITE_PRAGMA:
             name = (arg1 or "").lower()
             if name in INSPECTING_PRAGMAS or (name in READ_ONLY_PRAGMAS and arg2 is None):
                 return ""
             allowed = ", ".join(sorted(INSPECTING_PRAGMAS | READ_ONLY_PRAGMAS))
             return f"PRAGMA {name} is not allowed; callers may read only: {allowed}"
-        if action in _TABLE_WRITES and arg1 in self.internal_tables:
-            return f"table {arg1} is internal to the assistant"
+        table = arg1 if action in _TABLE_IN_ARG1 else arg2 if action in _TABLE_IN_ARG2 else None
+        if table is not None and table.lower() in self.internal_tables:
+            return f"table {table} is internal to the assistant: it may be read, not changed"
         return ""
 
     def _deny(self, denial: Denial, reason: str) -> int:

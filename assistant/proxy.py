@@ -213,7 +213,7 @@ def transaction(
     with _WriteTransaction(conn) as tx:
         if idempotency_key is not None:
             stored = conn.execute(
-                "SELECT result FROM idempotency_keys WHERE key = ?",
+                "SELECT result FROM main.idempotency_keys WHERE key = ?",
                 (idempotency_key,),
                 cacheable=True,
             )
@@ -232,7 +232,7 @@ def transaction(
         outcome = TransactionOk(results=results)
         if idempotency_key is not None:
             conn.execute(
-                "INSERT INTO idempotency_keys (key, result, created_at) VALUES (?, ?, ?)",
+                "INSERT INTO main.idempotency_keys (key, result, created_at) VALUES (?, ?, ?)",
                 (idempotency_key, _encoder.encode(outcome).decode(), now_ms()),
             )
         return outcome
@@ -314,4 +314,6 @@ def translate(
 
 def sweep_idempotency_keys(conn: GuardedConn, older_than_ms: int) -> int:
     """Forget idempotency keys stored before `older_than_ms`; how many were removed."""
-    return conn.changes_of("DELETE FROM idempotency_keys WHERE created_at < ?", (older_than_ms,))
+    return conn.changes_of(
+        "DELETE FROM main.idempotency_keys WHERE created_at < ?", (older_than_ms,)
+    )

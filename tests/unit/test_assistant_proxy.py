@@ -67,16 +67,53 @@ def test_a_failing_step_names_itself_and_leaves_nothing(conn: GuardedConn) -> No
     assert count(conn.db, "SELECT count(*) FROM idempotency_keys") == 0
 
 
+INTERNAL = ("events", "idempotency_keys")
+# Every form of changing a table or something about it, aimed at each internal
+# table: its rows, DDL on it, indexes and triggers on it, and TEMP objects
+# that would shadow it on the writer.
+TOUCHING = (
+    "INSERT INTO {t} (rowid) VALUES (1)",
+    "UPDATE {t} SET rowid = rowid",
+    "DELETE FROM {t}",
+    "DROP TABLE {t}",
+    "ALTER TABLE {t} RENAME TO x",
+    "ALTER TABLE {t} ADD COLUMN x",
+    "CREATE INDEX ix ON {t} (rowid)",
+    "CREATE TEMP TRIGGER tr BEFORE INSERT ON main.{t} BEGIN SELECT RAISE(IGNORE); END",
+    "CREATE TRIGGER tr BEFORE INSERT ON {t} BEGIN SELECT RAISE(IGNORE); END",
+    "CREATE TEMP TABLE {t} (x)",
+    "CREATE TEMP TABLE {T} (x)",
+    "CREATE TEMP VIEW {t} AS SELECT 1 AS x",
+)
+
+
+@pytest.mark.parametrize("sql", [f.format(t=t, T=t.upper()) for t in INTERNAL for f in TOUCHING])
+def test_no_form_of_change_reaches_the_daemons_own_tables(conn: GuardedConn, sql: str) -> None:
+    with pytest.raises(SqlForbidden, match="internal to the assistant"):
+        proxy.execute_script(conn, sql)
+    schema = count(conn.db, "SELECT count(*) FROM sqlite_temp_master")
+    assert schema == 0, "a TEMP object was left behind"
+    assert insert_event(conn, "after", "contacts_changed", "{}").duplicate is False
+
+
+def test_the_daemons_own_tables_can_be_read(conn: GuardedConn) -> None:
+    insert_event(conn, "e1", "contacts_changed", "{}")
+    assert proxy.query(conn, "SELECT id FROM events", None, 100).rows == [{"id": "e1"}]
+
+
 @pytest.mark.parametrize(
     "sql",
     [
-        "INSERT INTO idempotency_keys (key, result, created_at) VALUES ('k', '{}', 0)",
-        "DELETE FROM events",
         "BEGIN",
         "ATTACH DATABASE ':memory:' AS other",
+        "SELECT load_extension('x')",
+        "SELECT fts3_tokenizer('simple')",
+        "SELECT FTS3_TOKENIZER('simple', x'0000000000000000')",
     ],
 )
-def test_the_policy_refuses_our_tables_and_transaction_control(conn: GuardedConn, sql: str) -> None:
+def test_the_policy_refuses_transaction_control_attach_and_unsafe_functions(
+    conn: GuardedConn, sql: str
+) -> None:
     with pytest.raises(SqlForbidden):
         proxy.run(conn, sql, None, 100)
 
