@@ -37,6 +37,21 @@ IDLE_POLL = 5.0
 # a call that takes longer than this is treated as lost and sent again.
 DELIVERY_TIMEOUT = 30.0
 
+# Non-retryable answers that say nothing about the events sent: delivery waits
+# (lastError shows why) instead of narrowing them down to one event.
+NOT_ABOUT_THE_EVENTS = frozenset(
+    {
+        "METHOD_NOT_FOUND",
+        "FORBIDDEN",
+        "INTERNAL_ERROR",
+        "DB_CORRUPT",
+        "INVALID_REQUEST",
+        "PARSE_ERROR",
+        "INVALID_FRAME",
+        "FRAME_TOO_LARGE",
+    }
+)
+
 _encoder = msgspec.json.Encoder()
 
 
@@ -140,8 +155,8 @@ class Backlog:
         self.done_through = 0
         self.queued_through = 0
         # created_at (ms) of the oldest waiting event, as last known: from each
-        # read of the head, else when the backlog last became non-empty. It is
-        # only ever older than the truth, never younger.
+        # read of the head, else the time of the commit that made the backlog
+        # non-empty (a few ms after the event's own created_at).
         self.oldest_at: int | None = None
 
     def queued(self, through: int) -> None:
@@ -197,6 +212,9 @@ class Delivery:
                     await self._wake.wait(IDLE_POLL)
                     continue
                 self.backlog.oldest_at = events[0].created_at
+                # Also learnt from each read: a commit whose wake never came
+                # (its job failed after committing) is counted all the same.
+                self.backlog.queued(events[-1].seq)
                 delivered = await self._deliver(events)
             except (apsw.Error, DatabaseFailure) as exc:
                 # gateway.db refused us (a lock held by another process, a full
@@ -269,5 +287,11 @@ def _wire(event: PendingEvent) -> dict[str, Any]:
 
 
 def _outright(exc: IpcError) -> bool:
-    """A refusal of what was sent (not retryable), as opposed to the assistant away or busy."""
-    return isinstance(exc, IpcHandlerError) and not exc.retryable
+    """A refusal of what was sent (not retryable), as opposed to the assistant away, busy,
+    out of step with us or broken: those refuse every event alike and must not send the
+    whole outbox to outbox_dead one event at a time."""
+    return (
+        isinstance(exc, IpcHandlerError)
+        and not exc.retryable
+        and exc.code not in NOT_ABOUT_THE_EVENTS
+    )

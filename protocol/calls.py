@@ -129,14 +129,17 @@ class Calls:
     async def _run(
         self, request: Request, method: Method, params: Any, to: Answers, started: float
     ) -> None:
+        response: Response | None = None
         try:
             result = await self.invoke(method, params)
-            response: Response | None = success_response(request.id, result)  # type: ignore[arg-type]
+            response = success_response(request.id, result)  # type: ignore[arg-type]
         except Exception as exc:
             response = self.error_of(request, exc)
-        if started:
-            self.log_call(request, response, started)
-        to.finish(request, response)
+        finally:
+            # Also when cancelled at the drain: the call leaves the in-flight count.
+            if started:
+                self.log_call(request, response, started)
+            to.finish(request, response)
 
     async def invoke(self, method: Method, params: Any) -> Any:
         """The handler's result, whatever its kind (batch members and tasks await this)."""
@@ -160,23 +163,27 @@ class Calls:
 
     async def _run_batch(self, members: list[Raw], to: Answers, bound: asyncio.Semaphore) -> None:
         answers: list[Response | None] = [None] * len(members)
-        pending = []
-        for index, raw in enumerate(members):
-            answer = self._member_answer(raw)
-            if asyncio.iscoroutine(answer):
-                pending.append((index, answer))
-            else:
-                answers[index] = answer
-        if pending:
+        try:
+            pending = []
+            for index, raw in enumerate(members):
+                answer = self._member_answer(raw)
+                if asyncio.iscoroutine(answer):
+                    pending.append((index, answer))
+                else:
+                    answers[index] = answer
+            if pending:
 
-            async def bounded(coroutine: Coroutine[Any, Any, Response | None]) -> Any:
-                async with bound:
-                    return await coroutine
+                async def bounded(coroutine: Coroutine[Any, Any, Response | None]) -> Any:
+                    async with bound:
+                        return await coroutine
 
-            results = await asyncio.gather(*(bounded(c) for _, c in pending))
-            for (index, _), result in zip(pending, results, strict=True):
-                answers[index] = result
-        to.finish_batch([answer for answer in answers if answer is not None])
+                results = await asyncio.gather(*(bounded(c) for _, c in pending))
+                for (index, _), result in zip(pending, results, strict=True):
+                    answers[index] = result
+        finally:
+            # Also when cancelled, or on a bug: the batch leaves the in-flight count
+            # with the answers it has.
+            to.finish_batch([answer for answer in answers if answer is not None])
 
     def _member_answer(self, raw: Raw) -> Response | Coroutine[Any, Any, Response | None] | None:
         """One member: its answer now, None (a notification), or a coroutine for it."""

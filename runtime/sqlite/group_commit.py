@@ -56,6 +56,7 @@ class GroupCommit(Generic[C]):
             conn.execute(BEGIN, cacheable=True)
         except apsw.Error as exc:
             return self._alone(conn, jobs, exc)
+        changes_before = conn.db.total_changes()
         started = time.monotonic()
         outcomes: list[Outcome] = []
         conn.tx_mode = TxMode.OPTIMISTIC
@@ -66,7 +67,7 @@ class GroupCommit(Generic[C]):
                     break
             else:
                 conn.execute(COMMIT, cacheable=True)
-                conn.health.committed()
+                _committed(conn, changes_before)
                 return outcomes
         except apsw.Error:
             pass
@@ -103,6 +104,7 @@ class GroupCommit(Generic[C]):
         except apsw.Error as exc:
             return self._alone(conn, jobs, exc)
         conn.tx_mode = TxMode.SAVEPOINT
+        changes_before = conn.db.total_changes()
         try:
             outcomes: list[Outcome] = []
             for index, job in enumerate(jobs):
@@ -111,7 +113,7 @@ class GroupCommit(Generic[C]):
                     conn.tx_mode = TxMode.ALONE
                     return self._redo(conn, jobs, outcomes, index)
             conn.execute(COMMIT, cacheable=True)
-            conn.health.committed()
+            _committed(conn, changes_before)
             return outcomes
         except apsw.Error:
             conn.tx_mode = TxMode.ALONE
@@ -131,3 +133,10 @@ class GroupCommit(Generic[C]):
         kept = [] if ok else [outcomes[lost_at]]
         rest = [self._run_one(conn, job) for job in jobs[lost_at + 1 :]]
         return redone + kept + rest
+
+
+def _committed(conn: Conn, changes_before: int) -> None:
+    # Only a commit that wrote something clears a degraded database: the
+    # gateway's reads run on its writer too, and an empty COMMIT proves nothing.
+    if conn.db.total_changes() != changes_before:
+        conn.health.committed()

@@ -115,18 +115,21 @@ class WriteTransaction:
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
         self.done = False
+        self._changes_before = 0
 
     def __enter__(self) -> WriteTransaction:
         mode = self.conn.tx_mode
         if mode is not TxMode.OPTIMISTIC:
             self.conn.execute(SAVEPOINT if mode is TxMode.SAVEPOINT else BEGIN, cacheable=True)
+        self._changes_before = self.conn.db.total_changes()
         return self
 
     def commit(self) -> None:
         mode = self.conn.tx_mode
         if mode is TxMode.ALONE:
             self.conn.execute(COMMIT, cacheable=True)
-            self.conn.health.committed()
+            if self.conn.db.total_changes() != self._changes_before:
+                self.conn.health.committed()
         elif mode is TxMode.SAVEPOINT:
             self.conn.execute(RELEASE, cacheable=True)
         self.done = True

@@ -7,6 +7,7 @@ for what it is ends in `outbox_dead`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 import apsw
 import pytest
 
+from gateway.outbox import DEAD_AFTER
 from protocol.client import Client
 from protocol.errors import IpcHandlerError
 from tests.support.proc import DaemonProcess
@@ -313,10 +315,13 @@ async def test_a_full_gateway_disk_refuses_a_redemption_whole_then_it_succeeds(
                     await gw.call("invites_redeem", redeem)
                 assert (caught.value.code, caught.value.status_code) == ("DB_FULL", 507)
                 assert caught.value.retryable is True
+                # Reads sent together share one (empty) transaction on the
+                # writer: they prove nothing about writes and clear nothing.
+                lists = await asyncio.gather(*(gw.call("invites_list", {}) for _ in range(8)))
+                assert [i["useCount"] for i in lists[0]["invites"]] == [0]
                 health = await gw.call("health")
                 assert health["status"] == "degraded"
-                listed = await gw.call("invites_list", {})
-                assert [i["useCount"] for i in listed["invites"]] == [0]
+                assert "DB_FULL" in health["db"]["lastError"]
             assert (await gw.call("invites_redeem", redeem))["outcome"] == "redeemed"
             assert (await gw.call("health"))["status"] == "ok"
         db = apsw.Connection(str(pair.gateway_db))
@@ -324,3 +329,34 @@ async def test_a_full_gateway_disk_refuses_a_redemption_whole_then_it_succeeds(
             assert count(db, "SELECT use_count FROM ingress_invites") == 1
         finally:
             db.close()
+
+
+async def test_an_assistant_that_refuses_every_batch_alike_sets_no_event_aside(
+    short_tmp: Path,
+) -> None:
+    """A gateway whose assistant lacks emit_events (METHOD_NOT_FOUND): its events wait."""
+    demo = DaemonProcess(
+        "tests.support.demo_server", short_tmp, short_tmp, "--log-level", "DEBUG"
+    ).start()
+    gateway = DaemonProcess(
+        "gateway",
+        short_tmp,
+        short_tmp / "state",
+        "--assistant-socket",
+        str(short_tmp / "demo.sock"),
+    ).start()
+    try:
+        async with Client(str(short_tmp / "gateway.sock")) as gw:
+            await contacts(gw, 1)
+
+            async def refused_often() -> bool:
+                # One event: each attempt is one call, refused whole.
+                return demo.stderr().count("method=emit_events") > DEAD_AFTER + 1
+
+            await eventually(refused_often)
+            outbox = (await gw.call("health"))["outbox"]
+        assert (outbox["pending"], outbox["dead"]) == (1, 0)
+        assert "METHOD_NOT_FOUND" in outbox["lastError"]
+    finally:
+        gateway.close()
+        demo.close()
