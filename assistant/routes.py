@@ -102,6 +102,7 @@ class AssistantRoutes:
     def db_proxy(self, params: DbProxyParams) -> Deferred[QueryResult | RunResult | ExecResult]:
         """One statement (`query` from a reader, `run` in its own write transaction) or a script
         (`exec`, all or nothing), under the statement policy."""
+        _check_sql(params.sql, "$.sql")
         _check_bind_size(params.bind, "$.bind")
         bind = bind_from_wire(params.bind)
         deadline = time.monotonic() + params.timeout_ms / 1000
@@ -129,6 +130,7 @@ class AssistantRoutes:
             )
         steps = []
         for index, step in enumerate(params.steps):
+            _check_sql(step.sql, f"$.steps[{index}].sql")
             _check_bind_size(step.bind, f"$.steps[{index}].bind")
             steps.append(Step(step.sql, bind_from_wire(step.bind), step.require_changes))
         job = functools.partial(
@@ -151,6 +153,12 @@ class AssistantRoutes:
         refuses the whole call (`data.path` names it) and stores nothing."""
         events = [(e.id, e.kind, _encoder.encode(e.payload).decode()) for e in params.events]
         return self.db.submit_write(functools.partial(insert_events, events=events))
+
+
+def _check_sql(sql: str, path: str) -> None:
+    # SQLite would stop reading the text at a NUL: what ran would not be what was sent.
+    if "\x00" in sql:
+        raise InvalidParams("sql must not contain a NUL character", path=path)
 
 
 def _check_bind_size(bind: Bind, path: str) -> None:

@@ -61,7 +61,11 @@ class Sender:
 
     @property
     def scope(self) -> str:
-        return f"sender:{self.channel}:{self.external_user_id or ''}:{self.external_chat_id or ''}"
+        """Who the guess limits count: the channel's user id when there is one, else the
+        chat id (SPEC.md section 4), so a new chat id is not a fresh budget."""
+        if self.external_user_id:
+            return f"sender:{self.channel}:user:{self.external_user_id}"
+        return f"sender:{self.channel}:chat:{self.external_chat_id}"
 
 
 class Redemption(Struct, rename="camel", gc=False):
@@ -152,6 +156,11 @@ def redeem(
             conn, sender.channel, sender.external_user_id, sender.external_chat_id
         )
         refusal = _refusal(invite, channels, now)
+        retried = _redeemed_by_sender(invite, channels)
+        if refusal is not None and retried is not None and invite is not None:
+            # This sender's own redemption, retried after a lost answer: the
+            # same answer it would have had, and no failed attempt.
+            return Redemption("already_member", invite.id, invite.contact_id, retried.id)
         if refusal is not None:
             _record_failure(conn, scopes, now)
             raise CommitThenRaise(refusal)
@@ -243,6 +252,13 @@ def _refusal(invite: _Candidate | None, channels: list[Channel], now: int) -> Do
     if invite.status != "active" or invite.use_count >= invite.max_uses:
         return _exhausted()
     return None
+
+
+def _redeemed_by_sender(invite: _Candidate | None, channels: list[Channel]) -> Channel | None:
+    """The sender's active channel made by redeeming this very invite, if it has one."""
+    if invite is None:
+        return None
+    return next((c for c in channels if c.invite_id == invite.id and c.status == "active"), None)
 
 
 def _exhausted() -> InviteExhausted:

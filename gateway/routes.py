@@ -34,13 +34,16 @@ from runtime.sqlite import Conn, Job
 
 T = TypeVar("T")
 
-ChannelName = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,32}$")]
-Code = Annotated[str, Meta(pattern=r"^[0-9]{6}$")]
+# `(?!.*\n)`: in Python's regex `$` also matches before a final newline, so
+# "telegram\n" would pass `^...$` alone; the lookahead means the same in the
+# JSON Schema (ECMA) dialect rpc.discover publishes.
+ChannelName = Annotated[str, Meta(pattern=r"^(?!.*\n)[a-z0-9_-]{1,32}$")]
+Code = Annotated[str, Meta(pattern=r"^(?!.*\n)[0-9]{6}$")]
 RecordId = Annotated[str, Meta(min_length=1, max_length=200)]
 ExternalId = Annotated[str, Meta(min_length=1, max_length=256)]
 Limit = Annotated[int, Meta(ge=1, le=500)]
 Cursor = Annotated[str, Meta(max_length=400)]
-Role = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+Role = Annotated[str, Meta(pattern=r"^(?!.*\n)[a-z][a-z0-9_-]{0,31}$")]
 
 
 class ContactsCreateParams(Struct, forbid_unknown_fields=True, rename="camel"):

@@ -50,6 +50,8 @@ BAD_INPUTS = [
     (("db_proxy", {"mode": "query"}), "INVALID_PARAMS", 400, "$.sql", "missing required field"),
     (proxy("SELECT 1", "query", limit=3), "INVALID_PARAMS", 400, "$.limit", "unknown field"),
     (proxy("", "query"), "INVALID_PARAMS", 400, "$.sql", "length >= 1"),
+    (proxy("SELECT 1;\x00DROP TABLE t", "run"), "INVALID_PARAMS", 400, "$.sql", "NUL"),
+    (transaction("SELECT 1", "SELECT 2\x00"), "INVALID_PARAMS", 400, "$.steps[1].sql", "NUL"),
     (proxy("SELECT ?", "query", bind=[1, 2]), "INVALID_PARAMS", 400, "$.bind", "bindings"),
     (proxy("SELECT ?", "query"), "INVALID_PARAMS", 400, "$.bind", "1 bindings"),
     (proxy("SELECT :a", "query", bind={"b": 1}), "INVALID_PARAMS", 400, "$.bind", "'a'"),

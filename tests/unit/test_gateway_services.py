@@ -155,3 +155,24 @@ def test_the_outbox_watermarks_follow_queued_and_delivered_events(conn: Conn) ->
     assert backlog_bounds(conn) == (queued, queued, None)
     new_invite(conn)
     assert queued_through(conn) == queued + 1, "a sequence number is never reused"
+
+
+def test_a_redemption_retried_after_a_lost_answer_is_already_member_even_when_used_up(
+    conn: Conn,
+) -> None:
+    _, invite_id, code = new_invite(conn)
+    first = redeem(conn, code, "u1")
+    again = redeem(conn, code, "u1")
+    assert (again.outcome, again.channel_id) == ("already_member", first.channel_id)
+    assert use_count(conn, invite_id) == 1
+    assert failures(conn) == 0
+
+
+def test_a_sender_with_a_user_id_has_one_guess_budget_whatever_its_chat_id(conn: Conn) -> None:
+    _, _, code = new_invite(conn)
+    wrong = "000000" if code != "000000" else "111111"
+    for chat in range(LIMITS.per_sender):
+        with pytest.raises(InviteInvalid):
+            invites.redeem(conn, HASHER, LIMITS, Sender("sms", "guesser", f"chat{chat}"), wrong)
+    with pytest.raises(RateLimited, match="this sender"):
+        invites.redeem(conn, HASHER, LIMITS, Sender("sms", "guesser", "a-new-chat"), code)
