@@ -19,7 +19,7 @@ from assistant.db import GuardedConn
 from assistant.errors import DbProxyFailed, DbProxyTransactionFailed, SqlForbidden
 from assistant.policy import Denial, Mode
 from protocol.errors import DomainError, InvalidParams, RpcError
-from protocol.values import SqlBind, to_wire
+from protocol.values import SqlBind, needs_conversion, to_wire
 from runtime.sqlite import WriteTransaction, database_failure, now_ms, sqlite_codes
 
 # At most 1024 texts per connection, none over 16 KiB: about 16 MiB at worst.
@@ -164,7 +164,7 @@ class _Statement:
         for row in itertools.islice(cursor, max_rows):
             if len(row) != len(columns):
                 columns = self._probe_columns(cacheable=False)
-            if bytes in map(type, row):
+            if needs_conversion(row):
                 append({name: to_wire(value) for name, value in zip(columns, row, strict=True)})
             else:
                 append(dict(zip(columns, row, strict=True)))

@@ -408,3 +408,15 @@ async def test_debug_logs_each_database_call_with_its_outcome(short_tmp: Path) -
     assert "outcome=ok" in log
     assert "call method=db_proxy id=2 " in log
     assert "outcome=DB_PROXY_FAILED" in log
+
+
+async def test_non_finite_reals_go_both_ways_as_real_objects(client: Client) -> None:
+    """SELECT 1e999 once answered null; a non-finite REAL is {"$real": ...} out and in."""
+    result = await sql(client, "SELECT 1e999 AS inf, -1e999 AS neg, 1.5 AS plain", "query")
+    assert result["rows"] == [
+        {"inf": {"$real": "Infinity"}, "neg": {"$real": "-Infinity"}, "plain": 1.5}
+    ]
+    await sql(client, "CREATE TABLE reals (v REAL)", "exec")
+    await sql(client, "INSERT INTO reals VALUES (?), (?)", bind=[{"$real": "-Infinity"}, 2.5])
+    back = await rows(client, "SELECT v, v < 0 AS negative FROM reals ORDER BY rowid")
+    assert back == [{"v": {"$real": "-Infinity"}, "negative": 1}, {"v": 2.5, "negative": 0}]

@@ -80,6 +80,9 @@ def test_named_binds_become_a_dict() -> None:
         (b'{"bind":[{"$blob":"not base64!"}]}', "Invalid base64 encoded string", "$.bind[0].$blob"),
         (b'{"bind":[{"blob":"AA=="}]}', "unknown field `blob`", "$.bind[0].blob"),
         (b'{"bind":[[1]]}', "got `array`", "$.bind[0]"),
+        (b'{"bind":[{"$real":"Inf"}]}', "Invalid enum value 'Inf'", "$.bind[0].$real"),
+        (b'{"bind":[{}]}', 'exactly one of "$blob" or "$real"', "$.bind[0]"),
+        (b'{"bind":[{"$real":"NaN","$blob":""}]}', 'exactly one of "$blob"', "$.bind[0]"),
         (b'{"bind":3}', "Expected `object | array`, got `int`", "$.bind"),
     ],
 )
@@ -88,3 +91,17 @@ def test_bad_values_are_invalid_params_with_the_path(body: bytes, message: str, 
         decode_bind(body)
     assert message in caught.value.message
     assert caught.value.path == path
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf])
+def test_a_non_finite_real_survives_the_wire_as_real(value: float) -> None:
+    assert msgspec.json.encode(to_wire(value)) in (
+        b'{"$real":"Infinity"}',
+        b'{"$real":"-Infinity"}',
+    )
+    assert wire_round_trip(value) == value
+
+
+def test_nan_survives_the_wire() -> None:
+    assert to_wire(math.nan) == {"$real": "NaN"}
+    assert math.isnan(float(wire_round_trip(math.nan) or 0))
