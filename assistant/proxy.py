@@ -76,7 +76,7 @@ _encoder = msgspec.json.Encoder()
 class _Statement:
     """One caller statement: policy mode, single-statement and bind checks at prepare time."""
 
-    __slots__ = ("bind", "columns", "conn", "path", "sql")
+    __slots__ = ("bind", "columns", "conn", "path", "sql", "traced")
 
     def __init__(self, conn: GuardedConn, sql: str, bind: SqlBind | None, path: str) -> None:
         self.conn = conn
@@ -84,6 +84,7 @@ class _Statement:
         self.bind = bind
         self.path = path
         self.columns: list[str] = []
+        self.traced = False
 
     def execute(self, mode: Mode, *, single: bool = True) -> apsw.Cursor:
         self.conn.guard.begin(mode)
@@ -125,6 +126,16 @@ class _Statement:
         return False
 
     def _check_single(self, cursor: apsw.Cursor, statement: str, _bindings: object) -> bool:
+        if self.traced:
+            # apsw traces what follows the statement too: a trailing comment is
+            # nothing to run, and must not replace the statement's columns.
+            if _COMMENTS.sub("", statement).strip(" \t\r\n;"):
+                raise InvalidParams(
+                    "sql must be exactly one statement (use mode=exec for a script)",
+                    path=f"{self.path}.sql",
+                )
+            return True
+        self.traced = True
         if statement != self.sql:
             start = self.sql.find(statement)
             rest = self.sql[start + len(statement) :] if start >= 0 else ""

@@ -129,3 +129,19 @@ def test_an_event_is_stored_once_per_id(conn: GuardedConn) -> None:
     again = insert_event(conn, "ev-1", "contacts_changed", '{"other": true}')
     assert (first.duplicate, again.duplicate) == (False, True)
     assert count(conn.db, "SELECT count(*) FROM events") == 1
+
+
+@pytest.mark.parametrize("tail", [";", "; -- add one row", ";\n/* note */ ;", "  -- trailing"])
+def test_a_comment_after_the_statement_changes_nothing_on_any_call(
+    conn: GuardedConn, tail: str
+) -> None:
+    """The second and later calls of a text are served from the checked-text cache."""
+    sql = "INSERT INTO t (v) VALUES (?) RETURNING id" + tail
+    for n in range(1, 4):
+        result = proxy.run(conn, sql, (f"v{n}",), 100)
+        assert (result.changes, result.rows) == (1, [{"id": n}])
+    step = Step(sql, ("in a transaction",), 1)
+    assert isinstance(proxy.transaction(conn, [step], None, 100), TransactionOk)
+    read = proxy.query(conn, "SELECT id FROM t WHERE id = 1" + tail, None, 100)
+    again = proxy.query(conn, "SELECT id FROM t WHERE id = 1" + tail, None, 100)
+    assert (read.columns, again.columns) == (["id"], ["id"])
