@@ -18,8 +18,20 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from msgspec import UNSET
 
-from protocol.errors import BatchTooLarge, FrameError, InternalError, InvalidRequest, RpcError
-from protocol.framing import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_FRAME_BYTES, FrameDecoder
+from protocol.errors import (
+    BatchTooLarge,
+    FrameError,
+    InternalError,
+    InvalidRequest,
+    ResultTooLarge,
+    RpcError,
+)
+from protocol.framing import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_MAX_FRAME_BYTES,
+    HEADER_SIZE,
+    FrameDecoder,
+)
 from protocol.messages import (
     Request,
     RequestId,
@@ -27,6 +39,7 @@ from protocol.messages import (
     append_frame_of,
     decode_batch,
     decode_request,
+    encode_frame_of,
     error_response,
     is_batch,
     request_id_of,
@@ -258,16 +271,41 @@ class Connection(asyncio.Protocol):
     def _send_message(self, message: object) -> None:
         if self._closed:
             return
+        out = self._out
+        start = len(out)
         try:
-            append_frame_of(message, self._out)
+            append_frame_of(message, out)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             self._log.error("could not encode an answer", exc_info=exc)
             request_id = getattr(message, "id", None)
             fallback = error_response(request_id, InternalError("unencodable result"))
-            append_frame_of(fallback, self._out)
+            append_frame_of(fallback, out)
+        if len(out) - start - HEADER_SIZE > self._limits.max_frame_bytes:
+            del out[start:]
+            self._send_too_large(message)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+
+    def _send_too_large(self, message: object) -> None:
+        """No peer is sent a frame over the limit: the answer becomes RESULT_TOO_LARGE for
+        its id; in a batch, the largest answers do, until the batch fits."""
+        limit = self._limits.max_frame_bytes
+        too_large = ResultTooLarge(f"the answer is larger than the frame limit of {limit} bytes")
+        if not isinstance(message, list):
+            self._log.warning("an answer over %d bytes was replaced by an error", limit)
+            append_frame_of(error_response(getattr(message, "id", None), too_large), self._out)
+            return
+        members = list(message)
+        sizes = [len(encode_frame_of(member)) for member in members]
+        total = sum(sizes)
+        for index in sorted(range(len(members)), key=sizes.__getitem__, reverse=True):
+            if total + len(members) + 1 <= limit:
+                break
+            members[index] = error_response(members[index].id, too_large)
+            total -= sizes[index] - len(encode_frame_of(members[index]))
+        self._log.warning("answers in a batch over %d bytes were replaced by errors", limit)
+        append_frame_of(members, self._out)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -162,6 +162,14 @@ class DomainError(RouteError):
         RpcError.__init__(self, message, data=data)
 
 
+class ResultTooLarge(RpcError):
+    """An answer would make a frame over `max_frame_bytes`; it is replaced by this, for its id."""
+
+    code = -32000
+    default_status = 413
+    default_error_code = "RESULT_TOO_LARGE"
+
+
 class TooManyConnections(RpcError):
     """A connection arrived while the server held `max_connections`; it is closed after this."""
 

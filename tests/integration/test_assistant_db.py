@@ -420,3 +420,37 @@ async def test_non_finite_reals_go_both_ways_as_real_objects(client: Client) -> 
     await sql(client, "INSERT INTO reals VALUES (?), (?)", bind=[{"$real": "-Infinity"}, 2.5])
     back = await rows(client, "SELECT v, v < 0 AS negative FROM reals ORDER BY rowid")
     assert back == [{"v": {"$real": "-Infinity"}, "negative": 1}, {"v": 2.5, "negative": 0}]
+
+
+async def test_an_answer_over_the_frame_limit_is_result_too_large_for_its_id_alone(
+    short_tmp: Path,
+) -> None:
+    (short_tmp / "run").mkdir()
+    limit = 64 * 1024
+    daemon = DaemonProcess(
+        "assistant", short_tmp / "run", short_tmp / "state", "--max-frame-bytes", str(limit)
+    ).start()
+    try:
+        async with Client(str(short_tmp / "run" / "assistant.sock")) as client:
+            big = {"sql": "SELECT zeroblob(60000) AS b", "mode": "query"}
+            error = await failure(client.call("db_proxy", big))
+            assert (error.code, error.status_code, error.retryable) == (
+                "RESULT_TOO_LARGE",
+                413,
+                False,
+            )
+            small = {"sql": "SELECT 1 AS one", "mode": "query"}
+            answers = await client.batch(
+                [BatchCall("db_proxy", big), BatchCall("db_proxy", small), BatchCall("health")]
+            )
+            too_large, one, health = answers
+            assert isinstance(too_large, IpcHandlerError)
+            assert too_large.code == "RESULT_TOO_LARGE"
+            assert not isinstance(one, IpcHandlerError)
+            assert one["rows"] == [{"one": 1}]
+            assert not isinstance(health, IpcHandlerError)
+            assert health["status"] == "ok"
+            assert (await sql(client, "SELECT 2 AS two", "query"))["rows"] == [{"two": 2}]
+        assert daemon.terminate() == 0
+    finally:
+        daemon.close()
