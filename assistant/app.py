@@ -32,6 +32,7 @@ class AssistantApp:
             args.db or str(config.state_dir / "assistant.db"),
             config.busy_timeout_ms,
             config.synchronous,
+            config.limits.max_frame_bytes,
         )
         self.routes = AssistantRoutes(self.db)
         self.router = self.routes.router

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import apsw
 
 from assistant.policy import Guard, Mode
+from protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from runtime.errors import EX_CANTCREAT, DbOpenError
 from runtime.sqlite import (
     BUSY_TIMEOUT_MS,
@@ -107,9 +108,17 @@ class GuardedConn(Conn):
 
 
 def open_guarded(
-    path: str, *, readonly: bool, busy_timeout_ms: int, synchronous: str = "FULL"
+    path: str,
+    *,
+    readonly: bool,
+    busy_timeout_ms: int,
+    synchronous: str = "FULL",
+    max_length: int = DEFAULT_MAX_FRAME_BYTES,
 ) -> GuardedConn:
     db = connect(path, readonly=readonly, busy_timeout_ms=busy_timeout_ms, synchronous=synchronous)
+    # No string or blob may be larger than a frame can carry: a caller's
+    # randomblob(2e9) fails at once (SQLITE_TOOBIG) instead of taking the memory.
+    db.limit(apsw.SQLITE_LIMIT_LENGTH, max_length)
     guard = Guard(INTERNAL_TABLES)
     conn = GuardedConn(db, watch_deadline(db), busy_timeout_ms=busy_timeout_ms, guard=guard)
     db.authorizer = guard.authorize
@@ -120,11 +129,16 @@ class Database:
     """assistant.db: one writer thread and `READERS` reader threads."""
 
     def __init__(
-        self, path: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS, synchronous: str = "FULL"
+        self,
+        path: str,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        synchronous: str = "FULL",
+        max_length: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
         self.synchronous = synchronous
+        self.max_length = max_length
         self.schema_version = 0
         self.writer: ConnectionPool[GuardedConn] | None = None
         self.write_health = WriteHealth()
@@ -139,13 +153,19 @@ class Database:
                 readonly=False,
                 busy_timeout_ms=self.busy_timeout_ms,
                 synchronous=self.synchronous,
+                max_length=self.max_length,
             )
         except apsw.Error as exc:
             raise DbOpenError(f"cannot open database {self.path}: {exc}", EX_CANTCREAT) from exc
         try:
             self.schema_version = migrate(writer, MIGRATIONS, log=log.info)
             readers = [
-                open_guarded(self.path, readonly=True, busy_timeout_ms=self.busy_timeout_ms)
+                open_guarded(
+                    self.path,
+                    readonly=True,
+                    busy_timeout_ms=self.busy_timeout_ms,
+                    max_length=self.max_length,
+                )
                 for _ in range(READERS)
             ]
         except apsw.Error as exc:

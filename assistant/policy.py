@@ -84,6 +84,14 @@ _TABLE_IN_ARG2 = frozenset(
         apsw.SQLITE_ALTER_TABLE,
     }
 )
+_CREATE_TEMP = frozenset(
+    {
+        apsw.SQLITE_CREATE_TEMP_TABLE,
+        apsw.SQLITE_CREATE_TEMP_VIEW,
+        apsw.SQLITE_CREATE_TEMP_TRIGGER,
+        apsw.SQLITE_CREATE_TEMP_INDEX,
+    }
+)
 # Functions that reach memory or files through their arguments: fts3_tokenizer
 # with a bound blob is a pointer SQLite calls through (a caller crashed it so).
 REFUSED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer"})
@@ -108,6 +116,9 @@ class Guard:
         self.internal_tables = internal_tables
         self.denial: Denial | None = None
         self.reason = ""
+        # A caller statement created a TEMP object: it is dropped before the
+        # call ends, so nothing outlives the call on this shared connection.
+        self.created_temp = False
 
     def authorize(
         self, action: int, arg1: str | None, arg2: str | None, _db: str | None, _trigger: str | None
@@ -117,6 +128,8 @@ class Guard:
         reason = self._forbidden(action, arg1, arg2)
         if reason:
             return self._deny(Denial.FORBIDDEN, reason)
+        if action in _CREATE_TEMP:
+            self.created_temp = True
         if self.mode is Mode.READ and action not in _READ_ACTIONS and action != apsw.SQLITE_PRAGMA:
             return self._deny(Denial.WRITE_IN_READ, "query mode takes read-only statements")
         return apsw.SQLITE_OK

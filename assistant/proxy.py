@@ -200,9 +200,11 @@ def run(conn: GuardedConn, sql: str, bind: SqlBind | None, max_rows: int) -> Run
     """One statement in its own write transaction."""
     with _WriteTransaction(conn):
         try:
-            return _run_one(conn, _Statement(conn, sql, bind, "$"), max_rows)
+            result = _run_one(conn, _Statement(conn, sql, bind, "$"), max_rows)
         except apsw.Error as exc:
             raise translate(exc, conn, DbProxyFailed) from exc
+        _drop_temp_objects(conn)
+        return result
 
 
 def execute_script(conn: GuardedConn, sql: str) -> ExecResult:
@@ -214,6 +216,7 @@ def execute_script(conn: GuardedConn, sql: str) -> ExecResult:
                 pass
         except apsw.Error as exc:
             raise translate(exc, conn, DbProxyFailed) from exc
+        _drop_temp_objects(conn)
     return ExecResult()
 
 
@@ -235,12 +238,14 @@ def transaction(
             result = _run_step(conn, index, step, max_rows)
             required = step.require_changes
             if required is not None and result.changes < required:
+                _drop_temp_objects(conn)
                 tx.rollback()
                 return TransactionFailed(
                     failed_step=index, actual_changes=result.changes, required_changes=required
                 )
             results.append(result)
         outcome = TransactionOk(results=results)
+        _drop_temp_objects(conn)
         if idempotency_key is not None:
             conn.execute(
                 "INSERT INTO main.idempotency_keys (key, result, created_at) VALUES (?, ?, ?)",
@@ -299,6 +304,20 @@ class _WriteTransaction(WriteTransaction):
             super().commit()
         except apsw.Error as exc:
             raise translate(exc, self.conn, DbProxyFailed) from exc
+
+
+def _drop_temp_objects(conn: GuardedConn) -> None:
+    """Drop what the caller created in TEMP during this call, inside its transaction."""
+    if not conn.guard.created_temp:
+        return
+    conn.guard.created_temp = False
+    objects = conn.execute(
+        "SELECT type, name FROM temp.sqlite_master WHERE type IN ('view', 'table', 'trigger')"
+        " ORDER BY type = 'table'"
+    )
+    for kind, name in objects:
+        quoted = name.replace('"', '""')
+        conn.execute(f'DROP {kind.upper()} IF EXISTS temp."{quoted}"')
 
 
 def translate(

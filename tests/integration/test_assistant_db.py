@@ -439,6 +439,9 @@ async def test_an_answer_over_the_frame_limit_is_result_too_large_for_its_id_alo
                 413,
                 False,
             )
+            # Past SQLite's LENGTH limit (the frame limit) no such value is even made.
+            huge = await failure(sql(client, "SELECT zeroblob(100000) AS b", "query"))
+            assert (huge.code, huge.data["sqlite"]["name"]) == ("DB_PROXY_FAILED", "SQLITE_TOOBIG")
             small = {"sql": "SELECT 1 AS one", "mode": "query"}
             answers = await client.batch(
                 [BatchCall("db_proxy", big), BatchCall("db_proxy", small), BatchCall("health")]

@@ -145,3 +145,38 @@ def test_a_comment_after_the_statement_changes_nothing_on_any_call(
     read = proxy.query(conn, "SELECT id FROM t WHERE id = 1" + tail, None, 100)
     again = proxy.query(conn, "SELECT id FROM t WHERE id = 1" + tail, None, 100)
     assert (read.columns, again.columns) == (["id"], ["id"])
+
+
+def temp_objects(conn: GuardedConn) -> int:
+    return count(conn.db, "SELECT count(*) FROM temp.sqlite_master")
+
+
+def test_a_callers_temp_objects_work_within_the_call_and_are_gone_after_it(
+    conn: GuardedConn,
+) -> None:
+    script = (
+        "CREATE TEMP TABLE scratch (x); INSERT INTO scratch VALUES (1), (2);"
+        " CREATE TEMP VIEW doubled AS SELECT x * 2 AS y FROM scratch;"
+        " CREATE TEMP TRIGGER noisy AFTER INSERT ON scratch BEGIN SELECT 1; END;"
+        " INSERT INTO t (v) SELECT y FROM doubled"
+    )
+    for _ in range(2):  # the second time from the statement cache
+        proxy.execute_script(conn, script)
+        assert temp_objects(conn) == 0
+    assert rows_in_t(conn) == 4
+    proxy.run(conn, "CREATE TEMP TABLE alone (x)", None, 100)
+    assert temp_objects(conn) == 0
+    steps = [
+        Step("CREATE TEMP TABLE s (x)", None, None),
+        insert("a"),
+        Step("DELETE FROM s", None, 1),
+    ]
+    assert isinstance(proxy.transaction(conn, steps, None, 100), TransactionFailed)
+    assert temp_objects(conn) == 0
+    failing = [
+        Step("CREATE TEMP TABLE s (x)", None, None),
+        Step("INSERT INTO nope VALUES (1)", None, None),
+    ]
+    with pytest.raises(DbProxyTransactionFailed):
+        proxy.transaction(conn, failing, None, 100)
+    assert temp_objects(conn) == 0
