@@ -23,6 +23,7 @@ from protocol.values import SqlBind, needs_conversion, to_wire
 from runtime.sqlite import WriteTransaction, database_failure, now_ms, sqlite_codes
 
 # At most 1024 texts per connection, none over 16 KiB: about 16 MiB at worst.
+DEFAULT_MAX_BYTES = 8 * 1024 * 1024
 CHECKED_SQL_MAX = 1024
 CHECKED_SQL_MAX_CHARS = 16 * 1024
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?(\*/|$)", re.DOTALL)
@@ -167,43 +168,65 @@ class _Statement:
                 path=f"{self.path}.bind.{unknown[0]}",
             )
 
-    def read_rows(self, cursor: apsw.Cursor, max_rows: int) -> tuple[list[dict[str, Any]], bool]:
-        """All rows as objects, keeping at most `max_rows`; the statement always runs to the end."""
+    def read_rows(
+        self, cursor: apsw.Cursor, max_rows: int, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """All rows as objects, keeping at most `max_rows` and about `max_bytes` of their JSON;
+        the statement always runs to the end."""
         columns = self.columns
         rows: list[dict[str, Any]] = []
         append = rows.append
+        per_row = sum(len(name) + 4 for name in columns)
+        size = 0
+        truncated = False
         for row in itertools.islice(cursor, max_rows):
             if len(row) != len(columns):
                 columns = self._probe_columns(cacheable=False)
+                per_row = sum(len(name) + 4 for name in columns)
+            size += per_row + sum(map(_json_size, row))
+            if size > max_bytes:
+                truncated = True
+                break
             if needs_conversion(row):
                 append({name: to_wire(value) for name, value in zip(columns, row, strict=True)})
             else:
                 append(dict(zip(columns, row, strict=True)))
-        truncated = False
         for _ in cursor:
             truncated = True
         return rows, truncated
 
 
-def query(conn: GuardedConn, sql: str, bind: SqlBind | None, max_rows: int) -> QueryResult:
+def query(
+    conn: GuardedConn,
+    sql: str,
+    bind: SqlBind | None,
+    max_rows: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> QueryResult:
     """One read-only statement on a reader connection."""
     statement = _Statement(conn, sql, bind, "$")
     try:
         cursor = statement.execute(Mode.READ)
-        rows, truncated = statement.read_rows(cursor, max_rows)
-    except apsw.Error as exc:
+        rows, truncated = statement.read_rows(cursor, max_rows, max_bytes)
+    except (apsw.Error, UnicodeDecodeError) as exc:
         raise translate(exc, conn, DbProxyFailed) from exc
     return QueryResult(statement.columns, rows, truncated)
 
 
-def run(conn: GuardedConn, sql: str, bind: SqlBind | None, max_rows: int) -> RunResult:
+def run(
+    conn: GuardedConn,
+    sql: str,
+    bind: SqlBind | None,
+    max_rows: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> RunResult:
     """One statement in its own write transaction."""
     with _WriteTransaction(conn):
         try:
-            result = _run_one(conn, _Statement(conn, sql, bind, "$"), max_rows)
-        except apsw.Error as exc:
+            result = _run_one(conn, _Statement(conn, sql, bind, "$"), max_rows, max_bytes)
+        except (apsw.Error, UnicodeDecodeError) as exc:
             raise translate(exc, conn, DbProxyFailed) from exc
-        _drop_temp_objects(conn)
+        _drop_temp_objects(conn, sql)
         return result
 
 
@@ -214,14 +237,18 @@ def execute_script(conn: GuardedConn, sql: str) -> ExecResult:
             statement = _Statement(conn, sql, None, "$")
             for _ in statement.execute(Mode.WRITE, single=False):
                 pass
-        except apsw.Error as exc:
+        except (apsw.Error, UnicodeDecodeError) as exc:
             raise translate(exc, conn, DbProxyFailed) from exc
-        _drop_temp_objects(conn)
+        _drop_temp_objects(conn, sql)
     return ExecResult()
 
 
 def transaction(
-    conn: GuardedConn, steps: list[Step], idempotency_key: str | None, max_rows: int
+    conn: GuardedConn,
+    steps: list[Step],
+    idempotency_key: str | None,
+    max_rows: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> TransactionResult:
     """All steps in one write transaction; `requireChanges` unmet -> everything rolled back."""
     with _WriteTransaction(conn) as tx:
@@ -235,17 +262,17 @@ def transaction(
                 return _stored_result.decode(stored[0][0])
         results = []
         for index, step in enumerate(steps):
-            result = _run_step(conn, index, step, max_rows)
+            result = _run_step(conn, index, step, max_rows, max_bytes)
             required = step.require_changes
             if required is not None and result.changes < required:
-                _drop_temp_objects(conn)
+                _drop_temp_objects(conn, *(step.sql for step in steps))
                 tx.rollback()
                 return TransactionFailed(
                     failed_step=index, actual_changes=result.changes, required_changes=required
                 )
             results.append(result)
         outcome = TransactionOk(results=results)
-        _drop_temp_objects(conn)
+        _drop_temp_objects(conn, *(step.sql for step in steps))
         if idempotency_key is not None:
             conn.execute(
                 "INSERT INTO main.idempotency_keys (key, result, created_at) VALUES (?, ?, ?)",
@@ -254,11 +281,13 @@ def transaction(
         return outcome
 
 
-def _run_step(conn: GuardedConn, index: int, step: Step, max_rows: int) -> RunResult:
+def _run_step(
+    conn: GuardedConn, index: int, step: Step, max_rows: int, max_bytes: int
+) -> RunResult:
     statement = _Statement(conn, step.sql, step.bind, f"$.steps[{index}]")
     try:
-        return _run_one(conn, statement, max_rows)
-    except apsw.Error as exc:
+        return _run_one(conn, statement, max_rows, max_bytes)
+    except (apsw.Error, UnicodeDecodeError) as exc:
         raise translate(exc, conn, DbProxyTransactionFailed, step=index) from exc
     except InvalidParams as exc:
         if "exactly one statement" in exc.message:
@@ -270,15 +299,26 @@ def _run_step(conn: GuardedConn, index: int, step: Step, max_rows: int) -> RunRe
         raise
 
 
-def _run_one(conn: GuardedConn, statement: _Statement, max_rows: int) -> RunResult:
+def _run_one(conn: GuardedConn, statement: _Statement, max_rows: int, max_bytes: int) -> RunResult:
     db = conn.db
     before = db.total_changes()
     cursor = statement.execute(Mode.WRITE)
     if not statement.columns:
         # No result columns: the statement ran to its end in its first step.
         return RunResult(_changes(db, before), db.last_insert_rowid())
-    rows, truncated = statement.read_rows(cursor, max_rows)
+    rows, truncated = statement.read_rows(cursor, max_rows, max_bytes)
     return RunResult(_changes(db, before), db.last_insert_rowid(), rows, truncated)
+
+
+def _json_size(value: object) -> int:
+    # About what the cell takes in the answer's JSON; strings count their
+    # characters (a non-ASCII one takes more bytes; the frame limit still holds).
+    kind = type(value)
+    if kind is str:
+        return len(value) + 3  # type: ignore[arg-type]
+    if kind is bytes:
+        return len(value) * 4 // 3 + 16  # type: ignore[arg-type]
+    return 21
 
 
 def _changes(db: apsw.Connection, total_before: int) -> int:
@@ -306,9 +346,14 @@ class _WriteTransaction(WriteTransaction):
             raise translate(exc, self.conn, DbProxyFailed) from exc
 
 
-def _drop_temp_objects(conn: GuardedConn) -> None:
-    """Drop what the caller created in TEMP during this call, inside its transaction."""
-    if not conn.guard.created_temp:
+def _drop_temp_objects(conn: GuardedConn, *sql: str) -> None:
+    """Drop what the caller created in TEMP during this call, inside its transaction.
+
+    The authorizer flags a TEMP object made by a statement it saw prepared; a
+    statement served from apsw's cache is not prepared again, so the text is
+    looked at too: every way to make a TEMP object spells "temp" in it.
+    """
+    if not conn.guard.created_temp and not any("temp" in text.lower() for text in sql):
         return
     conn.guard.created_temp = False
     objects = conn.execute(
@@ -321,10 +366,19 @@ def _drop_temp_objects(conn: GuardedConn) -> None:
 
 
 def translate(
-    exc: apsw.Error, conn: GuardedConn, own_error: type[DomainError], step: int | None = None
+    exc: apsw.Error | UnicodeDecodeError,
+    conn: GuardedConn,
+    own_error: type[DomainError],
+    step: int | None = None,
 ) -> RpcError:
     """An apsw failure as the RouteError the caller gets, SQLite's message kept."""
     extra: dict[str, Any] = {} if step is None else {"failedStep": step}
+    if isinstance(exc, UnicodeDecodeError):
+        # SQLite TEXT may hold any bytes (CAST(x'80' AS TEXT)); JSON strings may not.
+        return own_error(
+            "a text value in the result is not valid UTF-8; CAST it AS BLOB to read its bytes",
+            data=extra,
+        )
     # A denial recorded while this statement was prepared is why it failed,
     # whatever the code (a denied function is SQLITE_ERROR, not SQLITE_AUTH).
     guard = conn.guard

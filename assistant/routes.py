@@ -29,12 +29,15 @@ MAX_TIMEOUT_MS = 60_000
 DEFAULT_MAX_ROWS = 10_000
 MAX_MAX_ROWS = 1_000_000
 MAX_EVENTS = 500
+MAX_MAX_BYTES = 1024 * 1024 * 1024
 EventKind = Literal["invite_redeemed", "contacts_changed"]
 
 Sql = Annotated[str, Meta(min_length=1, max_length=MAX_SQL_CHARS)]
 Bind = WireBind | None
 TimeoutMs = Annotated[int, Meta(ge=1, le=MAX_TIMEOUT_MS)]
 MaxRows = Annotated[int, Meta(ge=1, le=MAX_MAX_ROWS)]
+# Of the rows' JSON; the answer's frame must still fit max_frame_bytes.
+MaxBytes = Annotated[int, Meta(ge=1, le=MAX_MAX_BYTES)]
 Key = Annotated[str, Meta(min_length=1, max_length=200)]
 
 _encoder = msgspec.json.Encoder()
@@ -46,6 +49,7 @@ class DbProxyParams(Struct, forbid_unknown_fields=True, rename="camel"):
     bind: Bind = None
     timeout_ms: TimeoutMs = DEFAULT_TIMEOUT_MS
     max_rows: MaxRows = DEFAULT_MAX_ROWS
+    max_bytes: MaxBytes = proxy.DEFAULT_MAX_BYTES
 
 
 class StepParams(Struct, forbid_unknown_fields=True, rename="camel"):
@@ -59,6 +63,7 @@ class TransactionParams(Struct, forbid_unknown_fields=True, rename="camel"):
     idempotency_key: Key | None = None
     timeout_ms: TimeoutMs = DEFAULT_TIMEOUT_MS
     max_rows: MaxRows = DEFAULT_MAX_ROWS
+    max_bytes: MaxBytes = proxy.DEFAULT_MAX_BYTES
 
 
 class EmitEventParams(Struct, forbid_unknown_fields=True):
@@ -106,12 +111,16 @@ class AssistantRoutes:
         _check_bind_size(params.bind, "$.bind")
         bind = bind_from_wire(params.bind)
         deadline = time.monotonic() + params.timeout_ms / 1000
-        sql, max_rows = params.sql, params.max_rows
+        sql, max_rows, max_bytes = params.sql, params.max_rows, params.max_bytes
         if params.mode == "query":
-            query = functools.partial(proxy.query, sql=sql, bind=bind, max_rows=max_rows)
+            query = functools.partial(
+                proxy.query, sql=sql, bind=bind, max_rows=max_rows, max_bytes=max_bytes
+            )
             return self.db.submit_read(query, deadline)
         if params.mode == "run":
-            run = functools.partial(proxy.run, sql=sql, bind=bind, max_rows=max_rows)
+            run = functools.partial(
+                proxy.run, sql=sql, bind=bind, max_rows=max_rows, max_bytes=max_bytes
+            )
             return self.db.submit_write(run, deadline)
         if params.bind is not None:
             raise InvalidParams("exec takes no bind; use mode=run", path="$.bind")
@@ -138,6 +147,7 @@ class AssistantRoutes:
             steps=steps,
             idempotency_key=params.idempotency_key,
             max_rows=params.max_rows,
+            max_bytes=params.max_bytes,
         )
         return self.db.submit_write(job, time.monotonic() + params.timeout_ms / 1000)
 

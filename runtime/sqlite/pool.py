@@ -18,11 +18,15 @@ never hit the next job the way an interrupt sent from the loop thread can.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
+
+import apsw
 
 from protocol.deferred import outcome_of
 from runtime.sqlite.group_commit import GROUP_MAX, GroupCommit
@@ -31,6 +35,11 @@ from runtime.sqlite.transaction import HOLD_MAX, Conn
 
 T = TypeVar("T")
 C = TypeVar("C", bound=Conn)
+
+STOP_TIMEOUT = 2.0
+INTERRUPT_WAIT = 0.5
+
+log = logging.getLogger("runtime.sqlite")
 
 
 class QueuedPastDeadline(Exception):
@@ -71,6 +80,7 @@ class ConnectionPool(Generic[C]):
         self._queue: queue.SimpleQueue[Job[Any] | None] = (
             queue.SimpleQueue() if jobs is None else jobs
         )
+        self._connections = list(connections)
         self._threads = [
             threading.Thread(target=self._serve, args=(conn,), name=f"{name}-{i}", daemon=True)
             for i, conn in enumerate(connections)
@@ -161,12 +171,32 @@ class ConnectionPool(Generic[C]):
         finally:
             watch.at = 0.0
 
-    def stop(self) -> None:
-        """Finish the queued jobs, then close the connections (blocking; call off the loop)."""
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Finish the queued jobs, then close the connections (blocking; call off the loop).
+
+        Waits at most `timeout`, then interrupts what still runs and waits
+        `INTERRUPT_WAIT` more: a statement stuck inside one long SQLite step
+        must not hold the daemon's exit past its drain. A thread still busy
+        after that is left to end with the process (its transaction was never
+        committed, so nothing of it is kept).
+        """
         for _ in self._threads:
             self._queue.put(None)
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join()
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if not any(thread.is_alive() for thread in self._threads):
+            return
+        for conn, thread in zip(self._connections, self._threads, strict=True):
+            if thread.is_alive():
+                # Its thread may close it at any moment: then there is nothing to stop.
+                with contextlib.suppress(apsw.ConnectionClosedError):
+                    conn.db.interrupt()
+        for thread in self._threads:
+            thread.join(INTERRUPT_WAIT)
+        busy = sum(thread.is_alive() for thread in self._threads)
+        if busy:
+            log.warning("%s: %d thread(s) still in SQLite at exit; left behind", self.name, busy)
 
 
 def _queued_past_deadline() -> QueuedPastDeadline:

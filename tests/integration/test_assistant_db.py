@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -273,7 +274,13 @@ async def test_rpc_discover_describes_every_method_from_the_types(client: Client
         methods
     )
     params = {p["name"]: p["required"] for p in methods["db_proxy_transaction"]["params"]}
-    assert params == {"steps": True, "idempotencyKey": False, "timeoutMs": False, "maxRows": False}
+    assert params == {
+        "steps": True,
+        "idempotencyKey": False,
+        "timeoutMs": False,
+        "maxRows": False,
+        "maxBytes": False,
+    }
     assert document["info"]["title"] == "assistantd"
 
 
@@ -457,3 +464,19 @@ async def test_an_answer_over_the_frame_limit_is_result_too_large_for_its_id_alo
         assert daemon.terminate() == 0
     finally:
         daemon.close()
+
+
+async def test_max_bytes_truncates_rows_like_max_rows(client: Client) -> None:
+    hundred = (
+        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 100)"
+        " SELECT n, printf('%.100c', 'x') AS v FROM c"
+    )
+    whole = await sql(client, hundred, "query")
+    assert (len(whole["rows"]), whole["truncated"]) == (100, False)
+    cut = await sql(client, hundred, "query", maxBytes=2000)
+    assert cut["truncated"] is True
+    assert 0 < len(cut["rows"]) < 100
+    assert cut["rows"] == whole["rows"][: len(cut["rows"])]
+    assert len(json.dumps(cut["rows"])) <= 2000
+    error = await failure(sql(client, hundred, "query", maxBytes=0))
+    assert (error.code, error.data["path"]) == ("INVALID_PARAMS", "$.maxBytes")

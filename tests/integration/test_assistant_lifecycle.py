@@ -203,3 +203,37 @@ async def test_a_lock_held_by_another_process_is_db_busy_and_retryable(short_tmp
             assert (await client.call("db_proxy", insert))["changes"] == 1
     finally:
         daemon.close()
+
+
+async def test_sigterm_exits_after_the_grace_even_with_a_statement_stuck_in_one_step(
+    short_tmp: Path,
+) -> None:
+    """A quadratic trim() runs for many seconds inside one SQLite step, where no progress
+    handler or interrupt reaches it; the daemon still exits 0 soon after its grace."""
+    (short_tmp / "run").mkdir()
+    daemon = DaemonProcess(
+        "assistant", short_tmp / "run", short_tmp / "state", "--grace", "1"
+    ).start()
+    stuck = {
+        "sql": "SELECT length(trim(printf('%.*c', 150000, 'a'), printf('%.*c', 150000, 'b')"
+        " || 'a')) AS n",
+        "mode": "query",
+        "timeoutMs": 60_000,
+    }
+    try:
+        async with (
+            Client(str(short_tmp / "run" / "assistant.sock"), timeout=30) as client,
+            anyio.create_task_group() as task_group,
+        ):
+
+            async def hang() -> None:
+                with pytest.raises(IpcTransportError):
+                    await client.call("db_proxy", stuck)
+
+            task_group.start_soon(hang)
+            await dispatched(client)
+            daemon.signal(signal.SIGTERM)
+            assert await anyio.to_thread.run_sync(daemon.terminate, 10) == 0
+        assert "still in SQLite at exit" in daemon.stderr()
+    finally:
+        daemon.close()

@@ -13,7 +13,7 @@ import pytest
 
 from assistant import proxy
 from assistant.db import MIGRATIONS, GuardedConn, open_guarded
-from assistant.errors import DbProxyTransactionFailed, SqlForbidden
+from assistant.errors import DbProxyFailed, DbProxyTransactionFailed, SqlForbidden
 from assistant.events import insert_event
 from assistant.proxy import Step, TransactionFailed, TransactionOk
 from protocol.errors import InvalidParams
@@ -164,8 +164,9 @@ def test_a_callers_temp_objects_work_within_the_call_and_are_gone_after_it(
         proxy.execute_script(conn, script)
         assert temp_objects(conn) == 0
     assert rows_in_t(conn) == 4
-    proxy.run(conn, "CREATE TEMP TABLE alone (x)", None, 100)
-    assert temp_objects(conn) == 0
+    for _ in range(3):  # again and again from apsw's statement cache
+        proxy.run(conn, "CREATE TABLE IF NOT EXISTS temp.alone (x)", None, 100)
+        assert temp_objects(conn) == 0
     steps = [
         Step("CREATE TEMP TABLE s (x)", None, None),
         insert("a"),
@@ -180,3 +181,20 @@ def test_a_callers_temp_objects_work_within_the_call_and_are_gone_after_it(
     with pytest.raises(DbProxyTransactionFailed):
         proxy.transaction(conn, failing, None, 100)
     assert temp_objects(conn) == 0
+
+
+def test_text_that_is_not_utf8_is_the_calls_error_not_an_internal_one(conn: GuardedConn) -> None:
+    bad = "CAST(x'80' AS TEXT)"
+    with pytest.raises(DbProxyFailed, match="not valid UTF-8"):
+        proxy.query(conn, f"SELECT {bad} AS t", None, 100)
+    with pytest.raises(DbProxyFailed, match="not valid UTF-8"):
+        proxy.run(conn, f"INSERT INTO t (v) VALUES ('x') RETURNING {bad} AS t", None, 100)
+    with pytest.raises(DbProxyFailed, match="not valid UTF-8"):
+        proxy.execute_script(conn, f"INSERT INTO t (v) VALUES ('y'); SELECT {bad}")
+    step = Step(f"INSERT INTO t (v) VALUES ('z') RETURNING {bad} AS t", None, None)
+    with pytest.raises(DbProxyTransactionFailed) as caught:
+        proxy.transaction(conn, [step], None, 100)
+    assert caught.value.data["failedStep"] == 0
+    assert rows_in_t(conn) == 0
+    hexed = proxy.query(conn, f"SELECT CAST({bad} AS BLOB) AS b", None, 100)
+    assert hexed.rows == [{"b": {"$blob": "gA=="}}]
