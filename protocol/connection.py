@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from protocol.calls import Calls
 
 
+DEFAULT_IDLE_TIMEOUT = 600.0
+
+
 @dataclass(frozen=True, slots=True)
 class ServerLimits:
     """Per-server tunables; the defaults are PROTOCOL.md's."""
@@ -59,6 +62,7 @@ class ServerLimits:
     max_batch: int = 1000
     max_connections: int = 2048
     grace: float = 10.0
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     backlog: int = socket.SOMAXCONN
 
 
@@ -102,6 +106,7 @@ class Connection(asyncio.Protocol):
         self.peer = "?"
         self._peer_done = False
         self._batch_members = asyncio.Semaphore(host.limits.max_in_flight)
+        self.last_active = self._loop.time()
         self._bug_logged = False
 
     # -- asyncio.Protocol callbacks ---------------------------------------
@@ -118,6 +123,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
+        self.last_active = self._loop.time()
         try:
             frames = self._decoder.feed(data)
         except FrameError as exc:
@@ -372,6 +378,14 @@ class Connection(asyncio.Protocol):
     def _abort_after_flush(self) -> None:
         self._flush()
         self.close()
+
+    def close_if_idle(self, idle_since: float) -> bool:
+        """Close when nothing was received since `idle_since` and no call is running."""
+        if self._closed or self._in_flight or self._backlog or self.last_active > idle_since:
+            return False
+        self._log.info("closing connection from %s: idle", self.peer)
+        self.close()
+        return True
 
     def close(self) -> None:
         """Close after the answers already queued are written."""

@@ -30,6 +30,7 @@ from protocol.errors import Forbidden, RpcError, TooManyConnections
 __all__ = ["Server", "ServerLimits"]
 
 _CLOSE_WAIT = 1.0
+IDLE_CHECK_MAX = 30.0
 _UCRED = struct.Struct("3i")
 
 
@@ -88,7 +89,10 @@ class Server:
                 on_ready()
             await listening.start_serving()
             task_status.started()
-            await self._stop.wait()
+            async with anyio.create_task_group() as idle:
+                idle.start_soon(self._close_idle_connections)
+                await self._stop.wait()
+                idle.cancel_scope.cancel()
             await self._drain(listening)
         finally:
             # Also when serve() itself is cancelled: no new call may start now.
@@ -112,6 +116,16 @@ class Server:
             self.log.warning(
                 "grace period over: %d call(s) still running are abandoned", self.in_flight
             )
+
+    async def _close_idle_connections(self) -> None:
+        """Close connections with no call for `idle_timeout`: an idle peer holds no slot
+        of `max_connections` for ever. Checked a few times per timeout, not per chunk."""
+        timeout = self.limits.idle_timeout
+        while True:
+            await anyio.sleep(min(timeout / 4, IDLE_CHECK_MAX))
+            idle_since = asyncio.get_running_loop().time() - timeout
+            for connection in list(self.connections):
+                connection.close_if_idle(idle_since)
 
     async def _close_connections(self) -> None:
         if not self.connections:

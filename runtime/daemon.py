@@ -24,6 +24,7 @@ from typing import Protocol
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from protocol.connection import DEFAULT_IDLE_TIMEOUT
 from protocol.dispatch import Router
 from protocol.framing import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_FRAME_BYTES
 from protocol.server import Server, ServerLimits
@@ -85,6 +86,8 @@ def argument_parser(name: str, description: str) -> argparse.ArgumentParser:
     add("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
     add("--frame-timeout", type=float, default=DEFAULT_FRAME_TIMEOUT)
     add("--max-in-flight", type=int, default=256)
+    add("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+        help="seconds a connection with no call may stay open (clients reconnect)")  # fmt: skip
     add("--max-connections", type=int, default=2048)
     add(
         "--synchronous",
@@ -113,6 +116,7 @@ def config_from_args(name: str, args: argparse.Namespace) -> DaemonConfig:
         "--frame-timeout": args.frame_timeout,
         "--max-in-flight": args.max_in_flight,
         "--max-connections": args.max_connections,
+        "--idle-timeout": args.idle_timeout,
     }
     for flag, value in positive.items():
         if value <= 0:
@@ -123,6 +127,7 @@ def config_from_args(name: str, args: argparse.Namespace) -> DaemonConfig:
         max_in_flight=args.max_in_flight,
         max_connections=args.max_connections,
         grace=args.grace,
+        idle_timeout=args.idle_timeout,
     )
     return DaemonConfig(
         name=name,

@@ -16,7 +16,7 @@ import pytest
 from protocol.client import BatchCall, Client
 from protocol.errors import IpcHandlerError, IpcTransportError
 from tests.support.proc import DaemonProcess
-from tests.support.waiting import dispatched
+from tests.support.waiting import dispatched, eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -246,3 +246,26 @@ async def test_a_malformed_answer_is_a_transport_error_and_the_client_goes_on(
             assert await client.call("b", timeout=5) == 1
     finally:
         server.close()
+
+
+async def test_an_idle_connection_is_closed_and_the_client_reconnects_on_its_own(
+    short_tmp: Path,
+) -> None:
+    demo = DaemonProcess(
+        "tests.support.demo_server", short_tmp, short_tmp, "--idle-timeout", "0.5"
+    ).start()
+    try:
+        async with Client(str(short_tmp / "demo.sock")) as client:
+            # A call running longer than the idle timeout keeps its connection.
+            assert await client.call("sleep", {"seconds": 1.0}) == 1.0
+            first = client._protocol
+
+            async def closed_as_idle() -> bool:
+                return "idle" in demo.stderr() and client._protocol is None
+
+            await eventually(closed_as_idle)
+            assert await client.call("pid") == demo.pid
+            assert client._protocol is not first
+        assert demo.terminate() == 0
+    finally:
+        demo.close()

@@ -301,3 +301,18 @@ def test_debug_logs_one_line_per_call_whatever_way_it_runs(short_tmp: Path) -> N
         assert line in log
     assert "outcome=METHOD_NOT_FOUND" in log
     assert log.count(" outcome=ok") == 3
+
+
+def test_a_peer_that_sends_nothing_is_disconnected_after_the_idle_timeout(
+    short_tmp: Path,
+) -> None:
+    daemon = DaemonProcess(
+        "tests.support.demo_server", short_tmp, short_tmp, "--idle-timeout", "0.5"
+    ).start()
+    try:
+        with RawConnection(str(short_tmp / "demo.sock")) as idle:
+            assert idle.is_closed_by_peer()
+        assert daemon.terminate() == 0
+    finally:
+        daemon.close()
+    assert "closing connection from" in daemon.stderr()
