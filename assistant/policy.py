@@ -47,6 +47,49 @@ READ_ONLY_PRAGMAS = frozenset(
 _READ_ACTIONS = frozenset(
     {apsw.SQLITE_SELECT, apsw.SQLITE_READ, apsw.SQLITE_FUNCTION, apsw.SQLITE_RECURSIVE}
 )
+# What SQLite passes the authorizer, per action code ("Authorizer Action Codes"
+# in its documentation), and what a caller may do. A 5th argument names the
+# trigger or view whose body is being coded; the policy holds inside bodies
+# alike, since the mode is the statement's that fired them (callers cannot put
+# a trigger on a table the daemon's own statements write).
+#
+#   code                  arg1            arg2           caller
+#   CREATE_INDEX      1   index           table          not on an internal table
+#   CREATE_TABLE      2   table           -              not an internal name
+#   CREATE_TEMP_INDEX 3   index           table          as CREATE_INDEX; dropped after the call
+#   CREATE_TEMP_TABLE 4   table           -              not an internal name (a shadow); dropped
+#   CREATE_TEMP_TRIGGER 5 trigger         table          not on an internal table; dropped
+#   CREATE_TEMP_VIEW  6   view            -              not an internal name; dropped
+#   CREATE_TRIGGER    7   trigger         table          not on an internal table
+#   CREATE_VIEW       8   view            -              not an internal name
+#   DELETE            9   table           -              not an internal table
+#   DROP_INDEX       10   index           table          not on an internal table
+#   DROP_TABLE       11   table           -              not an internal table
+#   DROP_TEMP_INDEX  12   index           table          as DROP_INDEX
+#   DROP_TEMP_TABLE  13   table           -              as DROP_TABLE
+#   DROP_TEMP_TRIGGER 14  trigger         table          not on an internal table
+#   DROP_TEMP_VIEW   15   view            -              not an internal name
+#   DROP_TRIGGER     16   trigger         table          not on an internal table
+#   DROP_VIEW        17   view            -              not an internal name
+#   INSERT           18   table           -              not an internal table
+#   PRAGMA           19   pragma          its argument   only the listed ones, only to look
+#   READ             20   table           column         yes, the internal tables too
+#   SELECT           21   -               -              yes
+#   TRANSACTION      22   BEGIN/COMMIT... -              no: a transaction never spans calls
+#   UPDATE           23   table           column         not an internal table
+#   ATTACH           24   file name       -              no
+#   DETACH           25   schema          -              no
+#   ALTER_TABLE      26   schema          table          not an internal table
+#   REINDEX          27   index           -              yes (write modes)
+#   ANALYZE          28   table           -              not an internal table
+#   CREATE_VTABLE    29   table           module         not an internal name
+#   DROP_VTABLE      30   table           module         not an internal name
+#   FUNCTION         31   -               function       not load_extension, fts3_tokenizer
+#   SAVEPOINT        32   BEGIN/RELEASE.. savepoint      no
+#   RECURSIVE        33   -               -              yes
+#
+# Query mode allows only SELECT, READ, FUNCTION, RECURSIVE and the pragmas.
+#
 # The actions that change a table or something about it, by which argument of
 # the authorizer names the table (SQLite's "Authorizer Action Codes"): the first
 # for the table's own rows and DDL and for any table or view created (a TEMP
