@@ -24,6 +24,11 @@ from runtime.sqlite import WriteTransaction, database_failure, now_ms, sqlite_co
 
 # At most 1024 texts per connection, none over 16 KiB: about 16 MiB at worst.
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+# A cell's share of a row's JSON besides its text: its name, quotes, a number.
+# Texts count characters and blobs bytes, a little under their encoded size;
+# the frame limit still holds whatever this misses.
+CELL_BYTES = 24
+_SIZED = frozenset({str, bytes})
 CHECKED_SQL_MAX = 1024
 CHECKED_SQL_MAX_CHARS = 16 * 1024
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?(\*/|$)", re.DOTALL)
@@ -176,14 +181,14 @@ class _Statement:
         columns = self.columns
         rows: list[dict[str, Any]] = []
         append = rows.append
-        per_row = sum(len(name) + 4 for name in columns)
         size = 0
         truncated = False
         for row in itertools.islice(cursor, max_rows):
             if len(row) != len(columns):
                 columns = self._probe_columns(cacheable=False)
-                per_row = sum(len(name) + 4 for name in columns)
-            size += per_row + sum(map(_json_size, row))
+            # About the row's JSON: a fixed share per cell (its name, a number,
+            # punctuation) plus every text's and blob's length.
+            size += CELL_BYTES * len(row) + sum([len(v) for v in row if type(v) in _SIZED])
             if size > max_bytes:
                 truncated = True
                 break
@@ -308,17 +313,6 @@ def _run_one(conn: GuardedConn, statement: _Statement, max_rows: int, max_bytes:
         return RunResult(_changes(db, before), db.last_insert_rowid())
     rows, truncated = statement.read_rows(cursor, max_rows, max_bytes)
     return RunResult(_changes(db, before), db.last_insert_rowid(), rows, truncated)
-
-
-def _json_size(value: object) -> int:
-    # About what the cell takes in the answer's JSON; strings count their
-    # characters (a non-ASCII one takes more bytes; the frame limit still holds).
-    kind = type(value)
-    if kind is str:
-        return len(value) + 3  # type: ignore[arg-type]
-    if kind is bytes:
-        return len(value) * 4 // 3 + 16  # type: ignore[arg-type]
-    return 21
 
 
 def _changes(db: apsw.Connection, total_before: int) -> int:

@@ -89,7 +89,6 @@ def to_wire(value: SqlValue) -> object:
 
 def needs_conversion(row: tuple[SqlValue, ...]) -> bool:
     """True when a cell of `row` has no plain JSON form (a blob, a non-finite REAL)."""
-    types = set(map(type, row))
-    if bytes in types:
+    if bytes in map(type, row):
         return True
-    return float in types and not all(math.isfinite(v) for v in row if type(v) is float)
+    return float in map(type, row) and not all(math.isfinite(v) for v in row if type(v) is float)
