@@ -385,7 +385,6 @@ def translate(
         return InvalidParams(str(exc), path=path, data=extra)
     failure = database_failure(exc, extra)
     if failure is not None:
-        conn.health.failed(failure)
         return failure
     return own_error(str(exc), data={**extra, "sqlite": sqlite_codes(exc)})
 

@@ -185,7 +185,6 @@ def _translated(conn: Conn, job: Callable[[Conn], T]) -> T:
         failure = database_failure(exc)
         if failure is None:
             raise
-        conn.health.failed(failure)
         raise failure from exc
 
 

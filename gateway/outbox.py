@@ -211,10 +211,10 @@ class Delivery:
                 if not events:
                     await self._wake.wait(IDLE_POLL)
                     continue
-                self.backlog.oldest_at = events[0].created_at
                 # Also learnt from each read: a commit whose wake never came
                 # (its job failed after committing) is counted all the same.
                 self.backlog.queued(events[-1].seq)
+                self.backlog.oldest_at = events[0].created_at
                 delivered = await self._deliver(events)
             except (apsw.Error, DatabaseFailure) as exc:
                 # gateway.db refused us (a lock held by another process, a full

@@ -73,13 +73,7 @@ class Calls:
             return False
         kind = method.kind
         if kind is Kind.INLINE:
-            try:
-                result = method.handler(params)
-            except Exception as exc:
-                response = self.error_of(request, exc)
-            else:
-                response = success_response(request.id, result)  # type: ignore[arg-type]
-            self._answer_now(request, response, to, started)
+            self._answer_now(request, self._inline(request, method, params), to, started)
             return False
         if kind is Kind.DEFERRED:
             try:
@@ -100,6 +94,13 @@ class Calls:
             raise ShuttingDown("the daemon is shutting down; retry shortly")
         method = self.router.lookup(request.method)
         return method, method.decode_params(request.params)
+
+    def _inline(self, request: Request, method: Method, params: Any) -> Response | None:
+        try:
+            result = method.handler(params)
+        except Exception as exc:
+            return self.error_of(request, exc)
+        return success_response(request.id, result)  # type: ignore[arg-type]
 
     def _answer_now(
         self, request: Request, response: Response | None, to: Answers, started: float
@@ -196,11 +197,8 @@ class Calls:
         except RpcError as exc:
             return self.error_of(request, exc)
         if method.kind is Kind.INLINE:
-            try:
-                result = method.handler(params)
-            except Exception as exc:
-                return self.error_of(request, exc)
-            return None if request.is_notification else success_response(request.id, result)  # type: ignore[arg-type]
+            response = self._inline(request, method, params)
+            return None if request.is_notification else response
         return self._member_call(request, method, params)
 
     async def _member_call(self, request: Request, method: Method, params: Any) -> Response | None:

@@ -42,8 +42,9 @@ DEGRADING = frozenset({"DB_FULL", "DB_UNAVAILABLE", "DB_CORRUPT"})
 class WriteHealth:
     """Whether a database's last write failed for a reason of its own (SPEC.md section 3).
 
-    Set by a write that fails with DB_FULL, DB_UNAVAILABLE or DB_CORRUPT,
-    cleared by the first write that commits; `health` reads `last_error`.
+    Set by the connection pool when a job fails with DB_FULL, DB_UNAVAILABLE
+    or DB_CORRUPT, cleared by the first commit that writes rows
+    (`Conn.note_commit`); `health` reads `last_error`.
     Written by the database thread, read on the loop: one attribute, no lock.
     """
 

@@ -67,7 +67,7 @@ class GroupCommit(Generic[C]):
                     break
             else:
                 conn.execute(COMMIT, cacheable=True)
-                _committed(conn, changes_before)
+                conn.note_commit(changes_before)
                 return outcomes
         except apsw.Error:
             pass
@@ -113,7 +113,7 @@ class GroupCommit(Generic[C]):
                     conn.tx_mode = TxMode.ALONE
                     return self._redo(conn, jobs, outcomes, index)
             conn.execute(COMMIT, cacheable=True)
-            _committed(conn, changes_before)
+            conn.note_commit(changes_before)
             return outcomes
         except apsw.Error:
             conn.tx_mode = TxMode.ALONE
@@ -133,10 +133,3 @@ class GroupCommit(Generic[C]):
         kept = [] if ok else [outcomes[lost_at]]
         rest = [self._run_one(conn, job) for job in jobs[lost_at + 1 :]]
         return redone + kept + rest
-
-
-def _committed(conn: Conn, changes_before: int) -> None:
-    # Only a commit that wrote something clears a degraded database: the
-    # gateway's reads run on its writer too, and an empty COMMIT proves nothing.
-    if conn.db.total_changes() != changes_before:
-        conn.health.committed()

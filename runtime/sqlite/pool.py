@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 import apsw
 
 from protocol.deferred import outcome_of
+from runtime.sqlite.errors import DatabaseFailure
 from runtime.sqlite.group_commit import GROUP_MAX, GroupCommit
 from runtime.sqlite.job import Job, Outcome, settle_all
 from runtime.sqlite.transaction import HOLD_MAX, Conn
@@ -167,6 +168,8 @@ class ConnectionPool(Generic[C]):
                 return False, self.late_error()
             return True, job.fn(conn)
         except BaseException as exc:  # the job's failure belongs to its caller
+            if isinstance(exc, DatabaseFailure):
+                conn.health.failed(exc)
             return False, exc
         finally:
             watch.at = 0.0

@@ -81,6 +81,12 @@ class Conn:
         """Run one of our own statements; all its rows."""
         return list(self.db.execute(sql, bind, can_cache=cacheable))
 
+    def note_commit(self, changes_before: int) -> None:
+        """A commit just succeeded: it clears a degraded database if it wrote rows (the
+        gateway's reads run on its writer too, and an empty COMMIT proves nothing)."""
+        if self.db.total_changes() != changes_before:
+            self.health.committed()
+
     def changes_of(self, sql: str, bind: tuple[Any, ...] | None = None) -> int:
         """Run one of our own INSERT, UPDATE or DELETE statements; how many rows it changed."""
         before = self.db.total_changes()
@@ -119,17 +125,18 @@ class WriteTransaction:
 
     def __enter__(self) -> WriteTransaction:
         mode = self.conn.tx_mode
-        if mode is not TxMode.OPTIMISTIC:
-            self.conn.execute(SAVEPOINT if mode is TxMode.SAVEPOINT else BEGIN, cacheable=True)
-        self._changes_before = self.conn.db.total_changes()
+        if mode is TxMode.ALONE:
+            self.conn.execute(BEGIN, cacheable=True)
+            self._changes_before = self.conn.db.total_changes()
+        elif mode is TxMode.SAVEPOINT:
+            self.conn.execute(SAVEPOINT, cacheable=True)
         return self
 
     def commit(self) -> None:
         mode = self.conn.tx_mode
         if mode is TxMode.ALONE:
             self.conn.execute(COMMIT, cacheable=True)
-            if self.conn.db.total_changes() != self._changes_before:
-                self.conn.health.committed()
+            self.conn.note_commit(self._changes_before)
         elif mode is TxMode.SAVEPOINT:
             self.conn.execute(RELEASE, cacheable=True)
         self.done = True

@@ -54,14 +54,24 @@ def assistant_socket(assistant: DaemonProcess) -> str:
 
 
 class Pair:
-    """Both daemons on one runtime dir, as `make run` starts them."""
+    """Both daemons on one runtime dir, as `make run` starts them; each may be given a
+    state dir of its own (one on a small disk, say)."""
 
-    def __init__(self, root: Path, gateway_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        gateway_args: tuple[str, ...] = (),
+        *,
+        assistant_state: Path | None = None,
+        gateway_state: Path | None = None,
+    ) -> None:
         self.runtime = root / "run"
         self.state = root / "state"
         self.runtime.mkdir(exist_ok=True)
-        self.assistant = DaemonProcess("assistant", self.runtime, self.state)
-        self.gateway = DaemonProcess("gateway", self.runtime, self.state, *gateway_args)
+        self.assistant = DaemonProcess("assistant", self.runtime, assistant_state or self.state)
+        gateway_state = gateway_state or self.state
+        self.gateway = DaemonProcess("gateway", self.runtime, gateway_state, *gateway_args)
+        self.gateway_db = gateway_state / "gateway.db"
 
     @property
     def gateway_socket(self) -> str:

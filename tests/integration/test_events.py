@@ -21,6 +21,7 @@ import pytest
 from gateway.outbox import DEAD_AFTER
 from protocol.client import Client
 from protocol.errors import IpcHandlerError
+from tests.integration.conftest import Pair
 from tests.support.proc import DaemonProcess
 from tests.support.sqlite import count
 from tests.support.waiting import eventually, gateway_health_reaches, outbox_drained
@@ -90,32 +91,9 @@ async def test_an_invalid_batch_is_refused_whole_with_the_path_and_stores_nothin
 # -- the pair -----------------------------------------------------------------
 
 
-class Pair:
-    """Both daemons, each with a state dir of its own (one may live on a small tmpfs)."""
-
-    def __init__(self, root: Path, assistant_state: Path, gateway_state: Path) -> None:
-        self.runtime = root / "run"
-        self.runtime.mkdir(exist_ok=True)
-        self.assistant = DaemonProcess("assistant", self.runtime, assistant_state)
-        self.gateway = DaemonProcess("gateway", self.runtime, gateway_state)
-        self.gateway_db = gateway_state / "gateway.db"
-
-    @property
-    def assistant_socket(self) -> str:
-        return str(self.runtime / "assistant.sock")
-
-    @property
-    def gateway_socket(self) -> str:
-        return str(self.runtime / "gateway.sock")
-
-    def close(self) -> None:
-        self.gateway.close()
-        self.assistant.close()
-
-
 @contextlib.contextmanager
 def pair_on(root: Path, assistant_state: Path, gateway_state: Path) -> Iterator[Pair]:
-    both = Pair(root, assistant_state, gateway_state)
+    both = Pair(root, assistant_state=assistant_state, gateway_state=gateway_state)
     try:
         both.assistant.start()
         both.gateway.start()
