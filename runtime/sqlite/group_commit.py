@@ -5,19 +5,21 @@ which holds while no job needs to roll back its own writes (the common
 case); when one does (`TxMode.RERUN`), the group is rolled back and run again
 with a savepoint per job. If the group's transaction is lost under a job (an
 interrupt or an I/O error rolls all of it back), nothing of it was committed
-and the other jobs run again alone. No result leaves before the commit.
+and the other jobs run again alone. No result leaves before the commit, and
+no job the loop has expired meanwhile is committed (`Job.keep`): the group
+is rolled back and runs again without it.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import apsw
 
-from runtime.sqlite.job import Job, Outcome
+from runtime.sqlite.errors import timeout_error
+from runtime.sqlite.job import EXPIRED, Job, Outcome
 from runtime.sqlite.transaction import BEGIN, COMMIT, ROLLBACK, Conn, TxMode
 
 GROUP_MAX = 64
@@ -31,9 +33,8 @@ C = TypeVar("C", bound=Conn)
 class GroupCommit(Generic[C]):
     """The writer's way of running several queued jobs in one transaction.
 
-    `run_one(conn, job)` runs one job and returns its outcome; a job has a
-    `deadline` (monotonic seconds, 0 for none) that a second run extends by
-    the time the first one took.
+    `run_one(conn, job)` runs one job and returns its outcome. A job's
+    deadline is its caller's: a second run of the group does not extend it.
     """
 
     def __init__(self, name: str, run_one: Callable[[C, Job[Any]], Outcome]) -> None:
@@ -57,28 +58,28 @@ class GroupCommit(Generic[C]):
         except apsw.Error as exc:
             return self._alone(conn, jobs, exc)
         changes_before = conn.db.total_changes()
-        started = time.monotonic()
         outcomes: list[Outcome] = []
         conn.tx_mode = TxMode.OPTIMISTIC
+        expired = False
         try:
             for job in jobs:
                 outcomes.append(self._run_one(conn, job))
                 if conn.tx_mode is TxMode.RERUN or not conn.db.in_transaction:
                     break
             else:
-                conn.execute(COMMIT, cacheable=True)
-                conn.note_commit(changes_before)
-                return outcomes
+                if _keep_all(jobs, outcomes):
+                    conn.execute(COMMIT, cacheable=True)
+                    conn.note_commit(changes_before)
+                    return outcomes
+                expired = True
         except apsw.Error:
             pass
         finally:
             conn.tx_mode = TxMode.ALONE
         if conn.db.in_transaction:
             conn.execute(ROLLBACK, cacheable=True)
-        first_run = time.monotonic() - started
-        for job in jobs[: len(outcomes)]:
-            if job.deadline:
-                job.deadline += first_run
+        if expired:
+            return self._without_expired(conn, jobs)
         self._careful_groups = CAREFUL_GROUPS
         log.debug("%s: a group of %d calls runs again with savepoints", self.name, len(jobs))
         return self._with_savepoints(conn, jobs)
@@ -99,6 +100,8 @@ class GroupCommit(Generic[C]):
             conn.db.set_busy_timeout(conn.busy_timeout_ms)
 
     def _with_savepoints(self, conn: C, jobs: list[Job[Any]]) -> list[Outcome]:
+        if not jobs:
+            return []
         try:
             conn.execute(BEGIN, cacheable=True)
         except apsw.Error as exc:
@@ -112,6 +115,10 @@ class GroupCommit(Generic[C]):
                 if not conn.db.in_transaction:
                     conn.tx_mode = TxMode.ALONE
                     return self._redo(conn, jobs, outcomes, index)
+            if not _keep_all(jobs, outcomes):
+                conn.tx_mode = TxMode.ALONE
+                conn.execute(ROLLBACK, cacheable=True)
+                return self._without_expired(conn, jobs)
             conn.execute(COMMIT, cacheable=True)
             conn.note_commit(changes_before)
             return outcomes
@@ -123,6 +130,17 @@ class GroupCommit(Generic[C]):
         finally:
             conn.tx_mode = TxMode.ALONE
 
+    def _without_expired(self, conn: C, jobs: list[Job[Any]]) -> list[Outcome]:
+        """The group was rolled back because the loop expired a job of it: the others run
+        again, with savepoints."""
+        live = [index for index, job in enumerate(jobs) if job.state != EXPIRED]
+        log.debug("%s: %d expired call(s) leave a group", self.name, len(jobs) - len(live))
+        outcomes: list[Outcome] = [(False, timeout_error())] * len(jobs)
+        redone = self._with_savepoints(conn, [jobs[index] for index in live])
+        for index, outcome in zip(live, redone, strict=True):
+            outcomes[index] = outcome
+        return outcomes
+
     def _redo(
         self, conn: C, jobs: list[Job[Any]], outcomes: list[Outcome], lost_at: int
     ) -> list[Outcome]:
@@ -133,3 +151,10 @@ class GroupCommit(Generic[C]):
         kept = [] if ok else [outcomes[lost_at]]
         rest = [self._run_one(conn, job) for job in jobs[lost_at + 1 :]]
         return redone + kept + rest
+
+
+def _keep_all(jobs: list[Job[Any]], outcomes: list[Outcome]) -> bool:
+    """Keep each job whose writes the group is about to commit (`Job.keep`); False if the
+    loop has expired one. A job that failed left nothing in the transaction."""
+    kept = [job.keep() for job, (ok, _) in zip(jobs, outcomes, strict=True) if ok]
+    return all(kept)  # a list, not a generator: every job is kept, not up to the first

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
@@ -11,6 +12,12 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 log = logging.getLogger("runtime.sqlite")
+
+PENDING, KEPT, EXPIRED = 0, 1, 2
+# Guards every job's state: the thread keeps a job (it is about to commit it)
+# and the loop expires one (its caller has been answered DB_TIMEOUT) under it,
+# so a job is never both committed and answered as timed out.
+_STATE = threading.Lock()
 
 OnDone = Callable[[Any, bool, Any], None]  # (context, ok, result or exception)
 
@@ -23,7 +30,7 @@ class Job(Generic[T]):
     anything else: the outcome is delivered by a loop callback, never earlier.
     """
 
-    __slots__ = ("after", "context", "deadline", "fn", "loop", "on_done")
+    __slots__ = ("after", "context", "deadline", "expiry", "fn", "loop", "on_done", "state")
 
     def __init__(
         self, fn: Callable[[Any], T], deadline: float, loop: asyncio.AbstractEventLoop
@@ -34,6 +41,24 @@ class Job(Generic[T]):
         self.on_done: OnDone | None = None
         self.context: Any = None
         self.after: Callable[[Any], Any] | None = None
+        self.state = PENDING
+        self.expiry: asyncio.TimerHandle | None = None
+
+    def keep(self) -> bool:
+        """On the thread, before committing the job's writes: False once the loop has expired
+        the job (its writes must be rolled back); after True, the loop no longer can."""
+        with _STATE:
+            if self.state == PENDING:
+                self.state = KEPT
+            return self.state == KEPT
+
+    def expire(self) -> bool:
+        """On the loop: True if the job was not kept, and is now answered by its caller's
+        timeout; whatever the thread makes of it later is dropped."""
+        with _STATE:
+            if self.state == PENDING:
+                self.state = EXPIRED
+            return self.state == EXPIRED
 
     def then(self, on_done: Callable[[Any, bool, T | BaseException], None], context: Any) -> None:
         self.on_done = on_done
@@ -52,6 +77,10 @@ Outcome = tuple[bool, Any]  # (ok, result or exception)
 def settle_all(settled: list[tuple[Job[Any], Outcome]]) -> None:
     """On the loop: deliver each finished job's outcome to its callback."""
     for job, (ok, value) in settled:
+        if job.expiry is not None:
+            if job.state == EXPIRED:
+                continue
+            job.expiry.cancel()
         if job.on_done is None:
             log.error("a database job finished with nobody waiting for it")
             continue

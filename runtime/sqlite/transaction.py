@@ -11,7 +11,8 @@ from typing import Any
 
 import apsw
 
-from runtime.sqlite.errors import WriteHealth
+from runtime.sqlite.errors import WriteHealth, timeout_error
+from runtime.sqlite.job import Job
 
 BUSY_TIMEOUT_MS = 5000
 PROGRESS_STEPS = 1000
@@ -38,6 +39,12 @@ class Deadline:
     at: float = 0.0
     started: float = 0.0
     release_held: Callable[[], None] | None = None
+    job: Job[Any] | None = None
+
+    def keep_job(self) -> bool:
+        """Before a commit: False when the loop has already answered the running job's caller
+        with its timeout, so its writes must be rolled back instead (`Job.keep`)."""
+        return self.job is None or self.job.keep()
 
     def on_progress(self) -> bool:
         """SQLite's progress handler: True (interrupt the statement) once the deadline has
@@ -135,6 +142,8 @@ class WriteTransaction:
     def commit(self) -> None:
         mode = self.conn.tx_mode
         if mode is TxMode.ALONE:
+            if not self.conn.deadline.keep_job():
+                raise timeout_error()
             self.conn.execute(COMMIT, cacheable=True)
             self.conn.note_commit(self._changes_before)
         elif mode is TxMode.SAVEPOINT:

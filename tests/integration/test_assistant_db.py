@@ -12,6 +12,7 @@ import pytest
 
 from protocol.client import BatchCall, Client
 from protocol.errors import IpcHandlerError
+from tests.support.calls import failure, rows, sql, tx
 from tests.support.proc import DaemonProcess
 from tests.support.waiting import dispatched
 
@@ -19,25 +20,6 @@ pytestmark = pytest.mark.anyio
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
-
-
-async def sql(client: Client, statement: str, mode: str = "run", **extra: Any) -> Any:
-    return await client.call("db_proxy", {"sql": statement, "mode": mode, **extra})
-
-
-async def rows(client: Client, statement: str, **extra: Any) -> list[dict[str, Any]]:
-    result = await sql(client, statement, "query", **extra)
-    return result["rows"]  # type: ignore[no-any-return]
-
-
-async def tx(client: Client, *steps: dict[str, Any], **extra: Any) -> Any:
-    return await client.call("db_proxy_transaction", {"steps": list(steps), **extra})
-
-
-async def failure(call: Any) -> IpcHandlerError:
-    with pytest.raises(IpcHandlerError) as caught:
-        await call
-    return caught.value
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 from protocol.client import Client
 from protocol.errors import IpcHandlerError
 from tests.integration.conftest import Pair
+from tests.support.calls import failure
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
@@ -41,12 +42,6 @@ async def redeem(gw: Client, code: str, user: str | None, channel: str = "telegr
     if user is not None:
         params["externalUserId"] = user
     return await gw.call("invites_redeem", params)
-
-
-async def failure(call: Any) -> IpcHandlerError:
-    with pytest.raises(IpcHandlerError) as caught:
-        await call
-    return caught.value
 
 
 def wrong(code: str) -> str:

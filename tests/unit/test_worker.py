@@ -13,7 +13,7 @@ from typing import Any
 import apsw
 import pytest
 
-from runtime.sqlite import Conn, ConnectionPool, Deadline, WriteTransaction
+from runtime.sqlite import Conn, ConnectionPool, Deadline, QueuedPastDeadline, WriteTransaction
 
 pytestmark = pytest.mark.anyio
 
@@ -122,9 +122,12 @@ async def test_a_group_keeps_exactly_what_each_job_committed(short_tmp: Path) ->
         await asyncio.to_thread(worker.stop)
 
 
-async def test_a_call_run_twice_by_its_group_is_not_timed_out_by_the_first_run(
-    short_tmp: Path,
+@pytest.mark.parametrize("slow_fails", [False, True], ids=["slow-commits", "slow-fails"])
+async def test_a_call_held_past_its_deadline_by_its_group_is_answered_and_left_out(
+    short_tmp: Path, slow_fails: bool
 ) -> None:
+    """The loop answers a call whose deadline passed while a slow job of its group ran;
+    the group, when it gets to commit, commits everything but that call."""
     worker = _writer(str(short_tmp / "deadline.db"))
     try:
         started = threading.Event()
@@ -135,27 +138,33 @@ async def test_a_call_run_twice_by_its_group_is_not_timed_out_by_the_first_run(
             release.wait(5)
             return 0
 
-        def slow_then_undone(conn: Conn) -> int:
+        def slow(conn: Conn) -> int:
             with WriteTransaction(conn):
                 conn.execute("INSERT INTO t (id) VALUES (2)")
-                time.sleep(1.0)
-                raise ValueError("undone")
+                time.sleep(0.5)
+                if slow_fails:
+                    raise ValueError("undone")
+            return 2
 
         first = asyncio.ensure_future(worker.run(blocker))
         await asyncio.to_thread(started.wait, 5)
-        # One group: the quick insert runs first, then the slow job sends the
-        # group back after its deadline has passed; the insert still holds.
         quick = asyncio.ensure_future(
-            worker.run(functools.partial(_insert, row=1), time.monotonic() + 0.5)
+            worker.run(functools.partial(_insert, row=1), time.monotonic() + 0.1)
         )
-        slow = asyncio.ensure_future(worker.run(slow_then_undone))
+        held = asyncio.ensure_future(worker.run(slow))
+        after = asyncio.ensure_future(worker.run(functools.partial(_insert, row=3)))
         await asyncio.sleep(0)  # each job is queued in its task's first step
         release.set()
-        outcomes = await asyncio.gather(first, quick, slow, return_exceptions=True)
-        assert outcomes[1] == 1
-        assert isinstance(outcomes[2], ValueError)
-        rows = worker_rows(short_tmp / "deadline.db")
-        assert rows == [1]
+        done, _ = await asyncio.wait([quick, held], return_when=asyncio.FIRST_COMPLETED)
+        assert done == {quick}, "the expired call waited for its group"
+        assert isinstance(quick.exception(), QueuedPastDeadline)
+        outcomes = await asyncio.gather(first, held, after, return_exceptions=True)
+        if slow_fails:
+            assert isinstance(outcomes[1], ValueError)
+        else:
+            assert outcomes[1] == 2
+        assert outcomes[2] == 3
+        assert worker_rows(short_tmp / "deadline.db") == ([3] if slow_fails else [2, 3])
     finally:
         await asyncio.to_thread(worker.stop)
 
