@@ -46,8 +46,9 @@ class Answers(Protocol):
     def finish(self, request: Request, response: Response | None) -> None:
         """The answer of a pending call (`Calls.start` returned True)."""
 
-    def finish_batch(self, responses: list[Response]) -> None:
-        """The answers of a batch (`Calls.start_batch`), notifications left out."""
+    def finish_batch(self, responses: list[Response], size: int) -> None:
+        """The answers of a batch (`Calls.start_batch` of a `size`-byte body), notifications
+        left out."""
 
 
 class Calls:
@@ -155,14 +156,19 @@ class Calls:
 
     # -- batches ------------------------------------------------------------
 
-    def start_batch(self, members: list[Raw], to: Answers, bound: asyncio.Semaphore) -> None:
+    def start_batch(
+        self, members: list[Raw], to: Answers, bound: asyncio.Semaphore, size: int
+    ) -> None:
         """Run a batch's members; their answers go to `to.finish_batch` in one frame.
 
-        `bound` limits how many members run at once, shared by a connection's batches.
+        `bound` limits how many members run at once, shared by a connection's
+        batches; `size` (the body's) is handed back with the answers.
         """
-        self.spawn(self._run_batch(members, to, bound))
+        self.spawn(self._run_batch(members, to, bound, size))
 
-    async def _run_batch(self, members: list[Raw], to: Answers, bound: asyncio.Semaphore) -> None:
+    async def _run_batch(
+        self, members: list[Raw], to: Answers, bound: asyncio.Semaphore, size: int
+    ) -> None:
         answers: list[Response | None] = [None] * len(members)
         try:
             pending = []
@@ -184,7 +190,7 @@ class Calls:
         finally:
             # Also when cancelled, or on a bug: the batch leaves the in-flight count
             # with the answers it has.
-            to.finish_batch([answer for answer in answers if answer is not None])
+            to.finish_batch([answer for answer in answers if answer is not None], size)
 
     def _member_answer(self, raw: Raw) -> Response | Coroutine[Any, Any, Response | None] | None:
         """One member: its answer now, None (a notification), or a coroutine for it."""

@@ -50,6 +50,13 @@ if TYPE_CHECKING:
 
 
 DEFAULT_IDLE_TIMEOUT = 600.0
+# Request bodies held in memory: those of the calls in flight (their
+# parameters live as long as the call) and of the frames being received (a
+# frame's declared length is reserved when it is admitted). Past these a
+# connection, or every connection, is not read until calls end; a frame
+# already admitted is always read to its end, so nothing waits on itself.
+DEFAULT_MAX_PENDING_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_PENDING_BYTES_TOTAL = 128 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +66,8 @@ class ServerLimits:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     frame_timeout: float = DEFAULT_FRAME_TIMEOUT
     max_in_flight: int = 256
+    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
+    max_pending_bytes_total: int = DEFAULT_MAX_PENDING_BYTES_TOTAL
     max_batch: int = 1000
     max_connections: int = 2048
     grace: float = 10.0
@@ -72,15 +81,24 @@ class CallHost(Protocol):
     limits: ServerLimits
     log: logging.Logger
     calls: Calls
+    pending_bytes: int
 
     def admit(self, connection: Connection, transport: asyncio.Transport) -> RpcError | None:
         """Register the connection; the reason to refuse it (then closed), or None."""
 
     def connection_lost(self, connection: Connection) -> None: ...
 
-    def call_started(self) -> None: ...
+    def call_started(self, size: int) -> None:
+        """A call whose request body is `size` bytes is in flight."""
 
-    def call_finished(self) -> None: ...
+    def call_finished(self, size: int) -> None: ...
+
+    def hold(self, size: int) -> None:
+        """`size` more bytes of a frame being received are reserved (fewer, when negative)."""
+
+    def may_read(self, connection: Connection) -> bool:
+        """False while the bodies of the daemon's calls in flight are over its budget; the
+        connection is then resumed (`update_reading`) once they are not."""
 
 
 class Connection(asyncio.Protocol):
@@ -95,6 +113,11 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._in_flight = 0
+        # Body sizes of the calls in flight, by id() of their request (a batch's is
+        # passed along with it), and their sum.
+        self._sizes: dict[int, int] = {}
+        self._pending_bytes = 0
+        self._reserved = 0  # the declared length of the admitted frame being received
         self._backlog: deque[bytes] = deque()
         # Answers are encoded straight into one buffer, written once per turn.
         self._out = bytearray()
@@ -144,13 +167,17 @@ class Connection(asyncio.Protocol):
             # the limits); checked here because this runs once per chunk.
             if self._stall_timer is not None or self._decoder.has_partial:
                 self._watch_stall(bool(frames))
+            if self._reserved or self._decoder.has_partial:
+                self._admit_frame_in_progress()
             if (
                 self._read_paused
                 or self._write_paused
                 or self._backlog
                 or self._in_flight >= self._limits.max_in_flight
+                or self._pending_bytes >= self._limits.max_pending_bytes
+                or self._host.pending_bytes >= self._limits.max_pending_bytes_total
             ):
-                self._update_reading()
+                self.update_reading()
         finally:
             self._flush()
 
@@ -171,6 +198,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._reserve(0)
         self._cancel_stall_timer()
         self._backlog.clear()
         self._out.clear()
@@ -178,11 +206,11 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        self._update_reading()
+        self.update_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._update_reading()
+        self.update_reading()
 
     # -- frames and requests ----------------------------------------------
 
@@ -235,7 +263,9 @@ class Connection(asyncio.Protocol):
             self._send_error(exc.request_id, exc)
             return
         if self._calls.start(request, self):
-            self._begin_call()
+            size = len(body)
+            self._sizes[id(request)] = size
+            self._begin_call(size)
 
     def _start_batch(self, body: bytes) -> None:
         try:
@@ -249,10 +279,10 @@ class Connection(asyncio.Protocol):
         except RpcError as exc:
             self._send_error(None, exc)
             return
-        self._begin_call()
+        self._begin_call(len(body))
         # A batch is one call of the connection's max_in_flight; its members
         # share one bound per connection, however many batches.
-        self._calls.start_batch(members, self, self._batch_members)
+        self._calls.start_batch(members, self, self._batch_members, len(body))
 
     # -- answers (protocol.calls.Answers) ---------------------------------
 
@@ -263,11 +293,11 @@ class Connection(asyncio.Protocol):
             self._send_message(response)
 
     def finish(self, request: Request, response: Response | None) -> None:
-        self._end_call()
+        self._end_call(self._sizes.pop(id(request), 0))
         self.answer(request, response)
 
-    def finish_batch(self, responses: list[Response]) -> None:
-        self._end_call()
+    def finish_batch(self, responses: list[Response], size: int) -> None:
+        self._end_call(size)
         if responses:
             self._send_message(responses)
 
@@ -322,27 +352,35 @@ class Connection(asyncio.Protocol):
 
     # -- flow control and stalls ------------------------------------
 
-    def _begin_call(self) -> None:
+    def _begin_call(self, size: int) -> None:
         self._in_flight += 1
-        self._host.call_started()
+        self._pending_bytes += size
+        self._host.call_started(size)
 
-    def _end_call(self) -> None:
+    def _end_call(self, size: int) -> None:
         self._in_flight -= 1
-        self._host.call_finished()
+        self._pending_bytes -= size
+        self._host.call_finished(size)
         if self._backlog:
             self._drain_backlog()
         if self._read_paused:
-            self._update_reading()
+            self.update_reading()
         if self._peer_done:
             # The call's answer is queued right after this returns; close after it.
             self._loop.call_soon(self._close_if_finished)
 
-    def _update_reading(self) -> None:
+    def update_reading(self) -> None:
+        """Pause or resume reading: paused while answers cannot be written, while frames wait
+        for a slot of `max_in_flight`, or while the bodies in flight are over a budget."""
         transport = self._transport
         if transport is None or self._closed:
             return
-        blocked = self._write_paused or bool(self._backlog)
-        blocked = blocked or self._in_flight >= self._limits.max_in_flight
+        blocked = (
+            self._write_paused
+            or bool(self._backlog)
+            or self._in_flight >= self._limits.max_in_flight
+            or (not self._reserved and not self._within_budget())
+        )
         if blocked and not self._read_paused:
             self._read_paused = True
             transport.pause_reading()
@@ -351,7 +389,30 @@ class Connection(asyncio.Protocol):
         elif not blocked and self._read_paused:
             self._read_paused = False
             transport.resume_reading()
+            # Before the next starved connection is looked at: this one's frame counts.
+            self._admit_frame_in_progress()
             self._watch_stall(True)
+
+    def _within_budget(self) -> bool:
+        return self._pending_bytes < self._limits.max_pending_bytes and self._host.may_read(self)
+
+    def _admit_frame_in_progress(self) -> None:
+        """Reserve the declared length of the frame being received, if the budgets allow it
+        (otherwise reading pauses in `update_reading` until they do); release the
+        reservation of a frame that has been received."""
+        declared = self._decoder.partial_length
+        if declared == self._reserved:
+            return
+        if self._reserved:
+            self._reserve(0)
+        if declared and self._within_budget():
+            self._reserve(declared)
+
+    def _reserve(self, size: int) -> None:
+        if size != self._reserved:
+            self._pending_bytes += size - self._reserved
+            self._host.hold(size - self._reserved)
+            self._reserved = size
 
     def _watch_stall(self, frame_completed: bool) -> None:
         if not self._decoder.has_partial or self._read_paused:

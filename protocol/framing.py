@@ -43,6 +43,11 @@ class FrameDecoder:
         """True while part of a frame (even part of its header) is buffered."""
         return bool(self._buffer)
 
+    @property
+    def partial_length(self) -> int:
+        """The declared body length of the frame in progress (0 until its header is in)."""
+        return self._need - HEADER_SIZE if self._buffer else 0
+
     def feed(self, data: bytes) -> list[bytes]:
         """Add `data`; return every frame body it completes, in order.
 

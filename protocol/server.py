@@ -52,7 +52,10 @@ class Server:
         self.log = logger or logging.getLogger("protocol.server")
         self.calls = Calls(router, self.log)
         self.in_flight = 0
+        self.pending_bytes = 0
         self.connections: set[Connection] = set()
+        # Connections not read from because `pending_bytes` is over its budget.
+        self._starved: set[Connection] = set()
         self._listener = listener
         self._stop = anyio.Event()
         self._idle: anyio.Event | None = None
@@ -136,16 +139,39 @@ class Server:
         with anyio.move_on_after(_CLOSE_WAIT):
             await self._all_closed.wait()
 
-    def call_started(self) -> None:
+    def call_started(self, size: int) -> None:
         self.in_flight += 1
+        self.pending_bytes += size
 
-    def call_finished(self) -> None:
+    def call_finished(self, size: int) -> None:
         self.in_flight -= 1
+        self.hold(-size)
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
 
+    def hold(self, size: int) -> None:
+        self.pending_bytes += size
+        budget = self.limits.max_pending_bytes_total
+        if size < 0 and self._starved and self.pending_bytes < budget:
+            starved, self._starved = self._starved, set()
+            for connection in starved:
+                connection.update_reading()
+
+    def may_read(self, connection: Connection) -> bool:
+        if self.pending_bytes < self.limits.max_pending_bytes_total:
+            return True
+        if not self._starved:
+            self.log.info(
+                "calls in flight hold %d bytes of requests (budget %d): reading paused",
+                self.pending_bytes,
+                self.limits.max_pending_bytes_total,
+            )
+        self._starved.add(connection)
+        return False
+
     def connection_lost(self, connection: Connection) -> None:
         self.connections.discard(connection)
+        self._starved.discard(connection)
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
 

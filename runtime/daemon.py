@@ -24,12 +24,17 @@ from typing import Protocol
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from protocol.connection import DEFAULT_IDLE_TIMEOUT
+from protocol.connection import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_PENDING_BYTES,
+    DEFAULT_MAX_PENDING_BYTES_TOTAL,
+)
 from protocol.dispatch import Router
 from protocol.framing import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_FRAME_BYTES
 from protocol.server import Server, ServerLimits
 from runtime.errors import EX_CONFIG, StartupError
 from runtime.listener import Listener, open_listener
+from runtime.memory import map_large_blocks
 from runtime.paths import default_runtime_dir, default_state_dir
 from runtime.sqlite import BUSY_TIMEOUT_MS
 from runtime.systemd import Notifier, run_watchdog, watchdog_interval
@@ -86,6 +91,18 @@ def argument_parser(name: str, description: str) -> argparse.ArgumentParser:
     add("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
     add("--frame-timeout", type=float, default=DEFAULT_FRAME_TIMEOUT)
     add("--max-in-flight", type=int, default=256)
+    add(
+        "--max-pending-bytes",
+        type=int,
+        default=DEFAULT_MAX_PENDING_BYTES,
+        help="bytes of requests in flight on one connection past which it is not read from",
+    )
+    add(
+        "--max-pending-bytes-total",
+        type=int,
+        default=DEFAULT_MAX_PENDING_BYTES_TOTAL,
+        help="bytes of requests in flight on all connections past which none is read from",
+    )
     add("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
         help="seconds a connection with no call may stay open (clients reconnect)")  # fmt: skip
     add("--max-connections", type=int, default=2048)
@@ -115,6 +132,8 @@ def config_from_args(name: str, args: argparse.Namespace) -> DaemonConfig:
         "--max-frame-bytes": args.max_frame_bytes,
         "--frame-timeout": args.frame_timeout,
         "--max-in-flight": args.max_in_flight,
+        "--max-pending-bytes": args.max_pending_bytes,
+        "--max-pending-bytes-total": args.max_pending_bytes_total,
         "--max-connections": args.max_connections,
         "--idle-timeout": args.idle_timeout,
     }
@@ -125,6 +144,8 @@ def config_from_args(name: str, args: argparse.Namespace) -> DaemonConfig:
         max_frame_bytes=args.max_frame_bytes,
         frame_timeout=args.frame_timeout,
         max_in_flight=args.max_in_flight,
+        max_pending_bytes=args.max_pending_bytes,
+        max_pending_bytes_total=args.max_pending_bytes_total,
         max_connections=args.max_connections,
         grace=args.grace,
         idle_timeout=args.idle_timeout,
@@ -273,6 +294,7 @@ def main(
         config = config_from_args(name, args)
         setup_logging(name, config.log_level, config.log_format)
         raise_fd_limit()
+        map_large_blocks()
         listener = open_listener(
             config.socket_path,
             daemon_name=f"{name}d",

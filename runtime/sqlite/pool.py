@@ -148,6 +148,9 @@ class ConnectionPool(Generic[C]):
                 # their callers get it, and the thread keeps serving the queue.
                 outcomes = [(False, exc)] * len(jobs)
             held.extend(zip(jobs, outcomes, strict=True))
+            # Not kept while this thread waits for the next jobs: a job holds its
+            # call's parameters (a bound blob of up to the frame limit).
+            del jobs, outcomes
             if self.batch_max > 1 or len(held) >= HOLD_MAX:
                 release_held()
         release_held()
