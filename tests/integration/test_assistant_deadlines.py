@@ -54,8 +54,20 @@ def write_lock_is_held(db: apsw.Connection) -> bool:
     return False
 
 
-async def test_a_query_stuck_in_one_step_is_answered_db_timeout(client: Client) -> None:
-    error = await failure(sql(client, f"SELECT {STUCK} AS n", "query", timeoutMs=200))
+# Each one SQLite step of seconds here; the LIKE pattern is under SQLite's 50,000 limit.
+ONE_LONG_STEP = {
+    "trim": STUCK,
+    "like": "printf('%.*c', 100000, 'a') LIKE ('%' || printf('%.*c', 40000, 'a') || 'b')",
+    "glob": "printf('%.*c', 100000, 'a') GLOB ('*' || printf('%.*c', 40000, 'a') || 'b')",
+    "instr": "instr(printf('%.*c', 8000000, 'a'), printf('%.*c', 20000, 'a') || 'b')",
+}
+
+
+@pytest.mark.parametrize("expression", ONE_LONG_STEP.values(), ids=ONE_LONG_STEP.keys())
+async def test_a_query_stuck_in_one_step_is_answered_db_timeout(
+    client: Client, expression: str
+) -> None:
+    error = await failure(sql(client, f"SELECT {expression} AS n", "query", timeoutMs=200))
     assert (error.code, error.status_code, error.retryable) == ("DB_TIMEOUT", 504, False)
     assert await rows(client, "SELECT 1 AS one") == [{"one": 1}]
 
