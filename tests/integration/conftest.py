@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.proc import DaemonProcess
+from pair_testing import DaemonProcess, Pair
 
 
 @pytest.fixture
@@ -53,53 +53,16 @@ def assistant_socket(assistant: DaemonProcess) -> str:
     return str(assistant.runtime_dir / "assistant.sock")
 
 
-class Pair:
-    """Both daemons on one runtime dir, as `make run` starts them; each may be given a
-    state dir of its own (one on a small disk, say)."""
-
-    def __init__(
-        self,
-        root: Path,
-        gateway_args: tuple[str, ...] = (),
-        *,
-        assistant_state: Path | None = None,
-        gateway_state: Path | None = None,
-    ) -> None:
-        self.runtime = root / "run"
-        self.state = root / "state"
-        self.runtime.mkdir(exist_ok=True)
-        self.assistant = DaemonProcess("assistant", self.runtime, assistant_state or self.state)
-        gateway_state = gateway_state or self.state
-        self.gateway = DaemonProcess("gateway", self.runtime, gateway_state, *gateway_args)
-        self.gateway_db = gateway_state / "gateway.db"
-
-    @property
-    def gateway_socket(self) -> str:
-        return str(self.runtime / "gateway.sock")
-
-    @property
-    def assistant_socket(self) -> str:
-        return str(self.runtime / "assistant.sock")
-
-    def close(self) -> None:
-        self.gateway.close()
-        self.assistant.close()
-
-
 def _pair(root: Path) -> Iterator[Pair]:
-    both = Pair(root)
-    both.assistant.start()
-    both.gateway.start()
+    both = Pair(root).start()
     try:
         yield both
     finally:
         both.close()
 
 
-@pytest.fixture
-def pair(short_tmp: Path) -> Iterator[Pair]:
-    """assistantd then gatewayd, both ready."""
-    yield from _pair(short_tmp)
+# `pair`, `pair_factory`, `assistant_client` and `gateway_client` are the plugin's
+# (pair_testing.plugin), as a user's suite gets them.
 
 
 @pytest.fixture(scope="module")

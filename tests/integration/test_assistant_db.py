@@ -10,10 +10,10 @@ from typing import Any
 import anyio
 import pytest
 
+from pair_testing.daemons import DaemonProcess
 from protocol.client import BatchCall, Client
 from protocol.errors import IpcHandlerError
 from tests.support.calls import failure, rows, sql, tx
-from tests.support.proc import DaemonProcess
 from tests.support.waiting import dispatched
 
 pytestmark = pytest.mark.anyio

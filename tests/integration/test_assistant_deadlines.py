@@ -14,10 +14,10 @@ import anyio
 import apsw
 import pytest
 
+from pair_testing.daemons import DaemonProcess
 from protocol.client import Client
 from protocol.errors import IpcHandlerError
 from tests.support.calls import failure, rows, sql, tx
-from tests.support.proc import DaemonProcess
 from tests.support.waiting import dispatched
 
 pytestmark = pytest.mark.anyio

@@ -10,9 +10,9 @@ import anyio
 import apsw
 import pytest
 
+from pair_testing.daemons import DaemonProcess, run_once
 from protocol.client import Client
 from protocol.errors import IpcHandlerError, IpcTransportError
-from tests.support.proc import DaemonProcess, run_once
 from tests.support.waiting import dispatched
 
 pytestmark = pytest.mark.anyio

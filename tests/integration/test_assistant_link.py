@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from gateway.link import AssistantLink
+from pair_testing.daemons import DaemonProcess
 from protocol.errors import IpcHandlerError, IpcTransportError
-from tests.support.proc import DaemonProcess
 
 pytestmark = pytest.mark.anyio
 

@@ -6,7 +6,7 @@ import signal
 import socket
 from pathlib import Path
 
-from tests.support.proc import DaemonProcess, run_once
+from pair_testing.daemons import DaemonProcess, run_once
 from tests.support.raw import RawConnection
 
 DEMO = "tests.support.demo_server"

@@ -36,8 +36,9 @@ def test_the_built_wheel_holds_every_module_the_daemons_and_the_cli_import(
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(tmp_path / "site")
     probe = (
-        "import assistant.app, gateway.app, pairctl.cli, runtime.sqlite, protocol.server; "
-        "print(runtime.sqlite.__file__, assistant.app.__file__)"
+        "import assistant.app, gateway.app, pairctl.cli, runtime.sqlite, protocol.server,"
+        " pair_testing.plugin; "
+        "print(runtime.sqlite.__file__, assistant.app.__file__, pair_testing.plugin.__file__)"
     )
     # Outside the checkout, with the unpacked wheel first on the path: nothing
     # may come from the source tree.
@@ -51,3 +52,6 @@ def test_the_built_wheel_holds_every_module_the_daemons_and_the_cli_import(
     )
     assert result.returncode == 0, result.stderr
     assert all(path.startswith(str(tmp_path / "site")) for path in result.stdout.split())
+    # The pytest plugin is registered for whoever installs the wheel.
+    (entry_points,) = (tmp_path / "site").glob("pair_daemons-*.dist-info/entry_points.txt")
+    assert "[pytest11]\npair = pair_testing.plugin" in entry_points.read_text()

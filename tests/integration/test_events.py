@@ -19,10 +19,10 @@ import apsw
 import pytest
 
 from gateway.outbox import DEAD_AFTER
+from pair_testing import Pair
+from pair_testing.daemons import DaemonProcess
 from protocol.client import Client
 from protocol.errors import IpcHandlerError
-from tests.integration.conftest import Pair
-from tests.support.proc import DaemonProcess
 from tests.support.sqlite import count
 from tests.support.waiting import eventually, gateway_health_reaches, outbox_drained
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import anyio
 import apsw
 import pytest
 
+from pair_testing import Pair
+from pair_testing.plugin import PairFactory
 from protocol.client import Client
 from protocol.errors import IpcHandlerError
-from tests.integration.conftest import Pair
 from tests.support.calls import failure
 from tests.support.waiting import eventually
 
@@ -181,21 +181,18 @@ async def test_a_successful_redemption_clears_the_senders_failed_attempts(gw: Cl
         assert (await redeem(gw, code, "typo"))["outcome"] in ("redeemed", "already_member")
 
 
-async def test_the_channel_limit_stops_guessing_spread_over_many_senders(short_tmp: Path) -> None:
-    both = Pair(short_tmp, ("--guess-limit-channel", "8"))
-    both.assistant.start()
-    both.gateway.start()
-    try:
-        async with Client(both.gateway_socket) as gw:
-            _, code = await new_invite(gw, await new_contact(gw))
-            for n in range(8):
-                await failure(redeem(gw, wrong(code), f"bot-{n}"))
-            limited = await failure(redeem(gw, code, "bot-new"))
-            assert limited.code == "RATE_LIMITED"
-            other_channel = await failure(redeem(gw, wrong(code), "bot-new", channel="sms"))
-            assert other_channel.code == "INVITE_INVALID"
-    finally:
-        both.close()
+async def test_the_channel_limit_stops_guessing_spread_over_many_senders(
+    pair_factory: PairFactory,
+) -> None:
+    both = pair_factory(gateway_args=("--guess-limit-channel", "8"))
+    async with Client(both.gateway_socket) as gw:
+        _, code = await new_invite(gw, await new_contact(gw))
+        for n in range(8):
+            await failure(redeem(gw, wrong(code), f"bot-{n}"))
+        limited = await failure(redeem(gw, code, "bot-new"))
+        assert limited.code == "RATE_LIMITED"
+        other_channel = await failure(redeem(gw, wrong(code), "bot-new", channel="sms"))
+        assert other_channel.code == "INVITE_INVALID"
 
 
 async def test_deleting_a_contact_cascades_and_tells_the_assistant(gw: Client, pair: Pair) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Pair
+from pair_testing import Pair
 from tests.support.raw import RawConnection
 
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.support.proc import DaemonProcess
+from pair_testing.daemons import DaemonProcess
 from tests.support.raw import RawConnection
 
 DEEP = 100_000

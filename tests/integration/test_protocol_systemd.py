@@ -7,7 +7,7 @@ import socket
 import time
 from pathlib import Path
 
-from tests.support.proc import DaemonProcess
+from pair_testing.daemons import DaemonProcess
 from tests.support.raw import RawConnection
 
 DEMO = "tests.support.demo_server"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.proc import DaemonProcess
+from pair_testing.daemons import DaemonProcess
 from tests.support.raw import RawConnection
 
 

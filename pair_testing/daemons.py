@@ -1,17 +1,29 @@
-"""Real daemon processes for integration tests: started, awaited via sd_notify, signalled."""
+"""Real daemon processes for tests: started, awaited through sd_notify, called, signalled.
+
+The handle API is SPEC.md section 9's (`socket_path`, `state_dir`, `pid`,
+`call`, `stop`, `kill`, `start`, `restart`, `logs`); the rest serves the
+project's own tests (signals, socket handover, a launcher).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+from protocol.client import Client
 
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
+CALL_TIMEOUT = 10.0
+LOG_TAIL_LINES = 40
 
 
 class DaemonProcess:
@@ -26,8 +38,11 @@ class DaemonProcess:
         env: dict[str, str] | None = None,
         inherit: tuple[int, str] | None = None,
         launcher: tuple[str, ...] = (),
+        socket_name: str | None = None,
     ) -> None:
         self.module = module
+        self.name = module.rsplit(".", 1)[-1]
+        self.socket_path = str(runtime_dir / f"{socket_name or self.name}.sock")
         self.runtime_dir = runtime_dir
         self.state_dir = state_dir
         self.extra_args = list(extra_args)
@@ -42,6 +57,8 @@ class DaemonProcess:
         self.notify_sock: socket.socket | None = None
         self.messages: list[str] = []
         self.stderr_path = runtime_dir / f"{module.rsplit('.', 1)[-1]}.stderr"
+        # Stopped or killed on purpose (by the test): its exit is not a crash.
+        self.expected_down = False
 
     @property
     def pid(self) -> int:
@@ -49,6 +66,8 @@ class DaemonProcess:
         return self.proc.pid
 
     def start(self, *, wait: bool = True) -> DaemonProcess:
+        """Start the process; with `wait`, return once it has sent READY=1."""
+        self.expected_down = False
         self._open_notify_socket()
         env = {
             **os.environ,
@@ -130,29 +149,58 @@ class DaemonProcess:
                 continue
 
     def stderr(self) -> str:
+        """What the daemon has written to stderr so far, across restarts."""
         try:
             return self.stderr_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
 
+    logs = stderr
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(self.stderr().splitlines()[-lines:])
+
+    def call(self, method: str, params: object = None, timeout: float = CALL_TIMEOUT) -> Any:
+        """One strict call on a connection of its own: the result, or `IpcHandlerError` /
+        `IpcTransportError` raised. Synchronous, so it also works from a test with no loop;
+        the call runs on a thread of its own, with its own event loop."""
+
+        async def once() -> Any:
+            async with Client(self.socket_path, timeout=timeout) as client:
+                return await client.call(method, params)
+
+        return _CALLS.submit(asyncio.run, once()).result()
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def signal(self, signum: int) -> None:
         assert self.proc is not None
+        self.expected_down = True
         self.proc.send_signal(signum)
 
-    def terminate(self, timeout: float = STOP_TIMEOUT) -> int:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM and wait; the exit code."""
         assert self.proc is not None
+        self.expected_down = True
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
+    terminate = stop
+
     def kill(self) -> None:
+        """SIGKILL and wait."""
         assert self.proc is not None
+        self.expected_down = True
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(STOP_TIMEOUT)
 
     def restart(self) -> DaemonProcess:
+        """Stop (SIGTERM) if it runs, then start again on the same socket and state."""
+        if self.running():
+            self.stop()
         self.messages.clear()
         return self.start()
 
@@ -174,3 +222,93 @@ def run_once(module: str, *args: str, timeout: float = 20.0) -> subprocess.Compl
         timeout=timeout,
         check=False,
     )
+
+
+# One thread at a time runs `DaemonProcess.call`: a call from an async test blocks its
+# loop anyway, and the thread's own loop must not be the test's.
+_CALLS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pair-call")
+
+
+class Pair:
+    """Both daemons on one runtime dir, as `make run` starts them; each may be given a state
+    dir of its own (one on a small disk, say) and flags of its own."""
+
+    def __init__(
+        self,
+        root: Path,
+        gateway_args: tuple[str, ...] = (),
+        *,
+        assistant_args: tuple[str, ...] = (),
+        assistant_state: Path | None = None,
+        gateway_state: Path | None = None,
+    ) -> None:
+        self.root = root
+        self.runtime = root / "run"
+        self.state = root / "state"
+        self.runtime.mkdir(exist_ok=True)
+        self.assistant = DaemonProcess(
+            "assistant", self.runtime, assistant_state or self.state, *assistant_args
+        )
+        gateway_state = gateway_state or self.state
+        self.gateway = DaemonProcess("gateway", self.runtime, gateway_state, *gateway_args)
+        self.gateway_db = gateway_state / "gateway.db"
+
+    @property
+    def daemons(self) -> tuple[DaemonProcess, DaemonProcess]:
+        return (self.assistant, self.gateway)
+
+    @property
+    def gateway_socket(self) -> str:
+        return self.gateway.socket_path
+
+    @property
+    def assistant_socket(self) -> str:
+        return self.assistant.socket_path
+
+    def start(self) -> Pair:
+        """The assistant, then the gateway, each ready (READY=1)."""
+        self.assistant.start()
+        self.gateway.start()
+        return self
+
+    def close(self) -> None:
+        """Kill what still runs (no checks: see `stop_checked`)."""
+        self.gateway.close()
+        self.assistant.close()
+
+    def crashed(self) -> list[str]:
+        """A line per daemon that is down without the test having stopped it."""
+        return [
+            f"{daemon.name}d exited with {daemon.proc.returncode} on its own"
+            for daemon in self.daemons
+            if daemon.proc is not None
+            and not daemon.expected_down
+            and daemon.proc.poll() is not None
+        ]
+
+    def stop_checked(self) -> list[str]:
+        """SIGTERM the gateway, then the assistant, and wait; a line per daemon that had
+        crashed or did not exit 0, with the tail of its log."""
+        problems = []
+        for daemon in (self.gateway, self.assistant):
+            if daemon.proc is None:
+                continue
+            if daemon.proc.poll() is not None:
+                if not daemon.expected_down:
+                    problems.append(_problem(daemon, "crashed"))
+                continue
+            try:
+                code = daemon.stop()
+            except subprocess.TimeoutExpired:
+                daemon.close()
+                problems.append(_problem(daemon, f"did not stop within {STOP_TIMEOUT}s of SIGTERM"))
+                continue
+            if code != 0:
+                problems.append(_problem(daemon, "did not exit 0 on SIGTERM"))
+        self.close()
+        return problems
+
+
+def _problem(daemon: DaemonProcess, what: str) -> str:
+    code = daemon.proc.returncode if daemon.proc is not None else None
+    return f"{daemon.name}d {what} (exit code {code}); the end of its log:\n{daemon.log_tail()}"
