@@ -186,6 +186,14 @@ class Database:
                 worker.stop()
         self.readers = self.writer = None
 
+    def failure_counts(self) -> dict[str, int]:
+        """Database failures of the calls so far, by errorCode (the `metrics` method)."""
+        counts: dict[str, int] = {}
+        for pool in (self.writer, self.readers):
+            for code, count in (pool.failure_counts() if pool is not None else {}).items():
+                counts[code] = counts.get(code, 0) + count
+        return counts
+
     def submit_write(self, job: Callable[[GuardedConn], T], deadline: float = 0.0) -> Job[T]:
         assert self.writer is not None, "database is not open"
         return self.writer.submit(job, deadline)

@@ -19,6 +19,7 @@ from protocol.deferred import Deferred
 from protocol.dispatch import NoParams, Router
 from protocol.errors import InvalidParams
 from protocol.health import DbInfo, Health, uptime_ms
+from protocol.metrics import ProtocolMetrics
 from protocol.values import WireBind, bind_from_wire
 
 MAX_SQL_CHARS = 1024 * 1024
@@ -76,6 +77,10 @@ class EmitEventsParams(Struct, forbid_unknown_fields=True):
     events: Annotated[list[EmitEventParams], Meta(min_length=1, max_length=MAX_EVENTS)]
 
 
+class AssistantMetrics(ProtocolMetrics, kw_only=True):
+    db_errors: dict[str, int]
+
+
 class AssistantRoutes:
     """The handlers of assistant.sock over one open `Database`."""
 
@@ -89,6 +94,18 @@ class AssistantRoutes:
         self.router.add("db_proxy_transaction", self.db_proxy_transaction)
         self.router.add("emit_event", self.emit_event)
         self.router.add("emit_events", self.emit_events)
+        self.router.add("metrics", self.metrics, inline=True)
+
+    def metrics(self, params: NoParams) -> AssistantMetrics:
+        """Calls by method and outcome, their durations, connections and database errors
+        (`pairctl metrics` prints them for Prometheus)."""
+        counted = self.router.protocol_metrics()
+        return AssistantMetrics(
+            calls=counted.calls,
+            call_durations=counted.call_durations,
+            connections=counted.connections,
+            db_errors=self.db.failure_counts(),
+        )
 
     def health(self, params: NoParams) -> Health:
         """Liveness and identity; never touches the database, so it answers during long queries.

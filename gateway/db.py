@@ -169,6 +169,10 @@ class Database:
         assert self._worker is not None, "database is not open"
         return await self._worker.run(functools.partial(_translated, job=job))
 
+    def failure_counts(self) -> dict[str, int]:
+        """Database failures so far (calls and background work), by errorCode."""
+        return self._worker.failure_counts() if self._worker is not None else {}
+
     def submit(self, job: Callable[[Conn], T]) -> Job[T]:
         """`run` without a task: the job, answered through `then`."""
         assert self._worker is not None, "database is not open"

@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from msgspec import Meta, Struct
 
@@ -30,6 +31,7 @@ from protocol.deferred import Deferred
 from protocol.dispatch import NoParams, Router
 from protocol.errors import InvalidParams
 from protocol.health import DbInfo, Health, uptime_ms
+from protocol.metrics import ProtocolMetrics
 from runtime.sqlite import Conn, Job
 
 T = TypeVar("T")
@@ -146,6 +148,19 @@ class MigrationsInfo(Struct, rename="camel"):
     last_error: str | None
 
 
+class OutboxMetrics(Struct, rename="camel"):
+    pending: int
+    dead: int
+    oldest_age_seconds: float | None
+    delivered_total: int
+
+
+class GatewayMetrics(ProtocolMetrics, kw_only=True):
+    db_errors: dict[str, int]
+    invite_redemptions: dict[str, int]
+    outbox: OutboxMetrics
+
+
 class HealthResult(Health, kw_only=True):
     assistant: LinkInfo
     outbox: OutboxInfo
@@ -180,10 +195,46 @@ class GatewayRoutes:
         add("contacts_list", self.contacts_list)
         add("contacts_delete", self.contacts_delete)
         add("invites_create", self.invites_create)
-        add("invites_redeem", self.invites_redeem)
+        add("invites_redeem", self.invites_redeem, observe=self._count_redemption)
         add("invites_revoke", self.invites_revoke)
         add("invites_list", self.invites_list)
-        add("channel_inbound", self.channel_inbound)
+        add("channel_inbound", self.channel_inbound, observe=self._count_inbound_redemption)
+        add("metrics", self.metrics, inline=True)
+        # By outcome: the result's "redeemed" / "already_member", else the errorCode.
+        self.redemptions: Counter[str] = Counter()
+
+    def metrics(self, params: NoParams) -> GatewayMetrics:
+        """Calls by method and outcome, their durations, connections, database errors,
+        redemptions by outcome and the outbox (`pairctl metrics` prints them for Prometheus)."""
+        counted = self.router.protocol_metrics()
+        delivery = self.delivery
+        oldest_ms = delivery.backlog.oldest_age_ms()
+        return GatewayMetrics(
+            calls=counted.calls,
+            call_durations=counted.call_durations,
+            connections=counted.connections,
+            db_errors=self.db.failure_counts(),
+            invite_redemptions=dict(self.redemptions),
+            outbox=OutboxMetrics(
+                delivery.pending,
+                delivery.dead,
+                None if oldest_ms is None else oldest_ms / 1000,
+                delivery.delivered_total,
+            ),
+        )
+
+    def _count_redemption(self, result: Any, error_code: str | None) -> None:
+        outcome = error_code or getattr(result, "outcome", None)
+        if outcome is not None:
+            self.redemptions[outcome] += 1
+
+    def _count_inbound_redemption(self, result: Any, error_code: str | None) -> None:
+        """A message that was a redemption: "redeemed", or a refusal only redeeming gives."""
+        if error_code is None:
+            if getattr(result, "outcome", None) == "redeemed":
+                self.redemptions["redeemed"] += 1
+        elif error_code.startswith("INVITE_") or error_code == "RATE_LIMITED":
+            self.redemptions[error_code] += 1
 
     async def _run(self, job: Callable[..., T], **kwargs: object) -> T:
         return await self.db.run(functools.partial(job, **kwargs))

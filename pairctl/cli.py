@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 
 from pairctl import render
+from pairctl.metrics import exposition, write_textfile
 from pairctl.up import run_up
 from protocol.client import BatchCall, Client
 from protocol.errors import IpcHandlerError, IpcTransportError
@@ -53,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", parents=[common], help="run both daemons in the foreground")
     up.add_argument("--log-level", default="INFO")
     commands.add_parser("status", parents=[common], help="both daemons' health")
+    metrics = commands.add_parser(
+        "metrics", parents=[common], help="both daemons' metrics, in Prometheus' text format"
+    )
+    metrics.add_argument(
+        "--textfile",
+        type=Path,
+        help="write them to this file atomically (node_exporter's textfile collector)",
+    )
 
     call = commands.add_parser("call", parents=[common], help="call any method")
     call.add_argument("daemon", choices=DAEMONS)
@@ -203,6 +212,25 @@ async def status(args: argparse.Namespace) -> int:
     return EX_OK if all(h.get("status") == "ok" for h in healths.values()) else EX_UNAVAILABLE
 
 
+async def metrics(args: argparse.Namespace) -> int:
+    """Exit 0 even when a daemon is down: that is `pair_up{daemon} 0`, for the scraper."""
+    answers: dict[str, dict[str, Any] | None] = {}
+    for daemon in DAEMONS:
+        try:
+            async with Client(socket_of(args, daemon), timeout=2, connect_timeout=2) as client:
+                answers[daemon] = await client.call("metrics")
+        except (IpcTransportError, IpcHandlerError) as exc:
+            print(f"pairctl: {daemon}: {exc}", file=sys.stderr)
+            answers[daemon] = None
+    if args.json:
+        print(render.as_json(answers))
+    elif args.textfile is not None:
+        write_textfile(str(args.textfile), answers)
+    else:
+        sys.stdout.write(exposition(answers).decode())
+    return EX_OK
+
+
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "up":
         runtime = args.runtime_dir or default_runtime_dir()
@@ -210,6 +238,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return run_up(runtime, state, args.log_level)
     if args.command == "status":
         return anyio.run(status, args)
+    if args.command == "metrics":
+        return anyio.run(metrics, args)
     if args.command == "call" and args.batch is not None:
         return anyio.run(batch_call, args)
     if args.command == "call" and args.method is None:

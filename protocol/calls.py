@@ -9,10 +9,10 @@ The one place that decides how a request becomes a response. A method's
     TASK      a coroutine: run in an asyncio task the `Calls` own and the drain awaits
     THREAD    a blocking plain function: run in anyio's worker threads
 
-Batch members run by the same kinds, inside one task per batch. DEBUG
-logging times every call on whatever path it takes; it never changes the
-path. Unexpected exceptions stop here: logged with their traceback and
-answered INTERNAL_ERROR without it.
+Batch members run by the same kinds, inside one task per batch. Every call
+is timed and counted by method and outcome (`protocol.metrics`), on
+whatever path it takes, and logged at DEBUG. Unexpected exceptions stop
+here: logged with their traceback and answered INTERNAL_ERROR without it.
 
 Handler tasks are plain asyncio tasks in a set, awaited and cancelled at the
 drain like a task group's children: measured here, anyio's
@@ -33,8 +33,16 @@ from msgspec import UNSET, Raw
 
 from protocol.deferred import Deferred, outcome_of
 from protocol.dispatch import Kind, Method, Router
-from protocol.errors import InternalError, RouteError, RpcError, ShuttingDown
-from protocol.messages import Request, Response, decode_request, error_response, success_response
+from protocol.errors import InternalError, MethodNotFound, RouteError, RpcError, ShuttingDown
+from protocol.messages import (
+    ErrorResponse,
+    Request,
+    Response,
+    decode_request,
+    error_response,
+    success_response,
+)
+from protocol.metrics import OK, MethodCounts
 
 
 class Answers(Protocol):
@@ -66,35 +74,38 @@ class Calls:
     def start(self, request: Request, to: Answers) -> bool:
         """Run `request`; True while its answer is pending (it goes to `to.finish`),
         False when it was answered (through `to.answer`) before this returned."""
-        started = time.perf_counter() if self.debug else 0.0
+        started = time.perf_counter()
+        method = self.router.get(request.method)
+        counts = self.router.unknown_counts if method is None else method.counts
         try:
-            method, params = self.resolve(request)
+            params = self.resolve(request, method)
         except RpcError as exc:
-            self._answer_now(request, self.error_of(request, exc), to, started)
+            self._answer_now(request, self.error_of(request, exc), to, started, counts)
             return False
+        assert method is not None
         kind = method.kind
         if kind is Kind.INLINE:
-            self._answer_now(request, self._inline(request, method, params), to, started)
+            self._answer_now(request, self._inline(request, method, params), to, started, counts)
             return False
         if kind is Kind.DEFERRED:
             try:
                 then = cast("Deferred[Any]", method.handler(params)).then
             except Exception as exc:
-                self._answer_now(request, self.error_of(request, exc), to, started)
+                self._answer_now(request, self.error_of(request, exc), to, started, counts)
                 return False
-            if started:
-                then(self._deferred_done_timed, (request, to, started))
-            else:
-                then(self._deferred_done, (request, to))
+            then(self._deferred_done, (request, to, started, counts))
             return True
         self.spawn(self._run(request, method, params, to, started))
         return True
 
-    def resolve(self, request: Request) -> tuple[Method, Any]:
+    def resolve(self, request: Request, method: Method | None) -> Any:
+        """The call's params, or the RpcError that answers it (shutting down, no such
+        method, params invalid)."""
         if self.draining:
             raise ShuttingDown("the daemon is shutting down; retry shortly")
-        method = self.router.lookup(request.method)
-        return method, method.decode_params(request.params)
+        if method is None:
+            raise MethodNotFound(f"method not found: {request.method}")
+        return method.decode_params(request.params)
 
     def _inline(self, request: Request, method: Method, params: Any) -> Response | None:
         try:
@@ -104,22 +115,22 @@ class Calls:
         return success_response(request.id, result)  # type: ignore[arg-type]
 
     def _answer_now(
-        self, request: Request, response: Response | None, to: Answers, started: float
+        self,
+        request: Request,
+        response: Response | None,
+        to: Answers,
+        started: float,
+        counts: MethodCounts,
     ) -> None:
-        if started:
-            self.log_call(request, response, started)
+        self.record(request, response, started, counts)
         to.answer(request, response)
 
-    def _deferred_done(self, context: tuple[Request, Answers], ok: bool, value: Any) -> None:
-        request, to = context
-        to.finish(request, self._outcome_response(request, ok, value))
-
-    def _deferred_done_timed(
-        self, context: tuple[Request, Answers, float], ok: bool, value: Any
+    def _deferred_done(
+        self, context: tuple[Request, Answers, float, MethodCounts], ok: bool, value: Any
     ) -> None:
-        request, to, started = context
+        request, to, started, counts = context
         response = self._outcome_response(request, ok, value)
-        self.log_call(request, response, started)
+        self.record(request, response, started, counts)
         to.finish(request, response)
 
     def _outcome_response(self, request: Request, ok: bool, value: Any) -> Response | None:
@@ -139,8 +150,7 @@ class Calls:
             response = self.error_of(request, exc)
         finally:
             # Also when cancelled at the drain: the call leaves the in-flight count.
-            if started:
-                self.log_call(request, response, started)
+            self.record(request, response, started, method.counts)
             to.finish(request, response)
 
     async def invoke(self, method: Method, params: Any) -> Any:
@@ -198,21 +208,32 @@ class Calls:
             request = decode_request(raw)
         except RpcError as exc:
             return error_response(exc.request_id, exc)
+        started = time.perf_counter()
+        method = self.router.get(request.method)
+        counts = self.router.unknown_counts if method is None else method.counts
         try:
-            method, params = self.resolve(request)
+            params = self.resolve(request, method)
         except RpcError as exc:
-            return self.error_of(request, exc)
+            response = self.error_of(request, exc)
+            self.record(request, response, started, counts)
+            return response
+        assert method is not None
         if method.kind is Kind.INLINE:
             response = self._inline(request, method, params)
+            self.record(request, response, started, counts)
             return None if request.is_notification else response
-        return self._member_call(request, method, params)
+        return self._member_call(request, method, params, started)
 
-    async def _member_call(self, request: Request, method: Method, params: Any) -> Response | None:
+    async def _member_call(
+        self, request: Request, method: Method, params: Any, started: float
+    ) -> Response | None:
         try:
             result = await self.invoke(method, params)
+            response: Response | None = success_response(request.id, result)  # type: ignore[arg-type]
         except Exception as exc:
-            return self.error_of(request, exc)
-        return None if request.is_notification else success_response(request.id, result)  # type: ignore[arg-type]
+            response = self.error_of(request, exc)
+        self.record(request, response, started, method.counts)
+        return None if request.is_notification else response
 
     # -- answers and the error boundary -------------------------------------
 
@@ -232,17 +253,25 @@ class Calls:
         self.log.error("unexpected error in %s", method, exc_info=exc)
         return InternalError("internal error; see the daemon's log")
 
-    def log_call(self, request: Request, response: Response | None, started: float) -> None:
-        outcome = "ok"
-        if response is not None and hasattr(response, "error"):
-            outcome = response.error.data.get("errorCode", "?")
-        self.log.debug(
-            "call method=%s id=%r duration_ms=%.2f outcome=%s",
-            request.method,
-            request.id,
-            (time.perf_counter() - started) * 1000,
-            outcome,
-        )
+    def record(
+        self, request: Request, response: Response | None, started: float, counts: MethodCounts
+    ) -> None:
+        """Count the call by its outcome and duration; log it at DEBUG."""
+        seconds = time.perf_counter() - started
+        code = None
+        if type(response) is ErrorResponse:
+            code = response.error.data.get("errorCode", "?")
+        counts.record(seconds, code)
+        if counts.observe is not None:
+            counts.observe(getattr(response, "result", None), code)
+        if self.debug:
+            self.log.debug(
+                "call method=%s id=%r duration_ms=%.2f outcome=%s",
+                request.method,
+                request.id,
+                seconds * 1000,
+                code or OK,
+            )
 
     # -- tasks --------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import re
 import types
 import typing
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -21,6 +21,7 @@ from msgspec import Raw, Struct
 
 from protocol.deferred import Deferred
 from protocol.errors import InvalidParams, MethodNotFound, ParseError
+from protocol.metrics import UNKNOWN_METHOD, MethodCounts, ProtocolMetrics, ServerCounts, snapshot
 
 Handler = Callable[[Any], Awaitable[Any]] | Callable[[Any], Any]
 
@@ -58,6 +59,7 @@ class Method:
     kind: Kind
     summary: str
     decoder: msgspec.json.Decoder[Any]
+    counts: MethodCounts = field(default_factory=MethodCounts)
 
     def decode_params(self, raw: Raw) -> Any:
         """Stage two: the raw params into this method's Struct, or `InvalidParams`."""
@@ -117,10 +119,19 @@ class Router:
         self.name = name
         self.version = version
         self._methods: dict[str, Method] = {}
+        # Calls naming no registered method, and the server's connections (protocol.metrics).
+        self.unknown_counts = MethodCounts()
+        self.server_counts = ServerCounts()
         self.add("rpc.discover", self._discover, inline=True)
 
     def add(
-        self, name: str, handler: Handler, *, inline: bool = False, thread: bool = False
+        self,
+        name: str,
+        handler: Handler,
+        *,
+        inline: bool = False,
+        thread: bool = False,
+        observe: Callable[[Any, str | None], None] | None = None,
     ) -> None:
         """Register `handler` under `name`; its annotations give the params and result types.
 
@@ -128,6 +139,7 @@ class Router:
         plain function returning `Deferred[T]` is DEFERRED. Any other plain
         function must say how it runs: `inline=True` (it never blocks) or
         `thread=True` (it does), so none takes a thread hop by accident.
+        `observe(result, error_code)` sees each answer (`protocol.metrics`).
         """
         if name in self._methods:
             raise ValueError(f"method {name!r} is registered twice")
@@ -156,6 +168,10 @@ class Router:
             summary=inspect.getdoc(handler) or "",
             decoder=msgspec.json.Decoder(params_type),
         )
+        self._methods[name].counts.observe = observe
+
+    def get(self, name: str) -> Method | None:
+        return self._methods.get(name)
 
     def lookup(self, name: str) -> Method:
         method = self._methods.get(name)
@@ -166,6 +182,12 @@ class Router:
     @property
     def methods(self) -> list[Method]:
         return list(self._methods.values())
+
+    def protocol_metrics(self) -> ProtocolMetrics:
+        """What the server counted of calls and connections (a daemon's `metrics` adds its own)."""
+        counts = {method.name: method.counts for method in self._methods.values()}
+        counts[UNKNOWN_METHOD] = self.unknown_counts
+        return snapshot(counts, self.server_counts)
 
     def _discover(self, params: NoParams) -> dict[str, Any]:
         """An OpenRPC document of every method, its params and result as JSON Schema."""

@@ -171,6 +171,7 @@ class Server:
 
     def connection_lost(self, connection: Connection) -> None:
         self.connections.discard(connection)
+        self.router.server_counts.open = len(self.connections)
         self._starved.discard(connection)
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
@@ -183,9 +184,13 @@ class Server:
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
         )
         connection.peer = f"pid={pid} uid={uid}"
+        counts = self.router.server_counts
+        counts.open = len(self.connections)
         if self.allowed_uids is not None and uid not in self.allowed_uids:
+            counts.refused["forbidden"] += 1
             return Forbidden(f"uid {uid} may not use this socket")
         if len(self.connections) > self.limits.max_connections:
+            counts.refused["limit"] += 1
             return TooManyConnections(
                 f"too many connections (limit {self.limits.max_connections}); retry later"
             )

@@ -27,6 +27,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -89,6 +90,10 @@ class ConnectionPool(Generic[C]):
             queue.SimpleQueue() if jobs is None else jobs
         )
         self._connections = list(connections)
+        # Database failures answered by errorCode (metrics); counted by the threads and
+        # the loop, read by the loop.
+        self._failures: Counter[str] = Counter()
+        self._failures_lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._serve, args=(conn,), name=f"{name}-{i}", daemon=True)
             for i, conn in enumerate(connections)
@@ -116,7 +121,18 @@ class ConnectionPool(Generic[C]):
                 " its caller is answered DB_TIMEOUT and its work will be rolled back",
                 self.name,
             )
-        job.on_done(job.context, False, self.late_error())
+        job.on_done(job.context, False, self._count(self.late_error()))
+
+    def _count(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, DatabaseFailure):
+            with self._failures_lock:
+                self._failures[exc.error_code] += 1
+        return exc
+
+    def failure_counts(self) -> dict[str, int]:
+        """Database failures of this pool's jobs so far, by errorCode."""
+        with self._failures_lock:
+            return dict(self._failures)
 
     async def run(self, fn: Callable[[C], T], deadline: float = 0.0) -> T:
         """`fn(conn)` on one of the threads: its result or its exception.
@@ -191,13 +207,15 @@ class ConnectionPool(Generic[C]):
         watch.started = time.monotonic()
         watch.job = job
         try:
-            if job.state == EXPIRED or (deadline and watch.started >= deadline):
+            if job.state == EXPIRED:
                 return False, self.late_error()
+            if deadline and watch.started >= deadline:
+                return False, self._count(self.late_error())
             return True, job.fn(conn)
         except BaseException as exc:  # the job's failure belongs to its caller
             if isinstance(exc, DatabaseFailure):
                 conn.health.failed(exc)
-            return False, exc
+            return False, self._count(exc)
         finally:
             watch.at = 0.0
             watch.job = None

@@ -9,10 +9,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pair_testing import Pair
+from protocol.errors import IpcHandlerError
 from tests.support.raw import RawConnection
 
 
@@ -176,3 +179,63 @@ def test_up_runs_both_restarts_a_killed_one_and_stops_cleanly(short_tmp: Path) -
     assert "assistant stopped (exit 0)" in output
     assert health_pid(assistant_sock) is None
     assert health_pid(gateway_sock) is None
+
+
+def samples_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a text exposition, parsed by prometheus-client's own parser."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def test_metrics_count_calls_outcomes_durations_and_redemptions(pair: Pair) -> None:
+    for _ in range(3):
+        pair.gateway.call("health")
+    contact = pair.gateway.call("contacts_create", {"displayName": "M"})["contact"]
+    invite = pair.gateway.call(
+        "invites_create", {"contactId": contact["id"], "sourceChannel": "sms"}
+    )
+    redeem = {"sourceChannel": "sms", "code": invite["code"], "externalUserId": "u1"}
+    assert pair.gateway.call("invites_redeem", redeem)["outcome"] == "redeemed"
+    assert pair.gateway.call("invites_redeem", redeem)["outcome"] == "already_member"
+    with pytest.raises(IpcHandlerError):
+        pair.gateway.call("contacts_get", {"id": "missing"})
+    with pytest.raises(IpcHandlerError):
+        pair.assistant.call("db_proxy", {"sql": "SELECT * FROM nowhere", "mode": "query"})
+    result = pairctl(pair, "metrics")
+    assert result.returncode == 0, result.stderr
+    samples = samples_of(result.stdout)
+    assert sample(samples, "pair_up", daemon="assistant") == 1
+    assert sample(samples, "pair_up", daemon="gateway") == 1
+    gateway_health = {"daemon": "gateway", "method": "health"}
+    assert sample(samples, "pair_calls_total", outcome="ok", **gateway_health) == 3
+    assert sample(samples, "pair_call_duration_seconds_count", **gateway_health) == 3
+    assert sample(samples, "pair_call_duration_seconds_bucket", le="+Inf", **gateway_health) == 3
+    assert sample(samples, "pair_call_duration_seconds_sum", **gateway_health) > 0
+    not_found = {"daemon": "gateway", "method": "contacts_get", "outcome": "NOT_FOUND"}
+    assert sample(samples, "pair_calls_total", **not_found) == 1
+    failed = {"daemon": "assistant", "method": "db_proxy", "outcome": "DB_PROXY_FAILED"}
+    assert sample(samples, "pair_calls_total", **failed) == 1
+    assert sample(samples, "pair_invite_redemptions_total", outcome="redeemed") == 1
+    assert sample(samples, "pair_invite_redemptions_total", outcome="already_member") == 1
+    assert sample(samples, "pair_connections_refused_total", daemon="gateway", reason="limit") == 0
+    assert sample(samples, "pair_outbox_dead") == 0
+    assert sample(samples, "pair_outbox_oldest_age_seconds") >= 0
+
+
+def test_metrics_of_a_daemon_that_is_down_say_so_and_exit_zero(pair: Pair, tmp_path: Path) -> None:
+    pair.assistant.stop()
+    textfile = tmp_path / "pair.prom"
+    result = pairctl(pair, "metrics", "--textfile", str(textfile))
+    assert result.returncode == 0, result.stderr
+    assert "assistant" in result.stderr
+    samples = samples_of(textfile.read_text())
+    assert sample(samples, "pair_up", daemon="assistant") == 0
+    assert sample(samples, "pair_up", daemon="gateway") == 1
+    assert [path.name for path in tmp_path.iterdir()] == ["pair.prom"], "a temporary file was left"

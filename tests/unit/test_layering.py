@@ -41,3 +41,15 @@ def test_protocol_imports_nothing_of_the_runtime_or_the_daemons() -> None:
                 names = [node.module]
             found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in forbidden]
     assert found == []
+
+
+def test_the_daemons_never_load_the_prometheus_library() -> None:
+    """The exposition format is pairctl's; the daemons answer `metrics` as JSON only."""
+    probe = (
+        "import sys, assistant.app, gateway.app; "
+        "print([m for m in sys.modules if m.split('.')[0] == 'prometheus_client'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,110 @@
+"""`pairctl metrics`: both daemons' `metrics` answers in Prometheus' text exposition format.
+
+The format is prometheus-client's (a custom collector over the answers),
+not written by hand; the daemons themselves never import it and listen on no
+TCP port. `--textfile PATH` writes atomically (a temporary file, then a
+rename) for node_exporter's textfile collector; `deploy/systemd/` has a timer
+that does so every 15 s. A daemon that cannot be reached is `pair_up 0`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import accumulate
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+
+class PairCollector(Collector):
+    """The metric families of SPEC.md section 10, from each daemon's `metrics` answer
+    (None: the daemon could not be reached)."""
+
+    def __init__(self, answers: dict[str, dict[str, Any] | None]) -> None:
+        self.answers = answers
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("pair_up", "1 if the daemon answered metrics", labels=["daemon"])
+        calls = CounterMetricFamily(
+            "pair_calls", "Calls answered, by method and outcome", labels=DMO
+        )
+        durations = HistogramMetricFamily(
+            "pair_call_duration_seconds", "Time to answer a call", labels=["daemon", "method"]
+        )
+        connections = GaugeMetricFamily(
+            "pair_connections_open", "Open client connections", labels=["daemon"]
+        )
+        refused = CounterMetricFamily(
+            "pair_connections_refused", "Connections refused", labels=["daemon", "reason"]
+        )
+        db_errors = CounterMetricFamily(
+            "pair_db_errors", "Database failures by errorCode", labels=["daemon", "code"]
+        )
+        for daemon, answer in self.answers.items():
+            up.add_metric([daemon], 0 if answer is None else 1)
+            if answer is None:
+                continue
+            for call in answer["calls"]:
+                calls.add_metric([daemon, call["method"], call["outcome"]], call["count"])
+            for histogram in answer["callDurations"]:
+                bounds = [str(bound) for bound in histogram["bounds"]] + ["+Inf"]
+                cumulative = list(accumulate(histogram["counts"]))
+                durations.add_metric(
+                    [daemon, histogram["method"]],
+                    list(zip(bounds, cumulative, strict=True)),
+                    histogram["sumSeconds"],
+                )
+            connections.add_metric([daemon], answer["connections"]["open"])
+            for reason, count in answer["connections"]["refused"].items():
+                refused.add_metric([daemon, reason], count)
+            for code, count in answer["dbErrors"].items():
+                db_errors.add_metric([daemon, code], count)
+        yield from (up, calls, durations, connections, refused, db_errors)
+        gateway = self.answers.get("gateway")
+        if gateway is not None:
+            yield from _gateway_families(gateway)
+
+
+DMO = ["daemon", "method", "outcome"]
+
+
+def _gateway_families(answer: dict[str, Any]) -> Iterator[Metric]:
+    redemptions = CounterMetricFamily(
+        "pair_invite_redemptions", "Invite redemptions by outcome", labels=["outcome"]
+    )
+    for outcome, count in answer["inviteRedemptions"].items():
+        redemptions.add_metric([outcome], count)
+    yield redemptions
+    outbox = answer["outbox"]
+    yield GaugeMetricFamily("pair_outbox_pending", "Events waiting", value=outbox["pending"])
+    yield GaugeMetricFamily("pair_outbox_dead", "Events set aside", value=outbox["dead"])
+    oldest = outbox["oldestAgeSeconds"]
+    yield GaugeMetricFamily(
+        "pair_outbox_oldest_age_seconds",
+        "Age of the oldest waiting event (0 when none waits)",
+        value=0 if oldest is None else oldest,
+    )
+    yield CounterMetricFamily(
+        "pair_outbox_delivered", "Events delivered to the assistant", value=outbox["deliveredTotal"]
+    )
+
+
+def exposition(answers: dict[str, dict[str, Any] | None]) -> bytes:
+    """The text exposition of `answers`."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PairCollector(answers))
+    return generate_latest(registry)
+
+
+def write_textfile(path: str, answers: dict[str, dict[str, Any] | None]) -> None:
+    """Write the exposition to `path` atomically (node_exporter never reads half a file)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PairCollector(answers))
+    write_to_textfile(path, registry)
