@@ -23,6 +23,8 @@ from protocol.client import Client
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 CALL_TIMEOUT = 10.0
+# Signals a test sends to end the daemon: its exit afterwards is not a crash.
+_STOPPING = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGKILL})
 LOG_TAIL_LINES = 40
 
 
@@ -67,6 +69,8 @@ class DaemonProcess:
 
     def start(self, *, wait: bool = True) -> DaemonProcess:
         """Start the process; with `wait`, return once it has sent READY=1."""
+        if self.running():
+            raise RuntimeError(f"{self.name}d is already running (pid {self.pid})")
         self.expected_down = False
         self._open_notify_socket()
         env = {
@@ -176,7 +180,8 @@ class DaemonProcess:
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None
-        self.expected_down = True
+        if signum in _STOPPING:
+            self.expected_down = True
         self.proc.send_signal(signum)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:

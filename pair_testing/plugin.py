@@ -90,8 +90,15 @@ class PairFactory:
 
     def finish(self) -> None:
         node = self._request.node
-        keep = self._request.config.getoption("--pair-keep") and node.stash.get(_FAILED, False)
-        problems = [problem for pair in self.pairs for problem in pair.stop_checked()]
+        problems: list[str] = []
+        for pair in self.pairs:
+            try:
+                problems += pair.stop_checked()
+            except Exception as exc:  # one pair's trouble must not strand the others
+                pair.close()
+                problems.append(f"stopping the pair in {pair.root} failed: {exc!r}")
+        failed = node.stash.get(_FAILED, False) or bool(problems)
+        keep = self._request.config.getoption("--pair-keep") and failed
         for pair in self.pairs:
             if keep:
                 self._request.config.stash[_KEPT].append(f"{node.nodeid}: {pair.root}")

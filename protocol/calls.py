@@ -214,9 +214,9 @@ class Calls:
         try:
             params = self.resolve(request, method)
         except RpcError as exc:
-            response = self.error_of(request, exc)
-            self.record(request, response, started, counts)
-            return response
+            refused = self.error_of(request, exc)
+            self.record(request, refused, started, counts)
+            return None if request.is_notification else refused
         assert method is not None
         if method.kind is Kind.INLINE:
             response = self._inline(request, method, params)
@@ -237,14 +237,13 @@ class Calls:
 
     # -- answers and the error boundary -------------------------------------
 
-    def error_of(self, request: Request, exc: Exception) -> Response | None:
-        """The error answer of `request` (None for a notification, whose failure is logged)."""
+    def error_of(self, request: Request, exc: Exception) -> Response:
+        """The error answer of `request`. A notification's is counted, never sent (the
+        connection sends nothing for a request without an id), and its failure logged."""
         error = self.as_rpc_error(exc, request.method)
-        if request.id is UNSET:
-            if not isinstance(error, RouteError | ShuttingDown):
-                self.log.info("notification %s failed: %s", request.method, error.message)
-            return None
-        return error_response(request.id, error)
+        if request.id is UNSET and not isinstance(error, RouteError | ShuttingDown):
+            self.log.info("notification %s failed: %s", request.method, error.message)
+        return error_response(None if request.id is UNSET else request.id, error)
 
     def as_rpc_error(self, exc: Exception, method: str) -> RpcError:
         """The error boundary: unexpected exceptions are logged with traceback, answered bare."""
@@ -263,7 +262,11 @@ class Calls:
             code = response.error.data.get("errorCode", "?")
         counts.record(seconds, code)
         if counts.observe is not None:
-            counts.observe(getattr(response, "result", None), code)
+            try:
+                counts.observe(getattr(response, "result", None), code)
+            except Exception:
+                # Counting must never cost the caller its answer.
+                self.log.exception("counting a %s call failed", request.method)
         if self.debug:
             self.log.debug(
                 "call method=%s id=%r duration_ms=%.2f outcome=%s",

@@ -384,8 +384,11 @@ class Connection(asyncio.Protocol):
         if blocked and not self._read_paused:
             self._read_paused = True
             transport.pause_reading()
-            # A sender we are not reading from is not stalling: stop its clock.
-            self._cancel_stall_timer()
+            # A sender we are not reading from is not stalling: stop its clock. Unless
+            # it is the one not reading (our answers back up) halfway through a frame
+            # whose length is reserved: that would hold the reservation for ever.
+            if not (self._write_paused and self._reserved):
+                self._cancel_stall_timer()
         elif not blocked and self._read_paused:
             self._read_paused = False
             transport.resume_reading()

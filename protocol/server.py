@@ -17,6 +17,7 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable
 
 import anyio
@@ -30,6 +31,7 @@ from protocol.errors import Forbidden, RpcError, TooManyConnections
 __all__ = ["Server", "ServerLimits"]
 
 _CLOSE_WAIT = 1.0
+STARVED_LOG_EVERY = 10.0  # seconds: under sustained pressure, one line, not one per call
 IDLE_CHECK_MAX = 30.0
 _UCRED = struct.Struct("3i")
 
@@ -56,6 +58,7 @@ class Server:
         self.connections: set[Connection] = set()
         # Connections not read from because `pending_bytes` is over its budget.
         self._starved: set[Connection] = set()
+        self._starved_logged_at = -STARVED_LOG_EVERY
         self._listener = listener
         self._stop = anyio.Event()
         self._idle: anyio.Event | None = None
@@ -160,7 +163,9 @@ class Server:
     def may_read(self, connection: Connection) -> bool:
         if self.pending_bytes < self.limits.max_pending_bytes_total:
             return True
-        if not self._starved:
+        now = time.monotonic()
+        if not self._starved and now - self._starved_logged_at >= STARVED_LOG_EVERY:
+            self._starved_logged_at = now
             self.log.info(
                 "calls in flight hold %d bytes of requests (budget %d): reading paused",
                 self.pending_bytes,

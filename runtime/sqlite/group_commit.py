@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 import apsw
 
 from runtime.sqlite.errors import timeout_error
-from runtime.sqlite.job import EXPIRED, Job, Outcome
+from runtime.sqlite.job import EXPIRED, Job, Outcome, keep_all, release_all
 from runtime.sqlite.transaction import BEGIN, COMMIT, ROLLBACK, Conn, TxMode
 
 GROUP_MAX = 64
@@ -73,7 +73,7 @@ class GroupCommit(Generic[C]):
                     return outcomes
                 expired = True
         except apsw.Error:
-            pass
+            release_all(jobs)
         finally:
             conn.tx_mode = TxMode.ALONE
         if conn.db.in_transaction:
@@ -123,6 +123,7 @@ class GroupCommit(Generic[C]):
             conn.note_commit(changes_before)
             return outcomes
         except apsw.Error:
+            release_all(jobs)
             conn.tx_mode = TxMode.ALONE
             if conn.db.in_transaction:
                 conn.execute(ROLLBACK, cacheable=True)
@@ -154,7 +155,6 @@ class GroupCommit(Generic[C]):
 
 
 def _keep_all(jobs: list[Job[Any]], outcomes: list[Outcome]) -> bool:
-    """Keep each job whose writes the group is about to commit (`Job.keep`); False if the
+    """Keep the jobs whose writes the group is about to commit (`keep_all`); False if the
     loop has expired one. A job that failed left nothing in the transaction."""
-    kept = [job.keep() for job, (ok, _) in zip(jobs, outcomes, strict=True) if ok]
-    return all(kept)  # a list, not a generator: every job is kept, not up to the first
+    return keep_all([job for job, (ok, _) in zip(jobs, outcomes, strict=True) if ok])

@@ -71,15 +71,35 @@ class Job(Generic[T]):
         return cast("Job[U]", self)
 
 
+def keep_all(jobs: list[Job[Any]]) -> bool:
+    """Keep every one of `jobs` (a group about to commit their writes), or none: False, and
+    none kept, if the loop has expired any of them."""
+    with _STATE:
+        if any(job.state == EXPIRED for job in jobs):
+            return False
+        for job in jobs:
+            job.state = KEPT
+        return True
+
+
+def release_all(jobs: list[Job[Any]]) -> None:
+    """The kept `jobs` were not committed after all (their group's COMMIT failed and they
+    run again): the loop may expire them again."""
+    with _STATE:
+        for job in jobs:
+            if job.state == KEPT:
+                job.state = PENDING
+
+
 Outcome = tuple[bool, Any]  # (ok, result or exception)
 
 
 def settle_all(settled: list[tuple[Job[Any], Outcome]]) -> None:
     """On the loop: deliver each finished job's outcome to its callback."""
     for job, (ok, value) in settled:
+        if job.state == EXPIRED:
+            continue  # its caller was answered by the loop (`ConnectionPool._expire`)
         if job.expiry is not None:
-            if job.state == EXPIRED:
-                continue
             job.expiry.cancel()
         if job.on_done is None:
             log.error("a database job finished with nobody waiting for it")

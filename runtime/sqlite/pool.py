@@ -47,6 +47,7 @@ INTERRUPT_WAIT = 0.5
 # The progress handler answers a timeout within a few ms of the deadline; the
 # loop steps in only when it could not (SPEC.md: by timeoutMs + 100 ms).
 EXPIRY_SLACK = 0.05
+EXPIRY_RECHECK = 0.01
 
 log = logging.getLogger("runtime.sqlite")
 
@@ -113,7 +114,12 @@ class ConnectionPool(Generic[C]):
 
     def _expire(self, job: Job[Any]) -> None:
         """The job's deadline passed while its thread was stuck: answer its caller now."""
-        if job.on_done is None or not job.expire():
+        if job.on_done is None:
+            return
+        if not job.expire():
+            # Kept: being committed, or kept by a group that may yet roll back and
+            # release it. Looked at again until its outcome arrives (which cancels this).
+            job.expiry = job.loop.call_later(EXPIRY_RECHECK, self._expire, job)
             return
         if any(conn.deadline.job is job for conn in self._connections):
             log.warning(
@@ -121,13 +127,25 @@ class ConnectionPool(Generic[C]):
                 " its caller is answered DB_TIMEOUT and its work will be rolled back",
                 self.name,
             )
-        job.on_done(job.context, False, self._count(self.late_error()))
+        on_done, context = job.on_done, job.context
+        # What the caller sent (up to a frame's worth) is not held while the thread
+        # stays stuck: the job keeps only what it needs to be dropped.
+        job.on_done = job.context = job.expiry = None
+        job.fn = _abandoned
+        on_done(context, False, self._count(self.late_error()))
 
     def _count(self, exc: BaseException) -> BaseException:
         if isinstance(exc, DatabaseFailure):
             with self._failures_lock:
                 self._failures[exc.error_code] += 1
         return exc
+
+    def _count_failures(self, jobs: list[Job[Any]], outcomes: list[Outcome]) -> None:
+        """Once per answer: not in a group's first run, and not for a job the loop has
+        answered already (`_expire` counted it)."""
+        for job, (ok, value) in zip(jobs, outcomes, strict=True):
+            if not ok and job.state != EXPIRED:
+                self._count(value)
 
     def failure_counts(self) -> dict[str, int]:
         """Database failures of this pool's jobs so far, by errorCode."""
@@ -163,6 +181,7 @@ class ConnectionPool(Generic[C]):
                 # A failure outside the jobs (the group's ROLLBACK itself failing):
                 # their callers get it, and the thread keeps serving the queue.
                 outcomes = [(False, exc)] * len(jobs)
+            self._count_failures(jobs, outcomes)
             held.extend(zip(jobs, outcomes, strict=True))
             # Not kept while this thread waits for the next jobs: a job holds its
             # call's parameters (a bound blob of up to the frame limit).
@@ -207,15 +226,14 @@ class ConnectionPool(Generic[C]):
         watch.started = time.monotonic()
         watch.job = job
         try:
-            if job.state == EXPIRED:
+            fn = job.fn  # before the state: the loop replaces it when it expires the job
+            if job.state == EXPIRED or (deadline and watch.started >= deadline):
                 return False, self.late_error()
-            if deadline and watch.started >= deadline:
-                return False, self._count(self.late_error())
-            return True, job.fn(conn)
+            return True, fn(conn)
         except BaseException as exc:  # the job's failure belongs to its caller
             if isinstance(exc, DatabaseFailure):
                 conn.health.failed(exc)
-            return False, self._count(exc)
+            return False, exc
         finally:
             watch.at = 0.0
             watch.job = None
@@ -246,6 +264,10 @@ class ConnectionPool(Generic[C]):
         busy = sum(thread.is_alive() for thread in self._threads)
         if busy:
             log.warning("%s: %d thread(s) still in SQLite at exit; left behind", self.name, busy)
+
+
+def _abandoned(conn: Any) -> Any:
+    raise AssertionError("a job the loop expired was run")
 
 
 def _queued_past_deadline() -> QueuedPastDeadline:

@@ -208,6 +208,11 @@ def test_metrics_count_calls_outcomes_durations_and_redemptions(pair: Pair) -> N
         pair.gateway.call("contacts_get", {"id": "missing"})
     with pytest.raises(IpcHandlerError):
         pair.assistant.call("db_proxy", {"sql": "SELECT * FROM nowhere", "mode": "query"})
+    with RawConnection(pair.gateway_socket) as raw:
+        # A failed notification gets no answer but is counted; the call behind it on the
+        # same connection is read after it.
+        raw.send_json({"jsonrpc": "2.0", "method": "nope"})
+        assert raw.call({"jsonrpc": "2.0", "id": 1, "method": "pid"}).get("error")
     result = pairctl(pair, "metrics")
     assert result.returncode == 0, result.stderr
     samples = samples_of(result.stdout)
@@ -220,6 +225,8 @@ def test_metrics_count_calls_outcomes_durations_and_redemptions(pair: Pair) -> N
     assert sample(samples, "pair_call_duration_seconds_sum", **gateway_health) > 0
     not_found = {"daemon": "gateway", "method": "contacts_get", "outcome": "NOT_FOUND"}
     assert sample(samples, "pair_calls_total", **not_found) == 1
+    unknown = {"daemon": "gateway", "method": "(unknown)", "outcome": "METHOD_NOT_FOUND"}
+    assert sample(samples, "pair_calls_total", **unknown) == 2
     failed = {"daemon": "assistant", "method": "db_proxy", "outcome": "DB_PROXY_FAILED"}
     assert sample(samples, "pair_calls_total", **failed) == 1
     assert sample(samples, "pair_invite_redemptions_total", outcome="redeemed") == 1
