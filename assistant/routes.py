@@ -99,13 +99,7 @@ class AssistantRoutes:
     def metrics(self, params: NoParams) -> AssistantMetrics:
         """Calls by method and outcome, their durations, connections and database errors
         (`pairctl metrics` prints them for Prometheus)."""
-        counted = self.router.protocol_metrics()
-        return AssistantMetrics(
-            calls=counted.calls,
-            call_durations=counted.call_durations,
-            connections=counted.connections,
-            db_errors=self.db.failure_counts(),
-        )
+        return self.router.protocol_metrics(AssistantMetrics, db_errors=self.db.failure_counts())
 
     def health(self, params: NoParams) -> Health:
         """Liveness and identity; never touches the database, so it answers during long queries.

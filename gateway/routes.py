@@ -206,13 +206,10 @@ class GatewayRoutes:
     def metrics(self, params: NoParams) -> GatewayMetrics:
         """Calls by method and outcome, their durations, connections, database errors,
         redemptions by outcome and the outbox (`pairctl metrics` prints them for Prometheus)."""
-        counted = self.router.protocol_metrics()
         delivery = self.delivery
         oldest_ms = delivery.backlog.oldest_age_ms()
-        return GatewayMetrics(
-            calls=counted.calls,
-            call_durations=counted.call_durations,
-            connections=counted.connections,
+        return self.router.protocol_metrics(
+            GatewayMetrics,
             db_errors=self.db.failure_counts(),
             invite_redemptions=dict(self.redemptions),
             outbox=OutboxMetrics(

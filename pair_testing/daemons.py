@@ -281,16 +281,6 @@ class Pair:
         self.gateway.close()
         self.assistant.close()
 
-    def crashed(self) -> list[str]:
-        """A line per daemon that is down without the test having stopped it."""
-        return [
-            f"{daemon.name}d exited with {daemon.proc.returncode} on its own"
-            for daemon in self.daemons
-            if daemon.proc is not None
-            and not daemon.expected_down
-            and daemon.proc.poll() is not None
-        ]
-
     def stop_checked(self) -> list[str]:
         """SIGTERM the gateway, then the assistant, and wait; a line per daemon that had
         crashed or did not exit 0, with the tail of its log."""

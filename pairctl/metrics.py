@@ -98,13 +98,15 @@ def _gateway_families(answer: dict[str, Any]) -> Iterator[Metric]:
 
 def exposition(answers: dict[str, dict[str, Any] | None]) -> bytes:
     """The text exposition of `answers`."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(PairCollector(answers))
-    return generate_latest(registry)
+    return generate_latest(_registry(answers))
 
 
 def write_textfile(path: str, answers: dict[str, dict[str, Any] | None]) -> None:
     """Write the exposition to `path` atomically (node_exporter never reads half a file)."""
+    write_to_textfile(path, _registry(answers))
+
+
+def _registry(answers: dict[str, dict[str, Any] | None]) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PairCollector(answers))
-    write_to_textfile(path, registry)
+    return registry

@@ -21,7 +21,14 @@ from msgspec import Raw, Struct
 
 from protocol.deferred import Deferred
 from protocol.errors import InvalidParams, MethodNotFound, ParseError
-from protocol.metrics import UNKNOWN_METHOD, MethodCounts, ProtocolMetrics, ServerCounts, snapshot
+from protocol.metrics import (
+    UNKNOWN_METHOD,
+    M,
+    MethodCounts,
+    ProtocolMetrics,
+    ServerCounts,
+    snapshot,
+)
 
 Handler = Callable[[Any], Awaitable[Any]] | Callable[[Any], Any]
 
@@ -183,11 +190,12 @@ class Router:
     def methods(self) -> list[Method]:
         return list(self._methods.values())
 
-    def protocol_metrics(self) -> ProtocolMetrics:
-        """What the server counted of calls and connections (a daemon's `metrics` adds its own)."""
+    def protocol_metrics(self, kind: type[M] = ProtocolMetrics, **extra: Any) -> M:  # type: ignore[assignment]
+        """What the server counted of calls and connections, as `kind`: a daemon's
+        `metrics` answer type, with its own fields in `extra`."""
         counts = {method.name: method.counts for method in self._methods.values()}
         counts[UNKNOWN_METHOD] = self.unknown_counts
-        return snapshot(counts, self.server_counts)
+        return snapshot(counts, self.server_counts, kind, **extra)
 
     def _discover(self, params: NoParams) -> dict[str, Any]:
         """An OpenRPC document of every method, its params and result as JSON Schema."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from msgspec import Struct
 
@@ -105,7 +105,14 @@ class ServerCounts:
         self.refused: Counter[str] = Counter({"forbidden": 0, "limit": 0})
 
 
-def snapshot(methods: dict[str, MethodCounts], server: ServerCounts) -> ProtocolMetrics:
+M = TypeVar("M", bound=ProtocolMetrics)
+
+
+def snapshot(
+    methods: dict[str, MethodCounts], server: ServerCounts, kind: type[M], **extra: Any
+) -> M:
+    """The counts as `kind`: `ProtocolMetrics` or a daemon's subclass of it, whose own
+    fields are `extra`."""
     calls = []
     durations = []
     for name, counts in sorted(methods.items()):
@@ -118,8 +125,9 @@ def snapshot(methods: dict[str, MethodCounts], server: ServerCounts) -> Protocol
         durations.append(
             CallDurations(name, list(DURATION_BUCKETS), list(counts.buckets), counts.seconds)
         )
-    return ProtocolMetrics(
+    return kind(
         calls=calls,
         call_durations=durations,
         connections=Connections(server.open, dict(server.refused)),
+        **extra,
     )
