@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import datetime
 import functools
+import itertools
 import json
 import os
 import platform
@@ -30,6 +31,7 @@ from typing import Any
 
 import uvloop
 
+from bench.fairness import Fairness, run_fairness
 from bench.floor import FloorClient
 from bench.sustained import QUEUED, Sustained, delivery_alone, queue_events, run_sustained
 from protocol.client import BatchCall, Client
@@ -64,6 +66,7 @@ class Report:
     cases: list[CaseResult] = field(default_factory=list)
     rss_kib: dict[str, dict[str, int]] = field(default_factory=dict)
     sustained: Sustained | None = None
+    fairness: Fairness | None = None
 
 
 class Daemon:
@@ -274,6 +277,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
         for name, call, paired, note in assistant_cases(client, ping, ping_4k):
             result = await measure(name, "assistant", call, assistant, args, note, paired)
             report.cases.append(result)
+    print("fairness: point queries and health beside a 2 s query ...", flush=True)
+    report.fairness = await run_fairness(str(workdir / "assistant.sock"), point_query)
     async with Client(str(workdir / "normal" / "assistant.sock")) as client:
         await prepare_assistant(client)
         steps = [{"sql": "INSERT INTO log (v) VALUES (?)", "bind": [f"s{i}"]} for i in range(5)]
@@ -347,22 +352,26 @@ async def prepare_assistant(client: Client) -> None:
     )
 
 
+POINT = {"sql": "SELECT v FROM kv WHERE id = ?", "mode": "query"}
+_keys = itertools.count(1)
+
+
+def point_query(client: Client) -> Awaitable[Any]:
+    """One row of `kv` by its key, a different key each call."""
+    return client.call("db_proxy", {**POINT, "bind": [next(_keys) % ROWS + 1]})
+
+
 def assistant_cases(
     client: Client, ping: Floor, ping_4k: Floor
 ) -> list[tuple[str, Call, Floor | None, str]]:
-    counter = iter(range(1, 1 << 62))
-    point = {"sql": "SELECT v FROM kv WHERE id = ?", "mode": "query"}
     insert = {"sql": "INSERT INTO log (v) VALUES (?)", "mode": "run", "bind": ["x"]}
     steps = [{"sql": "INSERT INTO log (v) VALUES (?)", "bind": [f"s{i}"]} for i in range(5)]
     big = {"sql": "SELECT v FROM big WHERE id = 1", "mode": "query"}
     batch = [BatchCall("health")] * 100
 
-    def point_query() -> Awaitable[Any]:
-        return client.call("db_proxy", {**point, "bind": [next(counter) % ROWS + 1]})
-
     return [
         ("health", lambda: client.call("health"), ping, ""),
-        ("db_proxy query (point, 10k rows)", point_query, ping, ""),
+        ("db_proxy query (point, 10k rows)", lambda: point_query(client), ping, ""),
         ("db_proxy run (insert)", lambda: client.call("db_proxy", insert), ping, "FULL"),
         (
             "db_proxy_transaction (5 steps)",
@@ -435,6 +444,8 @@ def print_table(report: Report) -> None:
             f"{name}: RSS {rss.get('VmRSS', 0) / 1024:.1f} MiB,"
             f" peak {rss.get('VmHWM', 0) / 1024:.1f} MiB"
         )
+    if report.fairness is not None:
+        print("\n" + "\n".join(report.fairness.lines()))
     if report.sustained is not None:
         print("\n" + "\n".join(report.sustained.lines()))
 

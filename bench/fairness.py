@@ -1,0 +1,157 @@
+"""Fairness (issue 14): does one slow query hold back anybody else?
+
+Three connections to one assistant. While the first runs a query that takes
+`SLOW_SECONDS` (a recursive CTE stopped by its own `timeoutMs`), a separate
+process calls `health` one call at a time on the second (its latencies, free
+of this process's own scheduling), and this process keeps `IN_FLIGHT` point
+queries in flight on the third. The same point-query load and probe run
+just before, with nothing slow: the point queries' rate during the slow query
+is given as a ratio to that.
+
+`python -m bench.fairness --probe SOCKET SECONDS` is the health prober.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import uvloop
+
+from protocol.client import Client
+from protocol.errors import IpcHandlerError
+
+SLOW_SECONDS = 2.0
+# The load and the probe start a little after the slow query and stop before it ends.
+MARGIN = 0.2
+IN_FLIGHT = 64
+SLOW_SQL = "WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s) SELECT count(*) FROM s"
+
+
+@dataclass
+class Fairness:
+    slow_seconds: float
+    health_p50_ms_alone: float
+    health_p99_ms_alone: float
+    health_p50_ms: float
+    health_p99_ms: float
+    health_max_ms: float
+    point_per_s_alone: float
+    point_per_s: float
+    slow_answer: str
+
+    def lines(self) -> list[str]:
+        return [
+            f"fairness: one connection runs a {self.slow_seconds:.0f} s query"
+            f" ({self.slow_answer}); meanwhile:",
+            f"  health p99 on a 2nd connection   {self.health_p99_ms:6.2f} ms"
+            f"  (p50 {self.health_p50_ms:.2f}, max {self.health_max_ms:.2f};"
+            f" {self.health_p99_ms_alone:.2f} ms p99 without the slow query)",
+            f"  point queries/s on a 3rd         {self.point_per_s:9,.0f}"
+            f"  ({self.point_per_s / self.point_per_s_alone:.2f}x the"
+            f" {self.point_per_s_alone:,.0f}/s without it)",
+        ]
+
+
+async def run_fairness(
+    socket_path: str, point_query: Callable[[Client], Awaitable[Any]]
+) -> Fairness:
+    """The load and the probe alone, then beside the slow query."""
+    window = SLOW_SECONDS - 2 * MARGIN
+    async with Client(socket_path) as load:
+        alone_rate, alone_probe = await _load_beside_probe(load, point_query, socket_path, window)
+        async with Client(socket_path) as slow_client:
+            slow = asyncio.ensure_future(_slow_query(slow_client))
+            await asyncio.sleep(MARGIN)
+            rate, probe = await _load_beside_probe(load, point_query, socket_path, window)
+            slow_answer = await slow
+    return Fairness(
+        slow_seconds=SLOW_SECONDS,
+        health_p50_ms_alone=_percentile(alone_probe, 0.5),
+        health_p99_ms_alone=_percentile(alone_probe, 0.99),
+        health_p50_ms=_percentile(probe, 0.5),
+        health_p99_ms=_percentile(probe, 0.99),
+        health_max_ms=max(probe),
+        point_per_s_alone=alone_rate,
+        point_per_s=rate,
+        slow_answer=slow_answer,
+    )
+
+
+async def _slow_query(client: Client) -> str:
+    started = time.perf_counter()
+    params = {"sql": SLOW_SQL, "mode": "query", "timeoutMs": int(SLOW_SECONDS * 1000)}
+    try:
+        await client.call("db_proxy", params)
+        outcome = "answered"
+    except IpcHandlerError as exc:
+        outcome = exc.code
+    return f"{outcome} after {time.perf_counter() - started:.2f} s"
+
+
+async def _load_beside_probe(
+    load: Client,
+    point_query: Callable[[Client], Awaitable[Any]],
+    socket_path: str,
+    seconds: float,
+) -> tuple[float, list[float]]:
+    """Point queries/s on `load` for `seconds`, and the health latencies (ms) of a prober
+    process running meanwhile."""
+    prober = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.fairness",
+        "--probe",
+        socket_path,
+        str(seconds),
+        stdout=subprocess.PIPE,
+    )
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            await point_query(load)
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+    rate = done / (time.perf_counter() - started)
+    out, _ = await prober.communicate()
+    return rate, json.loads(out)
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    if fraction == 0.5:
+        return round(statistics.median(ordered), 3)
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))], 3)
+
+
+async def _probe(socket_path: str, seconds: float) -> list[float]:
+    latencies = []
+    async with Client(socket_path) as client:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            begin = time.perf_counter()
+            await client.call("health")
+            latencies.append((time.perf_counter() - begin) * 1000)
+    return latencies
+
+
+def main() -> None:
+    if len(sys.argv) != 4 or sys.argv[1] != "--probe":
+        sys.exit("usage: python -m bench.fairness --probe SOCKET SECONDS")
+    print(json.dumps(uvloop.run(_probe(sys.argv[2], float(sys.argv[3])))))
+
+
+if __name__ == "__main__":
+    main()
