@@ -37,7 +37,7 @@ from protocol.deferred import outcome_of
 from runtime.sqlite.errors import DatabaseFailure
 from runtime.sqlite.group_commit import GROUP_MAX, GroupCommit
 from runtime.sqlite.job import EXPIRED, Job, Outcome, settle_all
-from runtime.sqlite.transaction import HOLD_MAX, Conn
+from runtime.sqlite.transaction import HOLD_LIMIT, HOLD_MAX, Conn
 
 T = TypeVar("T")
 C = TypeVar("C", bound=Conn)
@@ -66,8 +66,10 @@ class ConnectionPool(Generic[C]):
 
     A thread taking one job at a time (`batch_max=1`, the readers, so no
     query waits behind a slow one while another reader is free) holds its
-    results while more jobs wait in the queue, up to `HOLD_MAX` and
-    `HOLD_LIMIT` (see `Deadline`), and hands them back together.
+    results while more jobs wait in the queue, up to `HOLD_MAX` of them and
+    none longer than about `HOLD_LIMIT` (see `Deadline`), and hands them back
+    together: each hand-back wakes the loop, which then competes for the GIL
+    with the thread's next query.
 
     A job whose deadline passed while it waited fails with `late_error()`.
     """
@@ -169,6 +171,7 @@ class ConnectionPool(Generic[C]):
                 held.clear()
 
         conn.deadline.release_held = release_held
+        held_since = 0.0
         stop = False
         while not stop:
             jobs, stop = self._take(release_held if held else None)
@@ -182,11 +185,14 @@ class ConnectionPool(Generic[C]):
                 # their callers get it, and the thread keeps serving the queue.
                 outcomes = [(False, exc)] * len(jobs)
             self._count_failures(jobs, outcomes)
+            now = time.monotonic()
+            if not held:
+                held_since = now
             held.extend(zip(jobs, outcomes, strict=True))
             # Not kept while this thread waits for the next jobs: a job holds its
             # call's parameters (a bound blob of up to the frame limit).
             del jobs, outcomes
-            if self.batch_max > 1 or len(held) >= HOLD_MAX:
+            if self.batch_max > 1 or len(held) >= HOLD_MAX or now - held_since > HOLD_LIMIT:
                 release_held()
         release_held()
         conn.db.close()

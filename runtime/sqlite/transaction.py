@@ -17,9 +17,11 @@ from runtime.sqlite.job import Job
 BUSY_TIMEOUT_MS = 5000
 PROGRESS_STEPS = 1000
 # A thread hands results back in one wake-up of the loop when jobs queued up
-# behind each other: at most HOLD_MAX of them, and none held longer than a
-# running job's HOLD_LIMIT seconds (checked by the progress handler).
-HOLD_MAX = 16
+# behind each other: at most HOLD_MAX of them (as many as a client keeps in
+# flight: measured with 64 in flight, point queries went from 35k to 42k/s
+# when this went from 16 to 64), none held once HOLD_LIMIT seconds old, and
+# none while the running job has taken longer (checked by the progress handler).
+HOLD_MAX = 64
 HOLD_LIMIT = 0.001
 
 
