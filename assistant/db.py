@@ -1,8 +1,9 @@
 """assistant.db: its schema, and the connections db_proxy runs on.
 
-One writer thread serialises every write in arrival order; `READERS` reader
-threads serve `query` beside it (WAL). See `runtime.sqlite` for the thread
-model and how deadlines interrupt a statement.
+One writer thread serialises every write in arrival order; reader threads
+serve `query` beside it (WAL): one at a time, another joining while one runs
+a slow query. See `runtime.sqlite` for the thread model and how deadlines
+interrupt a statement.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ T = TypeVar("T")
 log = logging.getLogger("assistant.db")
 
 READERS = 2
+# One reader takes queries while the other waits, unless the first runs a slow
+# one (`ConnectionPool` turns): two busy readers cost each other the GIL.
+READER_TURNS = 1
 # A reader takes one query at a time: a query taken in a batch would wait for
-# a slow one ahead of it while the other reader sat idle.
+# a slow one ahead of it.
 READER_BATCH = 1
 
 MIGRATIONS: tuple[str, ...] = (
@@ -126,7 +130,8 @@ def open_guarded(
 
 
 class Database:
-    """assistant.db: one writer thread and `READERS` reader threads."""
+    """assistant.db: one writer thread and `READERS` reader threads, one taking queries at a
+    time."""
 
     def __init__(
         self,
@@ -176,7 +181,11 @@ class Database:
             "db-writer", [writer], group_commit=True, late_error=timeout_error
         )
         self.readers = ConnectionPool(
-            "db-reader", readers, batch_max=READER_BATCH, late_error=timeout_error
+            "db-reader",
+            readers,
+            batch_max=READER_BATCH,
+            turns=READER_TURNS,
+            late_error=timeout_error,
         )
 
     def close(self) -> None:

@@ -33,14 +33,15 @@ class NeedsSavepoint(Exception):
 class Deadline:
     """The running job's deadline (monotonic seconds; 0 = none), read by the progress handler.
 
-    The progress handler also hands back results the thread is holding for a
-    batched wake-up once the running job has taken longer than `HOLD_LIMIT`:
-    quick calls finished earlier never wait out a slow one.
+    Once the running job has taken longer than `HOLD_LIMIT`, the progress
+    handler also calls `on_slow` (`ConnectionPool`): the thread hands back the
+    results it holds for a batched wake-up and lets another thread take jobs,
+    so quick calls never wait out a slow one.
     """
 
     at: float = 0.0
     started: float = 0.0
-    release_held: Callable[[], None] | None = None
+    on_slow: Callable[[], None] | None = None
     job: Job[Any] | None = None
 
     def keep_job(self) -> bool:
@@ -50,10 +51,10 @@ class Deadline:
 
     def on_progress(self) -> bool:
         """SQLite's progress handler: True (interrupt the statement) once the deadline has
-        passed; on the way, hands back held results if the running job is a slow one."""
+        passed; on the way, calls `on_slow` if the running job is a slow one."""
         now = time.monotonic()
-        if self.release_held is not None and now - self.started > HOLD_LIMIT:
-            self.release_held()
+        if self.on_slow is not None and now - self.started > HOLD_LIMIT:
+            self.on_slow()
         return bool(self.at) and now >= self.at
 
 

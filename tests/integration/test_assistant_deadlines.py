@@ -72,6 +72,27 @@ async def test_a_query_stuck_in_one_step_is_answered_db_timeout(
     assert await rows(client, "SELECT 1 AS one") == [{"one": 1}]
 
 
+async def test_queries_sent_after_one_stuck_in_one_step_are_answered_while_it_runs(
+    client: Client, assistant_socket: str
+) -> None:
+    await sql(client, "INSERT INTO t (id) VALUES (1)")
+    answered: list[str] = []
+
+    async def stuck() -> None:
+        assert await rows(client, f"SELECT {STUCK} AS n", timeoutMs=20_000) == [{"n": 0}]
+        answered.append("stuck")
+
+    # The reader running the stuck query cannot give its turn away itself (its
+    # progress handler never runs): the loop must, or these wait seconds for it.
+    async with Client(assistant_socket, timeout=30) as other, anyio.create_task_group() as tg:
+        tg.start_soon(stuck)
+        await dispatched(client)
+        for _ in range(20):
+            assert await rows(other, "SELECT id FROM t") == [{"id": 1}]
+        answered.append("quick")
+    assert answered == ["quick", "stuck"]
+
+
 @pytest.mark.parametrize(
     "call",
     [

@@ -10,10 +10,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import apsw
 import pytest
 
-from runtime.sqlite import Conn, ConnectionPool, Deadline, QueuedPastDeadline, WriteTransaction
+from runtime.sqlite import (
+    Conn,
+    ConnectionPool,
+    Deadline,
+    Job,
+    QueuedPastDeadline,
+    WriteTransaction,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -51,6 +59,48 @@ async def test_no_result_is_held_while_its_thread_waits_for_more_jobs() -> None:
             assert [call.result() for call in done] == [42, 42, 42]
     finally:
         await asyncio.to_thread(worker.stop)
+
+
+async def test_a_thread_stuck_in_one_step_gives_its_turn_and_its_held_results_away() -> None:
+    """One turn between two threads: a job that never comes back to Python (one long
+    SQLite step; a wait here) holds back neither the results its thread finished
+    before it nor the jobs queued behind it. The loop hands both on."""
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+
+    def stuck(conn: Conn) -> str:
+        release.wait(10)
+        return "stuck"
+
+    def queued(fn: Any) -> asyncio.Future[Any]:
+        future = loop.create_future()
+        job: Job[Any] = Job(fn, 0.0, loop)
+        job.then(lambda _, ok, value: future.set_result(value if ok else repr(value)), None)
+        jobs.put(job)
+        return future
+
+    # Queued before the threads start, so the one thread with the turn takes both:
+    # it holds the first result back while the next job waits, then gets stuck.
+    jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    finished_before = queued(_answer)
+    stuck_call = queued(stuck)
+    connections = [Conn(apsw.Connection(":memory:"), Deadline()) for _ in range(2)]
+    worker = ConnectionPool("test-reader", connections, batch_max=1, turns=1, jobs=jobs)
+    try:
+        queued_behind = asyncio.ensure_future(worker.run(_answer))
+        with anyio.fail_after(5):
+            assert await finished_before == 42
+            assert await queued_behind == 42
+        assert not stuck_call.done()
+        release.set()
+        assert await stuck_call == "stuck"
+    finally:
+        release.set()
+        await asyncio.to_thread(worker.stop)
+
+
+def _answer(conn: Conn) -> int:
+    return int(conn.execute("SELECT 41 + 1")[0][0])
 
 
 def _writer(path: str) -> ConnectionPool[Conn]:
