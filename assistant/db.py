@@ -39,9 +39,11 @@ READERS = 2
 # One reader takes queries while the other waits, unless the first runs a slow
 # one (`ConnectionPool` turns): two busy readers cost each other the GIL.
 READER_TURNS = 1
-# A reader takes one query at a time: a query taken in a batch would wait for
-# a slow one ahead of it.
-READER_BATCH = 1
+# The reader with the turn takes the queries queued up, up to this many at a
+# time (one wake-up of the loop for their answers); a slow one sends those
+# behind it back to the queue for the other reader. With 64 point queries in
+# flight, 64 at a time served 56k/s where one at a time served 47k/s.
+READER_BATCH = 64
 
 MIGRATIONS: tuple[str, ...] = (
     """

@@ -22,6 +22,7 @@ rolls the job back instead of committing it (`Job.keep`, `Job.expire`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -29,7 +30,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar, cast
 
 import apsw
@@ -66,7 +67,7 @@ class _Worker:
     holds back for one batched wake-up of the loop (guarded by `lock`: the loop takes
     them from a thread stuck in SQLite)."""
 
-    __slots__ = ("conn", "held", "held_since", "holding", "lock")
+    __slots__ = ("conn", "held", "held_since", "holding", "lock", "rest")
 
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
@@ -74,6 +75,8 @@ class _Worker:
         self.held: list[tuple[Job[Any], Outcome]] = []
         self.held_since = 0.0
         self.lock = threading.Lock()
+        # The jobs of the batch being run that have not started.
+        self.rest: collections.deque[Job[Any]] = collections.deque()
 
 
 class ConnectionPool(Generic[C]):
@@ -84,20 +87,20 @@ class ConnectionPool(Generic[C]):
     `group_commit` (the writer), such a batch is one `GroupCommit`: one
     transaction and one WAL sync for many calls.
 
-    A thread taking one job at a time (`batch_max=1`, the readers, so no
-    query waits behind a slow one while another reader is free) holds its
-    results while more jobs wait in the queue, up to `HOLD_MAX` of them and
-    none longer than about `HOLD_LIMIT` (see `Deadline`), and hands them back
+    A thread taking one job at a time (`batch_max=1`) holds its results
+    while more jobs wait in the queue, up to `HOLD_MAX` of them and none
+    longer than about `HOLD_LIMIT` (see `Deadline`), and hands them back
     together: each hand-back wakes the loop, which then competes for the GIL
-    with the thread's next query.
+    with the thread's next job.
 
     With `turns` fewer than its threads (the readers: one), only that many
     threads take jobs at once; another joins only while one runs a slow job
-    (past `HOLD_LIMIT`: its progress handler gives its turn away, or the loop
-    does for a thread stuck in one long SQLite step). Every thread that runs
-    Python beside the loop competes for the GIL, and apsw hands the GIL over
-    around each SQLite step: measured with 64 point queries in flight, one
-    reader taking them served 50k/s where two took 44k/s.
+    (past `HOLD_LIMIT`: its progress handler gives its turn away, with the
+    jobs of its batch that have not started, or the loop does for a thread
+    stuck in one long SQLite step). Every thread running Python beside the
+    loop competes for the GIL, and apsw hands the GIL over around each SQLite
+    step: measured with 64 point queries in flight, one reader taking them
+    served 50k/s where two took 44k/s.
 
     A job whose deadline passed while it waited fails with `late_error()`.
     """
@@ -152,8 +155,9 @@ class ConnectionPool(Generic[C]):
 
     def _spill_stuck(self) -> None:
         """On the loop: a thread that has run one job past `HOLD_LIMIT` without its progress
-        handler noticing (one long SQLite step) gives its turn to another thread, and the
-        results it holds to their callers. Looked at while any thread is busy."""
+        handler noticing (one long SQLite step) gives its turn and the jobs of its batch to
+        another thread, and the results it holds to their callers. Looked at while any
+        thread is busy."""
         self._watch = None
         now = time.monotonic()
         busy = False
@@ -164,6 +168,7 @@ class ConnectionPool(Generic[C]):
             busy = True
             if now - watch.started > HOLD_LIMIT:
                 self._hand_back(worker)
+                self._hand_back_rest(worker)
                 self._give_up_turn(worker)
         if busy or not self._queue.empty():
             self._watch = asyncio.get_running_loop().call_later(SPILL_CHECK, self._spill_stuck)
@@ -196,13 +201,6 @@ class ConnectionPool(Generic[C]):
                 self._failures[exc.error_code] += 1
         return exc
 
-    def _count_failures(self, jobs: list[Job[Any]], outcomes: list[Outcome]) -> None:
-        """Once per answer: not in a group's first run, and not for a job the loop has
-        answered already (`_expire` counted it)."""
-        for job, (ok, value) in zip(jobs, outcomes, strict=True):
-            if not ok and job.state != EXPIRED:
-                self._count(value)
-
     def failure_counts(self) -> dict[str, int]:
         """Database failures of this pool's jobs so far, by errorCode."""
         with self._failures_lock:
@@ -224,23 +222,47 @@ class ConnectionPool(Generic[C]):
             if not worker.holding:
                 self._take_turn(worker)
             jobs, stop = self._take(worker)
-            try:
-                if self.group is not None and len(jobs) > 1:
+            if self.group is not None and len(jobs) > 1:
+                try:
                     outcomes = self.group.run(conn, jobs)
-                else:
-                    outcomes = [self._run_one(conn, job) for job in jobs]
-            except BaseException as exc:
-                # A failure outside the jobs (the group's ROLLBACK itself failing):
-                # their callers get it, and the thread keeps serving the queue.
-                outcomes = [(False, exc)] * len(jobs)
-            self._count_failures(jobs, outcomes)
-            self._hold(worker, jobs, outcomes)
+                except BaseException as exc:
+                    # A failure outside the jobs (the group's ROLLBACK itself failing):
+                    # their callers get it, and the thread keeps serving the queue.
+                    outcomes = [(False, exc)] * len(jobs)
+                self._hold(worker, zip(jobs, outcomes, strict=True))
+            else:
+                self._run_each(worker, jobs)
             # Not kept while this thread waits for the next jobs: a job holds its
             # call's parameters (a bound blob of up to the frame limit).
-            del jobs, outcomes
+            del jobs
+            self._hand_back_if_due(worker)
         self._hand_back(worker)
         self._give_up_turn(worker)
         conn.db.close()
+
+    def _run_each(self, worker: _Worker, jobs: list[Job[Any]]) -> None:
+        """Run the jobs one by one, each held as it finishes (`_hold`); those a slow one
+        ahead of them sends back to the queue (`_hand_back_rest`) are not run here."""
+        rest = worker.rest
+        rest.extend(jobs)
+        conn = cast("C", worker.conn)
+        while True:
+            try:
+                job = rest.popleft()
+            except IndexError:
+                return
+            self._hold(worker, ((job, self._run_one(conn, job)),))
+
+    def _hand_back_rest(self, worker: _Worker) -> None:
+        """Queue again the jobs of `worker`'s batch that have not started (from its thread,
+        or from the loop): another thread takes them while this one runs a slow job."""
+        rest = worker.rest
+        while rest:
+            try:
+                job = rest.popleft()
+            except IndexError:
+                return
+            self._queue.put(job)
 
     def _take_turn(self, worker: _Worker) -> None:
         """Wait until this thread may take jobs; while it waits, it holds no results back."""
@@ -263,19 +285,35 @@ class ConnectionPool(Generic[C]):
         """The progress handler, once the running job is past `HOLD_LIMIT`: quick calls
         finished before it, and those queued behind it, do not wait for it."""
         self._hand_back(worker)
-        if worker.holding and self._spills:
-            self._give_up_turn(worker)
+        if self._spills:
+            self._hand_back_rest(worker)
+            if worker.holding:
+                self._give_up_turn(worker)
 
-    def _hold(self, worker: _Worker, jobs: list[Job[Any]], outcomes: list[Outcome]) -> None:
-        """Keep finished jobs for one batched wake-up of the loop, up to `HOLD_MAX` of them
-        and none older than `HOLD_LIMIT`; a pool taking batches hands each back whole."""
+    def _hold(self, worker: _Worker, finished: Iterable[tuple[Job[Any], Outcome]]) -> None:
+        """Keep finished jobs for one batched wake-up of the loop (`_hand_back_if_due`),
+        counting their failures."""
         now = time.monotonic()
         with worker.lock:
-            if not worker.held:
+            held = worker.held
+            if not held:
                 worker.held_since = now
-            worker.held.extend(zip(jobs, outcomes, strict=True))
-            full = len(worker.held) >= HOLD_MAX or now - worker.held_since > HOLD_LIMIT
-        if full or self.batch_max > 1:
+            for job, outcome in finished:
+                # Once per answer: not in a group's first run, and not for a job the
+                # loop has answered already (`_expire` counted it).
+                if not outcome[0] and job.state != EXPIRED:
+                    self._count(outcome[1])
+                held.append((job, outcome))
+
+    def _hand_back_if_due(self, worker: _Worker) -> None:
+        """After a batch: hand its results back whole if the pool takes batches; else once
+        `HOLD_MAX` are held, or the first has waited `HOLD_LIMIT`."""
+        held = worker.held
+        if held and (
+            self.batch_max > 1
+            or len(held) >= HOLD_MAX
+            or time.monotonic() - worker.held_since > HOLD_LIMIT
+        ):
             self._hand_back(worker)
 
     def _hand_back(self, worker: _Worker) -> None:

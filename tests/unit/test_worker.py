@@ -61,10 +61,14 @@ async def test_no_result_is_held_while_its_thread_waits_for_more_jobs() -> None:
         await asyncio.to_thread(worker.stop)
 
 
-async def test_a_thread_stuck_in_one_step_gives_its_turn_and_its_held_results_away() -> None:
+@pytest.mark.parametrize("batch_max", [1, 64])
+async def test_a_thread_stuck_in_one_step_gives_its_turn_and_its_held_results_away(
+    batch_max: int,
+) -> None:
     """One turn between two threads: a job that never comes back to Python (one long
     SQLite step; a wait here) holds back neither the results its thread finished
-    before it nor the jobs queued behind it. The loop hands both on."""
+    before it nor the jobs queued behind it, taken in its batch or not. The loop
+    hands them all on."""
     loop = asyncio.get_running_loop()
     release = threading.Event()
 
@@ -79,17 +83,20 @@ async def test_a_thread_stuck_in_one_step_gives_its_turn_and_its_held_results_aw
         jobs.put(job)
         return future
 
-    # Queued before the threads start, so the one thread with the turn takes both:
-    # it holds the first result back while the next job waits, then gets stuck.
+    # Queued before the threads start, so the thread with the turn takes them: it
+    # holds the first result back while more jobs wait, then gets stuck on the
+    # second, with the third in its batch (batch_max=64) or still queued.
     jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
     finished_before = queued(_answer)
     stuck_call = queued(stuck)
+    taken_with_it = queued(_answer)
     connections = [Conn(apsw.Connection(":memory:"), Deadline()) for _ in range(2)]
-    worker = ConnectionPool("test-reader", connections, batch_max=1, turns=1, jobs=jobs)
+    worker = ConnectionPool("test-reader", connections, batch_max=batch_max, turns=1, jobs=jobs)
     try:
         queued_behind = asyncio.ensure_future(worker.run(_answer))
         with anyio.fail_after(5):
             assert await finished_before == 42
+            assert await taken_with_it == 42
             assert await queued_behind == 42
         assert not stuck_call.done()
         release.set()
