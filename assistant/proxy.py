@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
+from math import isfinite
 from typing import Any
 
 import apsw
@@ -19,7 +20,7 @@ from assistant.db import GuardedConn
 from assistant.errors import DbProxyFailed, DbProxyTransactionFailed, SqlForbidden
 from assistant.policy import Denial, Mode
 from protocol.errors import DomainError, InvalidParams, RpcError
-from protocol.values import SqlBind, needs_conversion, to_wire
+from protocol.values import SqlBind, to_wire
 from runtime.sqlite import WriteTransaction, database_failure, now_ms, sqlite_codes
 
 # At most 1024 texts per connection, none over 16 KiB: about 16 MiB at worst.
@@ -28,7 +29,6 @@ DEFAULT_MAX_BYTES = 8 * 1024 * 1024
 # Texts count characters and blobs bytes, a little under their encoded size;
 # the frame limit still holds whatever this misses.
 CELL_BYTES = 24
-_SIZED = frozenset({str, bytes})
 CHECKED_SQL_MAX = 1024
 CHECKED_SQL_MAX_CHARS = 16 * 1024
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?(\*/|$)", re.DOTALL)
@@ -82,15 +82,22 @@ _encoder = msgspec.json.Encoder()
 class _Statement:
     """One caller statement: policy mode, single-statement and bind checks at prepare time."""
 
-    __slots__ = ("bind", "columns", "conn", "path", "sql", "traced")
+    __slots__ = ("bind", "columns", "conn", "sql", "step", "traced")
 
-    def __init__(self, conn: GuardedConn, sql: str, bind: SqlBind | None, path: str) -> None:
+    def __init__(
+        self, conn: GuardedConn, sql: str, bind: SqlBind | None, step: int | None = None
+    ) -> None:
         self.conn = conn
         self.sql = sql
         self.bind = bind
-        self.path = path
+        self.step = step
         self.columns: list[str] = []
         self.traced = False
+
+    @property
+    def path(self) -> str:
+        """Where the statement is in the call's params, for an answer."""
+        return "$" if self.step is None else f"$.steps[{self.step}]"
 
     def execute(self, mode: Mode, *, single: bool = True) -> apsw.Cursor:
         self.conn.guard.begin(mode)
@@ -187,15 +194,27 @@ class _Statement:
             if len(row) != len(columns):
                 columns = self._probe_columns(cacheable=False)
             # About the row's JSON: a fixed share per cell (its name, a number,
-            # punctuation) plus every text's and blob's length.
-            size += CELL_BYTES * len(row) + sum([len(v) for v in row if type(v) in _SIZED])
+            # punctuation) plus every text's and blob's length. One pass over the
+            # cells also finds those with no plain JSON form (a blob, a non-finite
+            # REAL): this loop is most of a point query's Python.
+            size += CELL_BYTES * len(row)
+            plain = True
+            for value in row:
+                kind = type(value)
+                if kind is str:
+                    size += len(value)
+                elif kind is bytes:
+                    size += len(value)
+                    plain = False
+                elif kind is float and not isfinite(value):
+                    plain = False
             if size > max_bytes:
                 truncated = True
                 break
-            if needs_conversion(row):
-                append({name: to_wire(value) for name, value in zip(columns, row, strict=True)})
-            else:
+            if plain:
                 append(dict(zip(columns, row, strict=True)))
+            else:
+                append({name: to_wire(value) for name, value in zip(columns, row, strict=True)})
         for _ in cursor:
             truncated = True
         return rows, truncated
@@ -209,7 +228,7 @@ def query(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> QueryResult:
     """One read-only statement on a reader connection."""
-    statement = _Statement(conn, sql, bind, "$")
+    statement = _Statement(conn, sql, bind)
     try:
         cursor = statement.execute(Mode.READ)
         rows, truncated = statement.read_rows(cursor, max_rows, max_bytes)
@@ -228,7 +247,7 @@ def run(
     """One statement in its own write transaction."""
     with _WriteTransaction(conn):
         try:
-            result = _run_one(conn, _Statement(conn, sql, bind, "$"), max_rows, max_bytes)
+            result = _run_one(conn, _Statement(conn, sql, bind), max_rows, max_bytes)
         except (apsw.Error, UnicodeDecodeError) as exc:
             raise translate(exc, conn, DbProxyFailed) from exc
         _drop_temp_objects(conn, sql)
@@ -239,7 +258,7 @@ def execute_script(conn: GuardedConn, sql: str) -> ExecResult:
     """A script of statements in one write transaction; all or nothing."""
     with _WriteTransaction(conn):
         try:
-            statement = _Statement(conn, sql, None, "$")
+            statement = _Statement(conn, sql, None)
             for _ in statement.execute(Mode.WRITE, single=False):
                 pass
         except (apsw.Error, UnicodeDecodeError) as exc:
@@ -289,7 +308,7 @@ def transaction(
 def _run_step(
     conn: GuardedConn, index: int, step: Step, max_rows: int, max_bytes: int
 ) -> RunResult:
-    statement = _Statement(conn, step.sql, step.bind, f"$.steps[{index}]")
+    statement = _Statement(conn, step.sql, step.bind, index)
     try:
         return _run_one(conn, statement, max_rows, max_bytes)
     except (apsw.Error, UnicodeDecodeError) as exc:
@@ -347,7 +366,7 @@ def _drop_temp_objects(conn: GuardedConn, *sql: str) -> None:
     statement served from apsw's cache is not prepared again, so the text is
     looked at too: every way to make a TEMP object spells "temp" in it.
     """
-    if not conn.guard.created_temp and not any("temp" in text.lower() for text in sql):
+    if not conn.guard.created_temp and "temp" not in "\n".join(sql).lower():
         return
     conn.guard.created_temp = False
     objects = conn.execute(

@@ -85,10 +85,3 @@ def to_wire(value: SqlValue) -> object:
     if type(value) is float and not math.isfinite(value):
         return {"$real": "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"}
     return value
-
-
-def needs_conversion(row: tuple[SqlValue, ...]) -> bool:
-    """True when a cell of `row` has no plain JSON form (a blob, a non-finite REAL)."""
-    if bytes in map(type, row):
-        return True
-    return float in map(type, row) and not all(math.isfinite(v) for v in row if type(v) is float)
