@@ -26,6 +26,7 @@ import collections
 import contextlib
 import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -102,6 +103,11 @@ class ConnectionPool(Generic[C]):
     step: measured with 64 point queries in flight, one reader taking them
     served 50k/s where two took 44k/s.
 
+    With a `slow_lane` (the readers), a job past `HOLD_LIMIT` is stopped by
+    its progress handler and queued again there, to run from the start (only
+    for jobs with no side effects: reads). The lane's threads run at a lower
+    CPU priority (`nice`), so a heavy query takes what quick calls leave.
+
     A job whose deadline passed while it waited fails with `late_error()`.
     """
 
@@ -114,6 +120,8 @@ class ConnectionPool(Generic[C]):
         batch_max: int = GROUP_MAX,
         late_error: Callable[[], BaseException] | None = None,
         turns: int | None = None,
+        slow_lane: ConnectionPool[C] | None = None,
+        nice: int = 0,
         jobs: queue.SimpleQueue[Job[Any] | None] | None = None,
     ) -> None:
         self.name = name
@@ -129,6 +137,8 @@ class ConnectionPool(Generic[C]):
         self._turns_free = len(connections) if turns is None else turns
         self._turn_freed = threading.Condition()
         self._spills = self._turns_free < len(connections)
+        self.slow_lane = slow_lane
+        self.nice = nice
         self._watch: asyncio.TimerHandle | None = None
         # Database failures answered by errorCode (metrics); counted by the threads and
         # the loop, read by the loop.
@@ -182,7 +192,8 @@ class ConnectionPool(Generic[C]):
             # release it. Looked at again until its outcome arrives (which cancels this).
             job.expiry = job.loop.call_later(EXPIRY_RECHECK, self._expire, job)
             return
-        if any(conn.deadline.job is job for conn in self._connections):
+        lanes = [self] if self.slow_lane is None else [self, self.slow_lane]
+        if any(conn.deadline.job is job for lane in lanes for conn in lane._connections):
             log.warning(
                 "%s: a statement is still running past its deadline (one long SQLite step);"
                 " its caller is answered DB_TIMEOUT and its work will be rolled back",
@@ -217,6 +228,8 @@ class ConnectionPool(Generic[C]):
     def _serve(self, worker: _Worker) -> None:
         conn = cast("C", worker.conn)
         conn.deadline.on_slow = functools.partial(self._on_slow, worker)
+        if self.nice:
+            _lower_priority(self.name, self.nice)
         stop = False
         while not stop:
             if not worker.holding:
@@ -251,7 +264,12 @@ class ConnectionPool(Generic[C]):
                 job = rest.popleft()
             except IndexError:
                 return
-            self._hold(worker, ((job, self._run_one(conn, job)),))
+            outcome = self._run_one(conn, job)
+            if outcome is _DEMOTED:
+                assert self.slow_lane is not None
+                self.slow_lane._queue.put(job)
+            else:
+                self._hold(worker, ((job, outcome),))
 
     def _hand_back_rest(self, worker: _Worker) -> None:
         """Queue again the jobs of `worker`'s batch that have not started (from its thread,
@@ -281,14 +299,18 @@ class ConnectionPool(Generic[C]):
                 self._turns_free += 1
                 self._turn_freed.notify()
 
-    def _on_slow(self, worker: _Worker) -> None:
+    def _on_slow(self, worker: _Worker) -> bool:
         """The progress handler, once the running job is past `HOLD_LIMIT`: quick calls
-        finished before it, and those queued behind it, do not wait for it."""
+        finished before it, and those queued behind it, do not wait for it. True: stop
+        the job, to run it again from the start in the slow lane."""
+        if self.slow_lane is not None:
+            return True
         self._hand_back(worker)
         if self._spills:
             self._hand_back_rest(worker)
             if worker.holding:
                 self._give_up_turn(worker)
+        return False
 
     def _hold(self, worker: _Worker, finished: Iterable[tuple[Job[Any], Outcome]]) -> None:
         """Keep finished jobs for one batched wake-up of the loop (`_hand_back_if_due`),
@@ -359,12 +381,15 @@ class ConnectionPool(Generic[C]):
         watch.at = deadline
         watch.started = time.monotonic()
         watch.job = job
+        watch.demoted = False
         try:
             fn = job.fn  # before the state: the loop replaces it when it expires the job
             if job.state == EXPIRED or (deadline and watch.started >= deadline):
                 return False, self.late_error()
             return True, fn(conn)
         except BaseException as exc:  # the job's failure belongs to its caller
+            if watch.demoted:
+                return _DEMOTED
             if isinstance(exc, DatabaseFailure):
                 conn.health.failed(exc)
             return False, exc
@@ -398,6 +423,22 @@ class ConnectionPool(Generic[C]):
         busy = sum(thread.is_alive() for thread in self._threads)
         if busy:
             log.warning("%s: %d thread(s) still in SQLite at exit; left behind", self.name, busy)
+
+
+# A job stopped by its progress handler for being slow, to run again in the slow lane.
+_DEMOTED: Outcome = (False, None)
+
+
+def _lower_priority(name: str, nice: int) -> None:
+    """This thread's CPU priority lowered by `nice` (Linux: a thread id is a process id to
+    setpriority). Only ever lowered: raising it back would need CAP_SYS_NICE."""
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(
+            os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice)
+        )
+    except OSError as exc:
+        log.warning("%s: cannot lower the priority of a thread: %s", name, exc)
 
 
 def _abandoned(conn: Any) -> Any:

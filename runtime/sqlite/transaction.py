@@ -34,15 +34,17 @@ class Deadline:
     """The running job's deadline (monotonic seconds; 0 = none), read by the progress handler.
 
     Once the running job has taken longer than `HOLD_LIMIT`, the progress
-    handler also calls `on_slow` (`ConnectionPool`): the thread hands back the
-    results it holds for a batched wake-up and lets another thread take jobs,
-    so quick calls never wait out a slow one.
+    handler also calls `on_slow` (`ConnectionPool`), so quick calls never wait
+    out a slow one: the thread hands back the results it holds for a batched
+    wake-up and lets another thread take jobs; or, when `on_slow` says so, the
+    job is interrupted (`demoted`) to run again from the start elsewhere.
     """
 
     at: float = 0.0
     started: float = 0.0
-    on_slow: Callable[[], None] | None = None
+    on_slow: Callable[[], bool] | None = None
     job: Job[Any] | None = None
+    demoted: bool = False
 
     def keep_job(self) -> bool:
         """Before a commit: False when the loop has already answered the running job's caller
@@ -51,10 +53,11 @@ class Deadline:
 
     def on_progress(self) -> bool:
         """SQLite's progress handler: True (interrupt the statement) once the deadline has
-        passed; on the way, calls `on_slow` if the running job is a slow one."""
+        passed, or once the job is slow and `on_slow` demotes it."""
         now = time.monotonic()
-        if self.on_slow is not None and now - self.started > HOLD_LIMIT:
-            self.on_slow()
+        if self.on_slow is not None and now - self.started > HOLD_LIMIT and self.on_slow():
+            self.demoted = True
+            return True
         return bool(self.at) and now >= self.at
 
 

@@ -21,6 +21,7 @@ from runtime.sqlite import (
     Job,
     QueuedPastDeadline,
     WriteTransaction,
+    watch_deadline,
 )
 
 pytestmark = pytest.mark.anyio
@@ -104,6 +105,33 @@ async def test_a_thread_stuck_in_one_step_gives_its_turn_and_its_held_results_aw
     finally:
         release.set()
         await asyncio.to_thread(worker.stop)
+
+
+async def test_a_slow_job_runs_again_from_the_start_in_the_slow_lane() -> None:
+    """A job past `HOLD_LIMIT` on a pool with a slow lane is stopped and run again from
+    the start on the lane's thread; its caller gets the second run's result, once."""
+    runs: list[str] = []
+
+    def slow(conn: Conn) -> int:
+        runs.append(threading.current_thread().name)
+        counting = "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r WHERE x < ?)"
+        return int(conn.execute(f"{counting} SELECT count(*) FROM r", (300_000,))[0][0])
+
+    def watched() -> Conn:
+        db = apsw.Connection(":memory:")
+        return Conn(db, watch_deadline(db))
+
+    lane = ConnectionPool("test-slow", [watched()], batch_max=1)
+    worker = ConnectionPool("test-fast", [watched()], batch_max=64, slow_lane=lane)
+    try:
+        assert await worker.run(_answer) == 42
+        assert runs == []
+        assert await worker.run(slow) == 300_000
+        assert runs == ["test-fast-0", "test-slow-0"]
+        assert worker.failure_counts() == lane.failure_counts() == {}
+    finally:
+        await asyncio.to_thread(worker.stop)
+        await asyncio.to_thread(lane.stop)
 
 
 def _answer(conn: Conn) -> int:
