@@ -44,14 +44,9 @@ READER_TURNS = 1
 # flight, 64 at a time served 56k/s where one at a time served 47k/s.
 READER_BATCH = 64
 # A query still running after HOLD_LIMIT (1 ms) is stopped and run again from
-# the start (a read has no side effects) in the slow lane: threads of lower CPU
-# priority, so a heavy query takes what the quick ones leave. Measured beside
-# a 2 s query with 64 point queries in flight on this 2-core machine: health
-# p99 3 ms -> 1 ms, the point queries kept 0.75x their rate instead of 0.5x
-# (nice 10 left health p99 at 2-2.7 ms). A heavy query on a machine kept busy
-# gets little CPU, and may meet its timeoutMs sooner: interactive calls first.
+# the start (a read has no side effects) in the slow lane, whose queries pause
+# half the time while quick ones wait (`ConnectionPool.yields_to`).
 SLOW_READERS = 2
-SLOW_NICE = 15
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -195,7 +190,7 @@ class Database:
             "db-reader-slow",
             readers[READERS:],
             batch_max=1,
-            nice=SLOW_NICE,
+            hold_max=1,
             late_error=timeout_error,
         )
         self.readers = ConnectionPool(
@@ -206,6 +201,7 @@ class Database:
             slow_lane=self.slow_readers,
             late_error=timeout_error,
         )
+        self.slow_readers.yields_to = self.readers
 
     def close(self) -> None:
         """Stop the threads and close the connections (blocking; call off the loop).

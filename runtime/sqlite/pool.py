@@ -26,7 +26,6 @@ import collections
 import contextlib
 import functools
 import logging
-import os
 import queue
 import threading
 import time
@@ -55,6 +54,9 @@ EXPIRY_RECHECK = 0.01
 # stuck in one long SQLite step, where its progress handler cannot give its
 # turn away (`ConnectionPool._spill_stuck`).
 SPILL_CHECK = 0.005
+# A pool that yields to another runs its slow jobs PAUSE seconds on, PAUSE off while
+# the other has work (`ConnectionPool.yields_to`).
+PAUSE = 0.001
 
 log = logging.getLogger("runtime.sqlite")
 
@@ -68,13 +70,14 @@ class _Worker:
     holds back for one batched wake-up of the loop (guarded by `lock`: the loop takes
     them from a thread stuck in SQLite)."""
 
-    __slots__ = ("conn", "held", "held_since", "holding", "lock", "rest")
+    __slots__ = ("conn", "held", "held_since", "holding", "lock", "ran_since", "rest")
 
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
         self.holding = False
         self.held: list[tuple[Job[Any], Outcome]] = []
         self.held_since = 0.0
+        self.ran_since = 0.0
         self.lock = threading.Lock()
         # The jobs of the batch being run that have not started.
         self.rest: collections.deque[Job[Any]] = collections.deque()
@@ -89,7 +92,7 @@ class ConnectionPool(Generic[C]):
     transaction and one WAL sync for many calls.
 
     A thread taking one job at a time (`batch_max=1`) holds its results
-    while more jobs wait in the queue, up to `HOLD_MAX` of them and none
+    while more jobs wait in the queue, up to `hold_max` of them and none
     longer than about `HOLD_LIMIT` (see `Deadline`), and hands them back
     together: each hand-back wakes the loop, which then competes for the GIL
     with the thread's next job.
@@ -105,8 +108,11 @@ class ConnectionPool(Generic[C]):
 
     With a `slow_lane` (the readers), a job past `HOLD_LIMIT` is stopped by
     its progress handler and queued again there, to run from the start (only
-    for jobs with no side effects: reads). The lane's threads run at a lower
-    CPU priority (`nice`), so a heavy query takes what quick calls leave.
+    for jobs with no side effects: reads). A pool that `yields_to` another
+    (the slow lane to the readers) pauses its slow jobs for `PAUSE` after each
+    `PAUSE` they run while the other pool has work, so a heavy query takes
+    about half of a core from quick calls, not all of it. Not a lower thread
+    priority: a thread preempted while it holds the GIL would stall the loop.
 
     A job whose deadline passed while it waited fails with `late_error()`.
     """
@@ -121,7 +127,8 @@ class ConnectionPool(Generic[C]):
         late_error: Callable[[], BaseException] | None = None,
         turns: int | None = None,
         slow_lane: ConnectionPool[C] | None = None,
-        nice: int = 0,
+        yields_to: ConnectionPool[C] | None = None,
+        hold_max: int = HOLD_MAX,
         jobs: queue.SimpleQueue[Job[Any] | None] | None = None,
     ) -> None:
         self.name = name
@@ -138,7 +145,9 @@ class ConnectionPool(Generic[C]):
         self._turn_freed = threading.Condition()
         self._spills = self._turns_free < len(connections)
         self.slow_lane = slow_lane
-        self.nice = nice
+        self.yields_to = yields_to
+        self.hold_max = hold_max
+        self._stopping = False
         self._watch: asyncio.TimerHandle | None = None
         # Database failures answered by errorCode (metrics); counted by the threads and
         # the loop, read by the loop.
@@ -173,6 +182,8 @@ class ConnectionPool(Generic[C]):
         busy = False
         for worker in self._workers:
             watch = worker.conn.deadline
+            if worker.rest or worker.held:
+                busy = True
             if watch.job is None:
                 continue
             busy = True
@@ -180,7 +191,7 @@ class ConnectionPool(Generic[C]):
                 self._hand_back(worker)
                 self._hand_back_rest(worker)
                 self._give_up_turn(worker)
-        if busy or not self._queue.empty():
+        if (busy or not self._queue.empty()) and not self._stopping:
             self._watch = asyncio.get_running_loop().call_later(SPILL_CHECK, self._spill_stuck)
 
     def _expire(self, job: Job[Any]) -> None:
@@ -228,8 +239,6 @@ class ConnectionPool(Generic[C]):
     def _serve(self, worker: _Worker) -> None:
         conn = cast("C", worker.conn)
         conn.deadline.on_slow = functools.partial(self._on_slow, worker)
-        if self.nice:
-            _lower_priority(self.name, self.nice)
         stop = False
         while not stop:
             if not worker.holding:
@@ -248,7 +257,8 @@ class ConnectionPool(Generic[C]):
             # Not kept while this thread waits for the next jobs: a job holds its
             # call's parameters (a bound blob of up to the frame limit).
             del jobs
-            self._hand_back_if_due(worker)
+            if self.batch_max > 1:
+                self._hand_back(worker)
         self._hand_back(worker)
         self._give_up_turn(worker)
         conn.db.close()
@@ -275,7 +285,9 @@ class ConnectionPool(Generic[C]):
         """Queue again the jobs of `worker`'s batch that have not started (from its thread,
         or from the loop): another thread takes them while this one runs a slow job."""
         rest = worker.rest
-        while rest:
+        # Once stopping, the threads' sentinels are queued: a job queued behind them would
+        # never run. The stuck thread runs its batch when it comes out, or the process ends.
+        while rest and not self._stopping:
             try:
                 job = rest.popleft()
             except IndexError:
@@ -310,11 +322,29 @@ class ConnectionPool(Generic[C]):
             self._hand_back_rest(worker)
             if worker.holding:
                 self._give_up_turn(worker)
+        if self.yields_to is not None:
+            self._pause_if_due(worker, self.yields_to)
         return False
 
+    def _pause_if_due(self, worker: _Worker, other: ConnectionPool[C]) -> None:
+        """Sleep `PAUSE` (without the GIL) after each `PAUSE` of running while `other` has
+        work: on the thread, from the progress handler."""
+        now = time.monotonic()
+        if now - max(worker.ran_since, worker.conn.deadline.started) < PAUSE:
+            return
+        if other.busy():
+            time.sleep(PAUSE)
+        worker.ran_since = time.monotonic()
+
+    def busy(self) -> bool:
+        """Whether a job of this pool runs or waits (a racy look, from any thread)."""
+        return not self._queue.empty() or any(
+            worker.rest or worker.conn.deadline.job is not None for worker in self._workers
+        )
+
     def _hold(self, worker: _Worker, finished: Iterable[tuple[Job[Any], Outcome]]) -> None:
-        """Keep finished jobs for one batched wake-up of the loop (`_hand_back_if_due`),
-        counting their failures."""
+        """Keep finished jobs for one batched wake-up of the loop, counting their failures;
+        hand them back once `hold_max` are held or the first has waited `HOLD_LIMIT`."""
         now = time.monotonic()
         with worker.lock:
             held = worker.held
@@ -326,16 +356,8 @@ class ConnectionPool(Generic[C]):
                 if not outcome[0] and job.state != EXPIRED:
                     self._count(outcome[1])
                 held.append((job, outcome))
-
-    def _hand_back_if_due(self, worker: _Worker) -> None:
-        """After a batch: hand its results back whole if the pool takes batches; else once
-        `HOLD_MAX` are held, or the first has waited `HOLD_LIMIT`."""
-        held = worker.held
-        if held and (
-            self.batch_max > 1
-            or len(held) >= HOLD_MAX
-            or time.monotonic() - worker.held_since > HOLD_LIMIT
-        ):
+            due = len(held) >= self.hold_max or now - worker.held_since > HOLD_LIMIT
+        if due:
             self._hand_back(worker)
 
     def _hand_back(self, worker: _Worker) -> None:
@@ -406,6 +428,7 @@ class ConnectionPool(Generic[C]):
         after that is left to end with the process (its transaction was never
         committed, so nothing of it is kept).
         """
+        self._stopping = True
         for _ in self._threads:
             self._queue.put(None)
         deadline = time.monotonic() + timeout
@@ -427,18 +450,6 @@ class ConnectionPool(Generic[C]):
 
 # A job stopped by its progress handler for being slow, to run again in the slow lane.
 _DEMOTED: Outcome = (False, None)
-
-
-def _lower_priority(name: str, nice: int) -> None:
-    """This thread's CPU priority lowered by `nice` (Linux: a thread id is a process id to
-    setpriority). Only ever lowered: raising it back would need CAP_SYS_NICE."""
-    thread = threading.get_native_id()
-    try:
-        os.setpriority(
-            os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice)
-        )
-    except OSError as exc:
-        log.warning("%s: cannot lower the priority of a thread: %s", name, exc)
 
 
 def _abandoned(conn: Any) -> Any:
