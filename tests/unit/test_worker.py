@@ -107,6 +107,42 @@ async def test_a_thread_stuck_in_one_step_gives_its_turn_and_its_held_results_aw
         await asyncio.to_thread(worker.stop)
 
 
+async def test_results_of_a_batch_are_not_held_past_hold_limit_for_the_rest_of_it() -> None:
+    """A thread taking a batch hands back what it finished once the first of it has waited
+    `HOLD_LIMIT`, without waiting for the end of the batch."""
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+
+    def medium(conn: Conn) -> str:
+        time.sleep(0.005)
+        return "medium"
+
+    def last(conn: Conn) -> str:
+        release.wait(10)
+        return "last"
+
+    jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    futures = []
+    for fn in (_answer, medium, last):
+        future: asyncio.Future[Any] = loop.create_future()
+        job: Job[Any] = Job(fn, 0.0, loop)
+        job.then(lambda f, ok, value: f.set_result(value), future)
+        jobs.put(job)
+        futures.append(future)
+    connections = [Conn(apsw.Connection(":memory:"), Deadline())]
+    worker = ConnectionPool("test-reader", connections, batch_max=64, jobs=jobs)
+    try:
+        with anyio.fail_after(5):
+            assert await futures[0] == 42
+            assert await futures[1] == "medium"
+        assert not futures[2].done()
+        release.set()
+        assert await futures[2] == "last"
+    finally:
+        release.set()
+        await asyncio.to_thread(worker.stop)
+
+
 async def test_a_slow_job_runs_again_from_the_start_in_the_slow_lane() -> None:
     """A job past `HOLD_LIMIT` on a pool with a slow lane is stopped and run again from
     the start on the lane's thread; its caller gets the second run's result, once."""
