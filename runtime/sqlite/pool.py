@@ -252,6 +252,7 @@ class ConnectionPool(Generic[C]):
                     # their callers get it, and the thread keeps serving the queue.
                     outcomes = [(False, exc)] * len(jobs)
                 self._hold(worker, zip(jobs, outcomes, strict=True))
+                del outcomes
             else:
                 self._run_each(worker, jobs)
             # Not kept while this thread waits for the next jobs: a job holds its
