@@ -118,8 +118,7 @@ class AssistantRoutes:
     def db_proxy(self, params: DbProxyParams) -> Deferred[QueryResult | RunResult | ExecResult]:
         """One statement (`query` from a reader, `run` in its own write transaction) or a script
         (`exec`, all or nothing), under the statement policy."""
-        _check_sql(params.sql, "$.sql")
-        _check_bind_size(params.bind, "$.bind")
+        _check_statement(params.sql, params.bind)
         bind = bind_from_wire(params.bind)
         deadline = time.monotonic() + params.timeout_ms / 1000
         sql, max_rows, max_bytes = params.sql, params.max_rows, params.max_bytes
@@ -150,12 +149,8 @@ class AssistantRoutes:
             )
         steps = []
         for index, step in enumerate(params.steps):
-            sql, bind = step.sql, step.bind
-            if "\x00" in sql or (bind is not None and len(bind) > MAX_PARAMETERS):
-                # The paths are only spelled out for an answer: this runs per step.
-                _check_sql(sql, f"$.steps[{index}].sql")
-                _check_bind_size(bind, f"$.steps[{index}].bind")
-            steps.append(Step(sql, bind_from_wire(bind), step.require_changes))
+            _check_statement(step.sql, step.bind, index)
+            steps.append(Step(step.sql, bind_from_wire(step.bind), step.require_changes))
         job = functools.partial(
             proxy.transaction,
             steps=steps,
@@ -179,12 +174,17 @@ class AssistantRoutes:
         return self.db.submit_write(functools.partial(insert_events, events=events))
 
 
-def _check_sql(sql: str, path: str) -> None:
+def _check_statement(sql: str, bind: Bind, step: int | None = None) -> None:
+    """A statement's text and bind size; `step`: its index in a transaction's steps (the
+    path is only spelled out for an answer: this runs per step)."""
     # SQLite would stop reading the text at a NUL: what ran would not be what was sent.
     if "\x00" in sql:
-        raise InvalidParams("sql must not contain a NUL character", path=path)
-
-
-def _check_bind_size(bind: Bind, path: str) -> None:
+        raise InvalidParams("sql must not contain a NUL character", path=f"{_at(step)}.sql")
     if bind is not None and len(bind) > MAX_PARAMETERS:
-        raise InvalidParams(f"bind holds more than {MAX_PARAMETERS} parameters", path=path)
+        raise InvalidParams(
+            f"bind holds more than {MAX_PARAMETERS} parameters", path=f"{_at(step)}.bind"
+        )
+
+
+def _at(step: int | None) -> str:
+    return "$" if step is None else f"$.steps[{step}]"

@@ -139,7 +139,6 @@ class ConnectionPool(Generic[C]):
         self._queue: queue.SimpleQueue[Job[Any] | None] = (
             queue.SimpleQueue() if jobs is None else jobs
         )
-        self._connections = list(connections)
         self._workers = [_Worker(conn) for conn in connections]
         self._turns_free = len(connections) if turns is None else turns
         self._turn_freed = threading.Condition()
@@ -182,12 +181,8 @@ class ConnectionPool(Generic[C]):
         busy = False
         for worker in self._workers:
             watch = worker.conn.deadline
-            if worker.rest or worker.held:
-                busy = True
-            if watch.job is None:
-                continue
-            busy = True
-            if now - watch.started > HOLD_LIMIT:
+            busy = busy or bool(worker.rest or worker.held) or watch.job is not None
+            if watch.job is not None and now - watch.started > HOLD_LIMIT:
                 self._hand_back(worker)
                 self._hand_back_rest(worker)
                 self._give_up_turn(worker)
@@ -204,7 +199,7 @@ class ConnectionPool(Generic[C]):
             job.expiry = job.loop.call_later(EXPIRY_RECHECK, self._expire, job)
             return
         lanes = [self] if self.slow_lane is None else [self, self.slow_lane]
-        if any(conn.deadline.job is job for lane in lanes for conn in lane._connections):
+        if any(worker.conn.deadline.job is job for lane in lanes for worker in lane._workers):
             log.warning(
                 "%s: a statement is still running past its deadline (one long SQLite step);"
                 " its caller is answered DB_TIMEOUT and its work will be rolled back",
@@ -437,11 +432,11 @@ class ConnectionPool(Generic[C]):
             thread.join(max(0.0, deadline - time.monotonic()))
         if not any(thread.is_alive() for thread in self._threads):
             return
-        for conn, thread in zip(self._connections, self._threads, strict=True):
+        for worker, thread in zip(self._workers, self._threads, strict=True):
             if thread.is_alive():
                 # Its thread may close it at any moment: then there is nothing to stop.
                 with contextlib.suppress(apsw.ConnectionClosedError):
-                    conn.db.interrupt()
+                    worker.conn.db.interrupt()
         for thread in self._threads:
             thread.join(INTERRUPT_WAIT)
         busy = sum(thread.is_alive() for thread in self._threads)

@@ -70,27 +70,19 @@ async def test_a_thread_stuck_in_one_step_gives_its_turn_and_its_held_results_aw
     SQLite step; a wait here) holds back neither the results its thread finished
     before it nor the jobs queued behind it, taken in its batch or not. The loop
     hands them all on."""
-    loop = asyncio.get_running_loop()
     release = threading.Event()
 
     def stuck(conn: Conn) -> str:
         release.wait(10)
         return "stuck"
 
-    def queued(fn: Any) -> asyncio.Future[Any]:
-        future = loop.create_future()
-        job: Job[Any] = Job(fn, 0.0, loop)
-        job.then(lambda _, ok, value: future.set_result(value if ok else repr(value)), None)
-        jobs.put(job)
-        return future
-
     # Queued before the threads start, so the thread with the turn takes them: it
     # holds the first result back while more jobs wait, then gets stuck on the
     # second, with the third in its batch (batch_max=64) or still queued.
     jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    finished_before = queued(_answer)
-    stuck_call = queued(stuck)
-    taken_with_it = queued(_answer)
+    finished_before = _queued(jobs, _answer)
+    stuck_call = _queued(jobs, stuck)
+    taken_with_it = _queued(jobs, _answer)
     connections = [Conn(apsw.Connection(":memory:"), Deadline()) for _ in range(2)]
     worker = ConnectionPool("test-reader", connections, batch_max=batch_max, turns=1, jobs=jobs)
     try:
@@ -110,7 +102,6 @@ async def test_a_thread_stuck_in_one_step_gives_its_turn_and_its_held_results_aw
 async def test_results_of_a_batch_are_not_held_past_hold_limit_for_the_rest_of_it() -> None:
     """A thread taking a batch hands back what it finished once the first of it has waited
     `HOLD_LIMIT`, without waiting for the end of the batch."""
-    loop = asyncio.get_running_loop()
     release = threading.Event()
 
     def medium(conn: Conn) -> str:
@@ -122,13 +113,7 @@ async def test_results_of_a_batch_are_not_held_past_hold_limit_for_the_rest_of_i
         return "last"
 
     jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    futures = []
-    for fn in (_answer, medium, last):
-        future: asyncio.Future[Any] = loop.create_future()
-        job: Job[Any] = Job(fn, 0.0, loop)
-        job.then(lambda f, ok, value: f.set_result(value), future)
-        jobs.put(job)
-        futures.append(future)
+    futures = [_queued(jobs, fn) for fn in (_answer, medium, last)]
     connections = [Conn(apsw.Connection(":memory:"), Deadline())]
     worker = ConnectionPool("test-reader", connections, batch_max=64, jobs=jobs)
     try:
@@ -168,6 +153,17 @@ async def test_a_slow_job_runs_again_from_the_start_in_the_slow_lane() -> None:
     finally:
         await asyncio.to_thread(worker.stop)
         await asyncio.to_thread(lane.stop)
+
+
+def _queued(jobs: queue.SimpleQueue[Any], fn: Any) -> asyncio.Future[Any]:
+    """`fn` queued as a job before a pool's threads start (`ConnectionPool(jobs=...)`): its
+    result, or its exception's repr."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    job: Job[Any] = Job(fn, 0.0, loop)
+    job.then(lambda _, ok, value: future.set_result(value if ok else repr(value)), None)
+    jobs.put(job)
+    return future
 
 
 def _answer(conn: Conn) -> int:
