@@ -59,8 +59,8 @@ class AssistantApp:
         if removed:
             log.info("forgot %d idempotency key(s) older than 48 h", removed)
 
-    async def close(self) -> None:
-        await anyio.to_thread.run_sync(self.db.close)
+    async def close(self, timeout: float) -> None:
+        await anyio.to_thread.run_sync(self.db.close, timeout)
 
     def status(self) -> str:
         return f"serving {self.db.path} (schema {self.db.schema_version})"

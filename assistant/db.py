@@ -20,6 +20,7 @@ from protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from runtime.errors import EX_CANTCREAT, DbOpenError
 from runtime.sqlite import (
     BUSY_TIMEOUT_MS,
+    STOP_TIMEOUT,
     Conn,
     ConnectionPool,
     Job,
@@ -27,6 +28,7 @@ from runtime.sqlite import (
     connect,
     make_state_dir,
     migrate,
+    stop_pools,
     timeout_error,
     watch_deadline,
 )
@@ -203,13 +205,12 @@ class Database:
         )
         self.slow_readers.yields_to = self.readers
 
-    def close(self) -> None:
-        """Stop the threads and close the connections (blocking; call off the loop).
-
-        The readers first: a query they stop for being slow goes to the slow lane."""
-        for worker in (self.readers, self.slow_readers, self.writer):
-            if worker is not None:
-                worker.stop()
+    def close(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop the threads and close the connections within `timeout` (blocking; call
+        off the loop). The readers first: a query they stop for being slow goes to the
+        slow lane."""
+        pools = [self.readers, self.slow_readers, self.writer]
+        stop_pools([pool for pool in pools if pool is not None], timeout)
         self.readers = self.slow_readers = self.writer = None
 
     def failure_counts(self) -> dict[str, int]:

@@ -85,9 +85,9 @@ class GatewayApp:
         if expired or forgotten:
             log.info("expired %d invite(s), forgot %d old failed attempt(s)", expired, forgotten)
 
-    async def close(self) -> None:
+    async def close(self, timeout: float) -> None:
         await self.link.aclose()
-        await anyio.to_thread.run_sync(self.db.close)
+        await anyio.to_thread.run_sync(self.db.close, timeout)
 
     def status(self) -> str:
         return f"serving {self.db.path}; assistant link {self.link.status.state}"

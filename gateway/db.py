@@ -20,6 +20,7 @@ import apsw
 from runtime.errors import EX_CANTCREAT, DbOpenError
 from runtime.sqlite import (
     BUSY_TIMEOUT_MS,
+    STOP_TIMEOUT,
     Conn,
     ConnectionPool,
     Job,
@@ -158,9 +159,10 @@ class Database:
             raise DbOpenError(f"cannot migrate database {self.path}: {exc}", EX_CANTCREAT) from exc
         self._worker = ConnectionPool("gateway-db", [conn], group_commit=True)
 
-    def close(self) -> None:
+    def close(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop the thread and close the connection within `timeout` (blocking)."""
         if self._worker is not None:
-            self._worker.stop()
+            self._worker.stop(timeout)
             self._worker = None
 
     async def run(self, job: Callable[[Conn], T]) -> T:

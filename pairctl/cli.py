@@ -1,13 +1,15 @@
 """The pairctl command line: parse, call the daemon, print, exit with the error kind's code.
 
 Exit codes: 0 ok; 1 the daemon answered an error (its errorCode and message
-are printed); 2 usage; 69 (EX_UNAVAILABLE) the daemon could not be reached.
-Errors never print a traceback.
+are printed); 2 usage; 69 (EX_UNAVAILABLE) the daemon could not be reached;
+77 (EX_NOPERM) this user may not use the socket (FORBIDDEN). Errors never print
+a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import grp
 import json
 import os
 import sys
@@ -22,12 +24,13 @@ from pairctl.metrics import exposition, write_textfile
 from pairctl.up import run_up
 from protocol.client import BatchCall, Client
 from protocol.errors import IpcHandlerError, IpcTransportError
-from runtime.paths import default_runtime_dir, default_state_dir
+from runtime.paths import client_runtime_dir, default_runtime_dir, default_state_dir
 
 EX_OK = 0
 EX_HANDLER = 1
 EX_USAGE = 2
 EX_UNAVAILABLE = 69
+EX_NOPERM = 77
 DAEMONS = ("assistant", "gateway")
 CALL_TIMEOUT = 30.0
 
@@ -103,8 +106,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def runtime_dir_of(args: argparse.Namespace) -> tuple[Path, str]:
+    if args.runtime_dir is not None:
+        return args.runtime_dir, "from --runtime-dir"
+    return client_runtime_dir()
+
+
 def socket_of(args: argparse.Namespace, daemon: str) -> str:
-    return str((args.runtime_dir or default_runtime_dir()) / f"{daemon}.sock")
+    return str(runtime_dir_of(args)[0] / f"{daemon}.sock")
+
+
+def forbidden(exc: IpcHandlerError | IpcTransportError) -> str | None:
+    """Why this user may not use the socket, when that is why the call failed."""
+    if isinstance(exc, IpcHandlerError):
+        return exc.message if exc.code == "FORBIDDEN" else None
+    if not isinstance(exc.__cause__, PermissionError) or exc.path is None:
+        return None
+    return f"permission denied on {exc.path}: run as root or as a member of {_group_of(exc.path)}"
+
+
+def _group_of(path: str) -> str:
+    try:
+        return f"group {grp.getgrgid(os.stat(path).st_gid).gr_name}"
+    except (OSError, KeyError):
+        return "the socket's group"
 
 
 def drop_none(**fields: Any) -> dict[str, Any]:
@@ -207,9 +232,18 @@ async def status(args: argparse.Namespace) -> int:
             async with Client(path, timeout=2, connect_timeout=2) as client:
                 healths[daemon] = await client.call("health")
         except (IpcTransportError, IpcHandlerError) as exc:
-            healths[daemon] = {"status": "down", "socket": path, "error": str(exc)}
+            refusal = forbidden(exc)
+            state = "forbidden" if refusal else "down"
+            healths[daemon] = {"status": state, "socket": path, "error": refusal or str(exc)}
     print(render.as_json(healths) if args.json else render.status_table(healths))
-    return EX_OK if all(h.get("status") == "ok" for h in healths.values()) else EX_UNAVAILABLE
+    states = {health.get("status") for health in healths.values()}
+    if "down" in states and not args.json:
+        where, why = runtime_dir_of(args)
+        print(f"pairctl: looked in {where} ({why}); --runtime-dir DIR or"
+              " PAIR_RUNTIME_DIR=DIR looks elsewhere", file=sys.stderr)  # fmt: skip
+    if "forbidden" in states:
+        return EX_NOPERM
+    return EX_OK if states == {"ok"} else EX_UNAVAILABLE
 
 
 async def metrics(args: argparse.Namespace) -> int:
@@ -254,22 +288,30 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"pairctl: {exc}", file=sys.stderr)
         return EX_USAGE
-    except IpcHandlerError as exc:
-        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
-        if exc.data.get("path"):
-            print(f"  at {exc.data['path']}", file=sys.stderr)
-        return EX_HANDLER
-    except IpcTransportError as exc:
-        print(f"pairctl: {exc.message}", file=sys.stderr)
-        print(
-            "  start the pair with `make run` or `pairctl up`, or under systemd:"
-            " systemctl start pair-assistant.socket pair-gateway.socket",
-            file=sys.stderr,
-        )
-        return EX_UNAVAILABLE
+    except (IpcHandlerError, IpcTransportError) as exc:
+        refusal = forbidden(exc)
+        if refusal is None:
+            return _failed(exc)
+        print(f"error: FORBIDDEN: {refusal}", file=sys.stderr)
+        return EX_NOPERM
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, as coreutils do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def _failed(exc: IpcHandlerError | IpcTransportError) -> int:
+    if isinstance(exc, IpcHandlerError):
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        if exc.data.get("path"):
+            print(f"  at {exc.data['path']}", file=sys.stderr)
+        return EX_HANDLER
+    print(f"pairctl: {exc.message}", file=sys.stderr)
+    print(
+        "  start the pair with `make run` or `pairctl up`, or under systemd:"
+        " systemctl start pair-assistant.socket pair-gateway.socket",
+        file=sys.stderr,
+    )
+    return EX_UNAVAILABLE

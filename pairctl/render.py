@@ -92,6 +92,9 @@ def invite_list(result: Any) -> str:
 def status_table(healths: dict[str, Any]) -> str:
     rows = []
     for name, health in healths.items():
+        if health.get("status") == "forbidden":
+            rows.append([name, "forbidden", "-", "-", health["error"]])
+            continue
         if health.get("status") != "ok":
             rows.append([name, "down", "-", "-", f"no answer on {health['socket']}"])
             continue

@@ -327,7 +327,7 @@ class Client:
                     )
             except (OSError, TimeoutError) as exc:
                 raise IpcTransportError(
-                    f"cannot connect to {self.path}: {_describe(exc)}", sent=False
+                    f"cannot connect to {self.path}: {_describe(exc)}", sent=False, path=self.path
                 ) from exc
             self._protocol = protocol
             return protocol

@@ -88,6 +88,9 @@ class CallHost(Protocol):
 
     def connection_lost(self, connection: Connection) -> None: ...
 
+    def heard_from(self, connection: Connection) -> None:
+        """The connection's first bytes arrived."""
+
     def call_started(self, size: int) -> None:
         """A call whose request body is `size` bytes is in flight."""
 
@@ -131,6 +134,7 @@ class Connection(asyncio.Protocol):
         self._batch_members = asyncio.Semaphore(host.limits.max_in_flight)
         self.last_active = self._loop.time()
         self._bug_logged = False
+        self.heard = False
 
     # -- asyncio.Protocol callbacks ---------------------------------------
 
@@ -147,6 +151,9 @@ class Connection(asyncio.Protocol):
         if self._closed:
             return
         self.last_active = self._loop.time()
+        if not self.heard:
+            self.heard = True
+            self._host.heard_from(self)
         try:
             frames = self._decoder.feed(data)
         except FrameError as exc:

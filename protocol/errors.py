@@ -214,10 +214,12 @@ class IpcTransportError(IpcError):
     """No answer was obtained: socket missing, refused, reset, closed, timed out, or garbled.
 
     `sent` is True when the request had been written to the socket, so a
-    non-idempotent call may or may not have been applied.
+    non-idempotent call may or may not have been applied. `path` is the socket's
+    when connecting to it failed.
     """
 
-    def __init__(self, message: str, *, sent: bool) -> None:
+    def __init__(self, message: str, *, sent: bool, path: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.sent = sent
+        self.path = path

@@ -2,7 +2,8 @@
 
 Life cycle: bind (or inherit) the socket -> open the app's resources (its
 database) -> serve -> `READY=1`; on SIGTERM/SIGINT: `STOPPING=1` -> stop
-accepting -> drain under the grace period -> close the resources -> exit 0.
+accepting -> drain under the grace period -> close the resources -> exit 0,
+all of it within `--grace` of the signal.
 A fatal start-up problem is one line on stderr and a sysexits code.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import grp
 import json
 import logging
 import math
@@ -37,13 +39,22 @@ from protocol.dispatch import Router
 from protocol.framing import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_FRAME_BYTES
 from protocol.server import Server, ServerLimits
 from runtime.errors import EX_CONFIG, StartupError
+from runtime.journal import JOURNAL_SOCKET, JournalHandler
 from runtime.listener import Listener, open_listener
 from runtime.memory import map_large_blocks
 from runtime.paths import default_runtime_dir, default_state_dir
-from runtime.sqlite import BUSY_TIMEOUT_MS
+from runtime.sqlite import BUSY_TIMEOUT_MS, STOP_TIMEOUT
 from runtime.systemd import Notifier, run_watchdog, watchdog_interval
 
 log = logging.getLogger("daemon")
+
+# The end of --grace kept for closing the connections and the database (what still
+# runs in SQLite then is interrupted or left behind): the exit never waits past it.
+CLOSE_RESERVE = 0.5
+
+
+def close_reserve(grace: float) -> float:
+    return min(CLOSE_RESERVE, grace / 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +67,10 @@ class DaemonConfig:
     log_format: str
     limits: ServerLimits
     allowed_uids: frozenset[int]
+    allowed_gids: frozenset[int]
     socket_mode: int
     socket_group: str | None
+    grace: float = 10.0
     synchronous: str = "full"
     busy_timeout_ms: int = BUSY_TIMEOUT_MS
 
@@ -73,8 +86,8 @@ class App(Protocol):
     async def run_background(self, task_group: TaskGroup) -> None:
         """Start the app's background tasks in `task_group` (cancelled at shutdown)."""
 
-    async def close(self) -> None:
-        """Release the resources after the drain."""
+    async def close(self, timeout: float) -> None:
+        """Release the resources after the drain, within `timeout` seconds."""
 
     def status(self) -> str:
         """One line for systemd's STATUS=."""
@@ -87,9 +100,14 @@ def argument_parser(name: str, description: str) -> argparse.ArgumentParser:
     add("--state-dir", type=Path, help="directory of the databases (default: see README)")
     add("--socket", help=f"path of {name}.sock (default: RUNTIME_DIR/{name}.sock)")
     add("--log-level", default=os.environ.get("PAIR_LOG_LEVEL", "INFO"))
-    add("--log-format", choices=("text", "json"), default=os.environ.get("PAIR_LOG_FORMAT", "text"))
-    add("--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown")
+    add("--log-format", choices=("text", "json", "journal"),
+        default=os.environ.get("PAIR_LOG_FORMAT", "text"),
+        help="journal: journald's native protocol, with priorities and fields")  # fmt: skip
+    add("--grace", type=float, default=10.0,
+        help="seconds from SIGTERM to exit; in-flight calls get all but the last 0.5")  # fmt: skip
     add("--allow-uid", type=int, action="append", default=[], help="also accept this peer uid")
+    add("--allow-group", action="append", default=[],
+        help="also accept peers in this group (name or gid), e.g. the socket's")  # fmt: skip
     add("--socket-mode", type=lambda v: int(v, 8), default=0o600, help="octal, e.g. 660")
     add("--socket-group", help="group of the socket file (with --socket-mode 660)")
     add("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
@@ -151,7 +169,7 @@ def config_from_args(name: str, args: argparse.Namespace) -> DaemonConfig:
         max_pending_bytes=args.max_pending_bytes,
         max_pending_bytes_total=args.max_pending_bytes_total,
         max_connections=args.max_connections,
-        grace=args.grace,
+        grace=args.grace - close_reserve(args.grace),
         idle_timeout=args.idle_timeout,
     )
     return DaemonConfig(
@@ -163,11 +181,22 @@ def config_from_args(name: str, args: argparse.Namespace) -> DaemonConfig:
         log_format=args.log_format,
         limits=limits,
         allowed_uids=frozenset({os.getuid(), 0, *args.allow_uid}),
+        allowed_gids=frozenset(map(_group_id, args.allow_group)),
         socket_mode=args.socket_mode,
         socket_group=args.socket_group,
+        grace=args.grace,
         synchronous=args.synchronous,
         busy_timeout_ms=args.busy_timeout_ms,
     )
+
+
+def _group_id(group: str) -> int:
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise StartupError(f"--allow-group {group!r}: no such group", EX_CONFIG) from None
 
 
 class _JsonFormatter(logging.Formatter):
@@ -185,6 +214,16 @@ class _JsonFormatter(logging.Formatter):
 
 
 def setup_logging(name: str, level: str, log_format: str) -> None:
+    root = logging.getLogger()
+    root.setLevel(level)
+    journal_error: OSError | None = None
+    if log_format == "journal":
+        try:
+            root.handlers[:] = [JournalHandler(f"{name}d", name)]
+            return
+        except OSError as exc:
+            # Started by hand with the unit's flags: still a log, on stderr.
+            journal_error, log_format = exc, "json"
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
@@ -192,9 +231,9 @@ def setup_logging(name: str, level: str, log_format: str) -> None:
         handler.setFormatter(
             logging.Formatter(f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
         )
-    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    if journal_error is not None:
+        log.warning("no journal at %s (%s): logging JSON to stderr", JOURNAL_SOCKET, journal_error)
 
 
 def raise_fd_limit() -> None:
@@ -215,6 +254,7 @@ async def serve_app(config: DaemonConfig, app: App, listener: Listener) -> None:
     """Serve `app` on `listener` until SIGTERM/SIGINT, then drain and close."""
     notifier = Notifier()
     started = time.monotonic()
+    exit_by = math.inf
     # Installed first, so a signal during start-up is queued, not fatal.
     with _stop_signals() as signals:
         try:
@@ -224,6 +264,7 @@ async def serve_app(config: DaemonConfig, app: App, listener: Listener) -> None:
                 listener.sock,
                 limits=config.limits,
                 allowed_uids=config.allowed_uids,
+                allowed_gids=config.allowed_gids,
                 logger=logging.getLogger(f"{config.name}.server"),
             )
 
@@ -244,6 +285,7 @@ async def serve_app(config: DaemonConfig, app: App, listener: Listener) -> None:
                     task_group.start_soon(run_watchdog, notifier, interval)
                 await app.run_background(task_group)
                 async for signum in signals:
+                    exit_by = time.monotonic() + config.grace
                     log.info("received %s: stopping", signal.Signals(signum).name)
                     notifier.stopping()
                     server.shutdown()
@@ -251,7 +293,8 @@ async def serve_app(config: DaemonConfig, app: App, listener: Listener) -> None:
                 task_group.start_soon(_ignore_signals, signals)
         finally:
             with anyio.CancelScope(shield=True):
-                await app.close()
+                left = exit_by - time.monotonic()
+                await app.close(STOP_TIMEOUT if left == math.inf else max(0.0, left))
                 listener.close()
                 notifier.close()
     log.info("%sd stopped", config.name)

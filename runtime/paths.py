@@ -18,6 +18,25 @@ def default_runtime_dir() -> Path:
     return Path(xdg) / "pair" if xdg else Path(".pair/run")
 
 
+# Where deploy/systemd's socket units put the sockets.
+INSTALLED_RUNTIME_DIR = Path("/run/pair")
+
+
+def client_runtime_dir() -> tuple[Path, str]:
+    """Where a client such as pairctl finds the sockets, and what chose that place.
+
+    A daemon's environment names its directory; an operator's shell does not, so
+    after `$PAIR_RUNTIME_DIR` the installed units' directory wins over the
+    development default, whatever the current directory.
+    """
+    value = os.environ.get("PAIR_RUNTIME_DIR")
+    if value:
+        return Path(value), "from $PAIR_RUNTIME_DIR"
+    if INSTALLED_RUNTIME_DIR.is_dir():
+        return INSTALLED_RUNTIME_DIR, "the installed units' directory"
+    return default_runtime_dir(), "the development default"
+
+
 def default_state_dir() -> Path:
     for variable in ("PAIR_STATE_DIR", "STATE_DIRECTORY"):
         value = os.environ.get(variable)

@@ -23,7 +23,7 @@ from runtime.sqlite.errors import (
     timeout_error,
 )
 from runtime.sqlite.job import Job
-from runtime.sqlite.pool import ConnectionPool, QueuedPastDeadline
+from runtime.sqlite.pool import STOP_TIMEOUT, ConnectionPool, QueuedPastDeadline, stop_pools
 from runtime.sqlite.transaction import (
     BUSY_TIMEOUT_MS,
     Conn,
@@ -37,6 +37,7 @@ from runtime.sqlite.transaction import (
 __all__ = [
     "BUSY_TIMEOUT_MS",
     "STATEMENT_CACHE_SIZE",
+    "STOP_TIMEOUT",
     "Conn",
     "ConnectionPool",
     "DatabaseFailure",
@@ -53,6 +54,7 @@ __all__ = [
     "now_ms",
     "ours",
     "sqlite_codes",
+    "stop_pools",
     "timeout_error",
     "watch_deadline",
 ]

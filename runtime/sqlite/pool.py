@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar, cast
 
 import apsw
@@ -418,30 +418,57 @@ class ConnectionPool(Generic[C]):
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Finish the queued jobs, then close the connections (blocking; call off the loop).
 
-        Waits at most `timeout`, then interrupts what still runs and waits
-        `INTERRUPT_WAIT` more: a statement stuck inside one long SQLite step
-        must not hold the daemon's exit past its drain. A thread still busy
-        after that is left to end with the process (its transaction was never
-        committed, so nothing of it is kept).
+        `stop_pools([self], timeout)`.
         """
+        stop_pools([self], timeout)
+
+    def _begin_stop(self) -> None:
         self._stopping = True
         for _ in self._threads:
             self._queue.put(None)
-        deadline = time.monotonic() + timeout
+
+    def _join(self, deadline: float) -> bool:
+        """Wait for the threads until `deadline` (monotonic); True when all have ended."""
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        if not any(thread.is_alive() for thread in self._threads):
-            return
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def _interrupt(self) -> None:
         for worker, thread in zip(self._workers, self._threads, strict=True):
             if thread.is_alive():
                 # Its thread may close it at any moment: then there is nothing to stop.
                 with contextlib.suppress(apsw.ConnectionClosedError):
                     worker.conn.db.interrupt()
-        for thread in self._threads:
-            thread.join(INTERRUPT_WAIT)
+
+    def _left_behind(self) -> None:
         busy = sum(thread.is_alive() for thread in self._threads)
         if busy:
             log.warning("%s: %d thread(s) still in SQLite at exit; left behind", self.name, busy)
+
+
+def stop_pools(pools: Sequence[ConnectionPool[Any]], timeout: float) -> None:
+    """Stop `pools` within `timeout` seconds in all (blocking; call off the loop).
+
+    Each finishes its queued jobs and closes its connections, all at once, in
+    the order given (the stop markers are queued in that order). What still runs
+    `INTERRUPT_WAIT` before the end (or half the time, when that is shorter) is
+    interrupted. A thread still busy at the end, such as one stuck inside a
+    single long SQLite step that no interrupt reaches, is left to end with the
+    process: its transaction was never committed, so nothing of it is kept. So
+    the daemon's exit never waits past its `--grace` on a statement.
+    """
+    end = time.monotonic() + timeout
+    for pool in pools:
+        pool._begin_stop()
+    interrupt_at = end - min(INTERRUPT_WAIT, timeout / 2)
+    ended = [pool._join(interrupt_at) for pool in pools]
+    if all(ended):
+        return
+    for pool in pools:
+        pool._interrupt()
+    for pool in pools:
+        pool._join(end)
+        pool._left_behind()
 
 
 # A job stopped by its progress handler for being slow, to run again in the slow lane.

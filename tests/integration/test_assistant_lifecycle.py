@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,11 @@ async def test_a_lock_held_by_another_process_is_db_busy_and_retryable(short_tmp
         daemon.close()
 
 
+GRACE = 2.0
+# Interpreter start-up is not in the budget, its exit is: a few tens of ms here.
+EXIT_SLACK = 0.5
+
+
 async def test_sigterm_exits_after_the_grace_even_with_a_statement_stuck_in_one_step(
     short_tmp: Path,
 ) -> None:
@@ -212,7 +218,7 @@ async def test_sigterm_exits_after_the_grace_even_with_a_statement_stuck_in_one_
     handler or interrupt reaches it; the daemon still exits 0 soon after its grace."""
     (short_tmp / "run").mkdir()
     daemon = DaemonProcess(
-        "assistant", short_tmp / "run", short_tmp / "state", "--grace", "1"
+        "assistant", short_tmp / "run", short_tmp / "state", "--grace", str(GRACE)
     ).start()
     stuck = {
         "sql": "SELECT length(trim(printf('%.*c', 150000, 'a'), printf('%.*c', 150000, 'b')"
@@ -232,8 +238,12 @@ async def test_sigterm_exits_after_the_grace_even_with_a_statement_stuck_in_one_
 
             task_group.start_soon(hang)
             await dispatched(client)
+            signalled = time.monotonic()
             daemon.signal(signal.SIGTERM)
             assert await anyio.to_thread.run_sync(daemon.terminate, 10) == 0
+            took = time.monotonic() - signalled
         assert "still in SQLite at exit" in daemon.stderr()
+        # SPEC: the drain never passes --grace; the unit's TimeoutStopSec relies on it.
+        assert took < GRACE + EXIT_SLACK, f"exited {took:.2f} s after SIGTERM"
     finally:
         daemon.close()

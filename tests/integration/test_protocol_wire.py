@@ -8,7 +8,9 @@ import random
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -220,24 +222,26 @@ def test_random_and_mutated_frames_never_stop_the_server(demo_socket: str) -> No
         assert conn.call(request("echo", {"text": "alive"}))["result"]["text"] == "alive"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
-def test_a_peer_with_another_uid_is_forbidden_and_disconnected(short_tmp: Path) -> None:
-    daemon = DaemonProcess(
-        "tests.support.demo_server", short_tmp, short_tmp, "--socket-mode", "666"
-    )
-    daemon.start()
-    os.chmod(short_tmp, 0o755)
-    path = str(short_tmp / "demo.sock")
+NOBODY = 65534
+ALLOWED_GID = 4242
+
+
+def as_nobody(path: str, groups: list[int], message: object) -> tuple[Any, bool]:
+    """Connect as uid `NOBODY` with supplementary `groups` and send `message`, or when it
+    is None, nothing: the first answer, and then whether the daemon closed the connection."""
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
         try:
             os.close(read_end)
-            os.setgid(65534)
-            os.setuid(65534)
+            os.setgroups(groups)
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
             with RawConnection(path) as conn:
+                if message is not None:
+                    conn.send_json(message)
                 answer = conn.recv_json()
-                closed = conn.is_closed_by_peer()
+                closed = message is None and conn.is_closed_by_peer()
             os.write(write_end, json.dumps([answer, closed]).encode())
         finally:
             os._exit(0)
@@ -247,10 +251,39 @@ def test_a_peer_with_another_uid_is_forbidden_and_disconnected(short_tmp: Path) 
         answer, closed = json.loads(os.read(read_end, 65536))
     finally:
         os.close(read_end)
-        daemon.close()
     assert os.waitstatus_to_exitcode(status) == 0
+    return answer, closed
+
+
+@pytest.fixture
+def open_demo(short_tmp: Path) -> Iterator[str]:
+    """A demo daemon whose socket anyone may connect to; it allows members of ALLOWED_GID."""
+    daemon = DaemonProcess(
+        "tests.support.demo_server", short_tmp, short_tmp, "--socket-mode", "666",
+        "--allow-group", str(ALLOWED_GID),
+    )  # fmt: skip
+    daemon.start()
+    os.chmod(short_tmp, 0o755)
+    try:
+        yield str(short_tmp / "demo.sock")
+    finally:
+        daemon.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+def test_a_peer_with_another_uid_is_forbidden_and_disconnected(open_demo: str) -> None:
+    answer, closed = as_nobody(open_demo, [], None)
     assert error_of(answer) == (-32001, 403, "FORBIDDEN")
+    assert answer["error"]["message"].endswith(f"members of gids: {ALLOWED_GID})")
     assert closed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+def test_a_peer_in_an_allowed_group_is_served(open_demo: str) -> None:
+    """--allow-group: the peer's supplementary groups count (SO_PEERGROUPS), as for a
+    member of group pair running pairctl against the installed units."""
+    answer, _ = as_nobody(open_demo, [ALLOWED_GID], request("echo", {"text": "hi"}))
+    assert answer["result"]["text"] == "hi"
 
 
 def drain(conn: RawConnection) -> None:

@@ -89,7 +89,7 @@ class DemoApp:
     async def run_background(self, task_group: TaskGroup) -> None:
         pass
 
-    async def close(self) -> None:
+    async def close(self, timeout: float) -> None:
         pass
 
     def status(self) -> str:
