@@ -6,7 +6,7 @@ LOCK := requirements.lock
 LATEST := .venv-latest
 N ?= 10
 
-.PHONY: test check lint types unit run bench bench-rss soak lock test-latest test-repeat clean
+.PHONY: test check lint types unit test-systemd run bench bench-rss soak lock test-latest test-repeat clean
 
 # Every install of ours takes the exact versions (and hashes) of the lock; the
 # project itself goes in last, editable, built by the locked setuptools.
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP) check
+test: $(STAMP) check test-systemd
 
 check: lint types unit
 
@@ -29,6 +29,11 @@ types: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest
+
+# The pair under the real systemd, booted in namespaces of its own (root; see
+# tests/systemd/machine.py): installed by deploy/install.sh, driven with systemctl.
+test-systemd: $(STAMP)
+	$(BIN)/pytest tests/systemd -p no:randomly
 
 # Both daemons on the default paths (./.pair/run, ./.pair/state); Ctrl-C stops both.
 run: $(STAMP)
@@ -50,6 +55,8 @@ bench-rss: $(STAMP)
 lock: $(STAMP)
 	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
 		--generate-hashes --upgrade --quiet -o $(LOCK)
+	$(BIN)/uv pip compile pyproject.toml deploy/build-requirements.in --universal \
+		--python-version 3.11 --generate-hashes --quiet -c $(LOCK) -o deploy/requirements-runtime.lock
 
 # The suite on the newest releases the ranges allow, in a venv of its own: finds
 # upstream drift on purpose, before a `make lock` takes it in.
