@@ -51,6 +51,7 @@ log = logging.getLogger("daemon")
 # The end of --grace kept for closing the connections and the database (what still
 # runs in SQLite then is interrupted or left behind): the exit never waits past it.
 CLOSE_RESERVE = 0.5
+STATUS_EVERY = 1.0
 
 
 def close_reserve(grace: float) -> float:
@@ -280,6 +281,7 @@ async def serve_app(config: DaemonConfig, app: App, listener: Listener) -> None:
 
             async with anyio.create_task_group() as task_group:
                 await task_group.start(_serve, server, announce, task_group.cancel_scope)
+                task_group.start_soon(_keep_status, notifier, app.status)
                 interval = watchdog_interval()
                 if interval is not None:
                     task_group.start_soon(run_watchdog, notifier, interval)
@@ -332,6 +334,18 @@ def _stop_signals() -> Iterator[MemoryObjectReceiveStream[int]]:
             signal.signal(signum, signal.SIG_IGN)
         send.close()
         receive.close()
+
+
+async def _keep_status(notifier: Notifier, status: Callable[[], str]) -> None:
+    """Send STATUS= again whenever the app's line changes (the gateway's link state),
+    so `systemctl status` never shows a stale one."""
+    sent = status()
+    while True:
+        await anyio.sleep(STATUS_EVERY)
+        line = status()
+        if line != sent:
+            notifier.notify(f"STATUS={line}")
+            sent = line
 
 
 async def _ignore_signals(signals: AsyncIterator[int]) -> None:

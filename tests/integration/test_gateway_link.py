@@ -108,6 +108,11 @@ async def test_the_gateway_started_first_serves_invites_and_converges(short_tmp:
 
         await eventually(converged)
         assert len(await events(both)) == 1
+        # systemd's STATUS= follows the link: `systemctl status` shows it connected.
+        db = both.gateway.state_dir / "gateway.db"
+        await anyio.to_thread.run_sync(
+            both.gateway.wait_for, f"STATUS=serving {db}; assistant link connected"
+        )
     finally:
         both.close()
 

@@ -139,6 +139,12 @@ def test_a_redemption_reaches_the_assistants_database_through_the_gateways_link(
     )
     until(lambda: assistant_query(machine, sql) == [{"n": 1}], "the event in assistant.db")
     assert pairctl_json(machine, "call", "gateway", "health")["outbox"]["pending"] == 0
+    until(
+        lambda: machine.show(unit("gateway"), "StatusText")["StatusText"].endswith(
+            "assistant link connected"
+        ),
+        "systemctl status shows the link connected",
+    )
 
 
 @pytest.mark.parametrize("action", ["restart", "kill"])
