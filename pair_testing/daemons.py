@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.client import Client
+from protocol.errors import IpcError
 
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
@@ -169,11 +170,18 @@ class DaemonProcess:
         `IpcTransportError` raised. Synchronous, so it also works from a test with no loop;
         the call runs on a thread of its own, with its own event loop."""
 
+        __tracebackhide__ = True
+
         async def once() -> Any:
             async with Client(self.socket_path, timeout=timeout) as client:
                 return await client.call(method, params)
 
-        return _CALLS.submit(asyncio.run, once()).result()
+        try:
+            return _CALLS.submit(asyncio.run, once()).result()
+        except IpcError as exc:
+            # Raised again here, without the frames of the call's thread and loop: a
+            # failing test shows its own line and the error, not asyncio's internals.
+            raise exc.with_traceback(None) from None
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

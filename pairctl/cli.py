@@ -9,7 +9,6 @@ a traceback.
 from __future__ import annotations
 
 import argparse
-import grp
 import json
 import os
 import sys
@@ -19,7 +18,8 @@ from typing import Any
 
 import anyio
 
-from pairctl import render
+from pairctl import explore, failures, render
+from pairctl.failures import EX_HANDLER, EX_NOPERM, EX_UNAVAILABLE, forbidden
 from pairctl.metrics import exposition, write_textfile
 from pairctl.up import run_up
 from protocol.client import BatchCall, Client
@@ -27,10 +27,6 @@ from protocol.errors import IpcHandlerError, IpcTransportError
 from runtime.paths import client_runtime_dir, default_runtime_dir, default_state_dir
 
 EX_OK = 0
-EX_HANDLER = 1
-EX_USAGE = 2
-EX_UNAVAILABLE = 69
-EX_NOPERM = 77
 DAEMONS = ("assistant", "gateway")
 CALL_TIMEOUT = 30.0
 
@@ -65,6 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="write them to this file atomically (node_exporter's textfile collector)",
     )
+
+    methods = commands.add_parser(
+        "methods", parents=[common], help="what each daemon can be called with (rpc.discover)"
+    )
+    methods.add_argument("daemon", nargs="?", choices=DAEMONS)
+    describe = commands.add_parser(
+        "describe", parents=[common], help="one method: its params and result"
+    )
+    describe.add_argument("daemon", choices=DAEMONS)
+    describe.add_argument("method")
+    sql = commands.add_parser(
+        "sql", parents=[common], help="one SQL statement on assistant.db (db_proxy)"
+    )
+    sql.add_argument("sql")
+    sql.add_argument("--write", action="store_true", help="run mode: a write (default: a query)")
+    sql.add_argument(
+        "--bind", action="append", default=[], metavar="NAME=VALUE",
+        help="a named parameter (:NAME); VALUE as JSON when it reads as JSON, else text",
+    )  # fmt: skip
+    sql.add_argument("--max-rows", type=int)
 
     call = commands.add_parser("call", parents=[common], help="call any method")
     call.add_argument("daemon", choices=DAEMONS)
@@ -116,22 +132,6 @@ def socket_of(args: argparse.Namespace, daemon: str) -> str:
     return str(runtime_dir_of(args)[0] / f"{daemon}.sock")
 
 
-def forbidden(exc: IpcHandlerError | IpcTransportError) -> str | None:
-    """Why this user may not use the socket, when that is why the call failed."""
-    if isinstance(exc, IpcHandlerError):
-        return exc.message if exc.code == "FORBIDDEN" else None
-    if not isinstance(exc.__cause__, PermissionError) or exc.path is None:
-        return None
-    return f"permission denied on {exc.path}: run as root or as a member of {_group_of(exc.path)}"
-
-
-def _group_of(path: str) -> str:
-    try:
-        return f"group {grp.getgrgid(os.stat(path).st_gid).gr_name}"
-    except (OSError, KeyError):
-        return "the socket's group"
-
-
 def drop_none(**fields: Any) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if value is not None}
 
@@ -143,6 +143,14 @@ def request_of(args: argparse.Namespace) -> Request:
     """(daemon, method, params, human renderer) for a one-call command."""
     if args.command == "call":
         return args.daemon, args.method, parse_params(args.params), render.as_json
+    if args.command == "sql":
+        try:
+            bind = explore.bind_of(args.bind)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        mode = "run" if args.write else "query"
+        params = drop_none(sql=args.sql, mode=mode, bind=bind, maxRows=args.max_rows)
+        return "assistant", "db_proxy", params, explore.sql_result
     if args.command == "contact":
         if args.action == "create":
             params = drop_none(displayName=args.name, role=args.role)
@@ -224,6 +232,26 @@ async def batch_call(args: argparse.Namespace) -> int:
     return EX_HANDLER if any(isinstance(r, IpcHandlerError) for r in results) else EX_OK
 
 
+async def discover(args: argparse.Namespace) -> int:
+    daemons = [args.daemon] if args.daemon else list(DAEMONS)
+    documents = {}
+    for daemon in daemons:
+        async with Client(socket_of(args, daemon), timeout=CALL_TIMEOUT) as client:
+            documents[daemon] = await client.call("rpc.discover")
+    if args.command == "methods":
+        print(render.as_json(documents) if args.json else explore.methods_table(documents))
+        return EX_OK
+    document = documents[args.daemon]
+    method = next((m for m in document["methods"] if m["name"] == args.method), None)
+    if method is None:
+        raise UsageError(
+            f"{args.daemon} has no method {args.method!r}; `pairctl methods {args.daemon}`"
+            " lists them"
+        )
+    print(render.as_json(method) if args.json else explore.describe(document, method))
+    return EX_OK
+
+
 async def status(args: argparse.Namespace) -> int:
     healths: dict[str, Any] = {}
     for daemon in DAEMONS:
@@ -274,6 +302,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return anyio.run(status, args)
     if args.command == "metrics":
         return anyio.run(metrics, args)
+    if args.command in ("methods", "describe"):
+        return anyio.run(discover, args)
     if args.command == "call" and args.batch is not None:
         return anyio.run(batch_call, args)
     if args.command == "call" and args.method is None:
@@ -283,35 +313,16 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    as_json = bool(getattr(args, "json", False))
     try:
         return dispatch(args)
     except UsageError as exc:
-        print(f"pairctl: {exc}", file=sys.stderr)
-        return EX_USAGE
+        return failures.usage(str(exc), as_json)
     except (IpcHandlerError, IpcTransportError) as exc:
-        refusal = forbidden(exc)
-        if refusal is None:
-            return _failed(exc)
-        print(f"error: FORBIDDEN: {refusal}", file=sys.stderr)
-        return EX_NOPERM
+        return failures.report(exc, as_json)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, as coreutils do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-
-
-def _failed(exc: IpcHandlerError | IpcTransportError) -> int:
-    if isinstance(exc, IpcHandlerError):
-        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
-        if exc.data.get("path"):
-            print(f"  at {exc.data['path']}", file=sys.stderr)
-        return EX_HANDLER
-    print(f"pairctl: {exc.message}", file=sys.stderr)
-    print(
-        "  start the pair with `make run` or `pairctl up`, or under systemd:"
-        " systemctl start pair-assistant.socket pair-gateway.socket",
-        file=sys.stderr,
-    )
-    return EX_UNAVAILABLE

@@ -4,8 +4,10 @@ Restart policy mirrors systemd's `Restart=on-failure`: a daemon that dies
 (non-zero exit or a signal) is started again after a backoff that doubles
 up to `RESTART_BACKOFF_CAP` and resets once it has stayed up for
 `STABLE_AFTER` seconds; one that exits 0 was stopped on purpose and stays
-down. Ctrl-C (SIGINT) or SIGTERM stops both cleanly: SIGTERM to each,
-SIGKILL only past `STOP_TIMEOUT` (above the daemons' 10 s drain grace).
+down. A daemon that cannot start for a reason a restart cannot fix (its
+socket served by another live daemon, a bad flag) stops both, once, and `up`
+exits with its code. Ctrl-C (SIGINT) or SIGTERM stops both cleanly: SIGTERM to
+each, SIGKILL only past `STOP_TIMEOUT` (above the daemons' 10 s drain grace).
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from pathlib import Path
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
+from runtime.errors import EX_CONFIG, EX_TEMPFAIL
+
 RESTART_BACKOFF_START = 0.5
 RESTART_BACKOFF_CAP = 10.0
 STABLE_AFTER = 10.0
 STOP_TIMEOUT = 15.0
 DAEMONS = ("assistant", "gateway")
+# Start-up failures no restart can fix (runtime/errors.py).
+FATAL = {EX_TEMPFAIL: "its socket is served by another live daemon", EX_CONFIG: "bad configuration"}
 
 
 def say(line: str) -> None:
@@ -71,17 +77,22 @@ async def run_once(name: str, argv: list[str], stopping: anyio.Event) -> int:
         return code
 
 
-async def supervise(name: str, argv: list[str], stopping: anyio.Event) -> None:
+async def supervise(name: str, argv: list[str], stopping: anyio.Event) -> int:
+    """Run `name` until stopped; a fatal start-up exit code, else 0."""
     delay = RESTART_BACKOFF_START
     while not stopping.is_set():
         started = time.monotonic()
         code = await run_once(name, argv, stopping)
         if stopping.is_set():
             say(f"{name} stopped (exit {code})")
-            return
+            return 0
         if code == 0:
             say(f"{name} exited cleanly; not restarting it (like Restart=on-failure)")
-            return
+            return 0
+        if code in FATAL:
+            say(f"{name} cannot start (exit {code}: {FATAL[code]}); stopping")
+            stopping.set()
+            return code
         if time.monotonic() - started >= STABLE_AFTER:
             delay = RESTART_BACKOFF_START
         how = f"signal {-code}" if code < 0 else f"exit {code}"
@@ -89,6 +100,7 @@ async def supervise(name: str, argv: list[str], stopping: anyio.Event) -> None:
         with anyio.move_on_after(delay):
             await stopping.wait()
         delay = min(delay * 2, RESTART_BACKOFF_CAP)
+    return 0
 
 
 async def wait_for_signal(stopping: anyio.Event) -> None:
@@ -104,13 +116,18 @@ async def up(runtime_dir: Path, state_dir: Path, log_level: str) -> int:
     common = ["--runtime-dir", str(runtime_dir), "--state-dir", str(state_dir)]
     common += ["--log-level", log_level]
     say(f"runtime dir {runtime_dir}, state dir {state_dir}; Ctrl-C stops both")
+    codes: list[int] = []
+
+    async def run(name: str) -> None:
+        codes.append(await supervise(name, [sys.executable, "-m", name, *common], stopping))
+
     async with anyio.create_task_group() as task_group:
         task_group.start_soon(wait_for_signal, stopping)
         async with anyio.create_task_group() as daemons:
             for name in DAEMONS:
-                daemons.start_soon(supervise, name, [sys.executable, "-m", name, *common], stopping)
+                daemons.start_soon(run, name)
         task_group.cancel_scope.cancel()
-    return 0
+    return max(codes, default=0)
 
 
 def run_up(runtime_dir: Path, state_dir: Path, log_level: str) -> int:

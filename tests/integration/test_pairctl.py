@@ -108,7 +108,21 @@ def test_call_prints_the_result_as_json_and_takes_a_batch(pair: Pair, tmp_path: 
             "error: INVITE_INVALID",
         ),
         (("invite", "create", "--contact", "ct_none", "--channel", "sms"), 1, "error: NOT_FOUND"),
-        (("invite", "create", "--contact", "c", "--channel", "S M S"), 1, "at $.sourceChannel"),
+        (
+            ("invite", "create", "--contact", "c", "--channel", "S M S"),
+            1,
+            "error: INVALID_PARAMS: --channel must be 1-32 of a-z, 0-9, _ and -",
+        ),
+        (
+            ("invite", "create", "--contact", "c", "--channel", "sms", "--ttl", "-5"),
+            1,
+            "error: INVALID_PARAMS: --ttl must be a whole number >= 1",
+        ),
+        (
+            ("invite", "redeem", "--channel", "sms", "--code", "abc"),
+            1,
+            "error: INVALID_PARAMS: --code must be 6 digits",
+        ),
         (("call", "gateway", "health", "{not json"), 2, "params are not valid JSON"),
         (("call", "gateway", "health", "7"), 2, "must be a JSON object or array"),
         (("invite", "frobnicate"), 2, "invalid choice"),

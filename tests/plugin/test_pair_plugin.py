@@ -92,6 +92,24 @@ def test_a_daemon_that_dies_during_a_test_fails_it_with_its_log(pytester: pytest
     )
 
 
+def test_a_handler_error_fails_the_test_at_its_own_line_not_in_the_loop(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        test_missing="""
+        def test_looks_up_a_missing_contact(pair):
+            pair.gateway.call("contacts_get", {"id": "nobody"})
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly", timeout=120)
+    result.assert_outcomes(failed=1)
+    report = "\n".join(result.outlines)
+    assert 'pair.gateway.call("contacts_get", {"id": "nobody"})' in report
+    assert "IpcHandlerError: NOT_FOUND" in report
+    for internal in ("asyncio", "concurrent/futures", "protocol/client.py"):
+        assert internal not in report, report
+
+
 def test_pair_keep_keeps_a_failed_tests_directories_and_says_where(
     pytester: pytest.Pytester,
 ) -> None:

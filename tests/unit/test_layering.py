@@ -26,7 +26,7 @@ def test_the_wire_client_and_server_load_no_database_code() -> None:
 
 
 def test_the_ops_cli_loads_the_default_paths_and_no_database_code() -> None:
-    assert loaded_after("pairctl.cli") == ["runtime", "runtime.paths"]
+    assert loaded_after("pairctl.cli") == ["runtime", "runtime.errors", "runtime.paths"]
 
 
 def test_protocol_imports_nothing_of_the_runtime_or_the_daemons() -> None:

@@ -1,0 +1,112 @@
+"""pairctl for the on-call engineer: from any directory, errors as JSON, what can be called,
+SQL by hand, and a second `up` that says why it cannot run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pair_testing import Pair
+
+
+def pairctl_in(
+    where: Path, runtime: Path, *args: str, env_dir: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """pairctl run from `where`, told of `runtime` only through $PAIR_RUNTIME_DIR."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PAIR_")}
+    if env_dir:
+        env["PAIR_RUNTIME_DIR"] = str(runtime)
+    return subprocess.run(
+        [sys.executable, "-m", "pairctl", *args],
+        cwd=where, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_pairctl_finds_the_pair_from_any_directory(pair: Pair, tmp_path: Path) -> None:
+    status = pairctl_in(tmp_path, pair.runtime, "status")
+    assert status.returncode == 0, status.stderr
+    assert "assistant link connected" in status.stdout
+
+
+def test_a_down_pair_says_where_pairctl_looked(short_tmp: Path) -> None:
+    status = pairctl_in(short_tmp, short_tmp / "run", "status")
+    assert status.returncode == 69
+    assert f"looked in {short_tmp / 'run'} (from $PAIR_RUNTIME_DIR)" in status.stderr
+
+
+def test_with_json_an_error_is_a_json_object_on_stdout_too(pair: Pair, short_tmp: Path) -> None:
+    refused = pairctl_in(
+        short_tmp, pair.runtime, "--json", "invite", "redeem", "--channel", "sms", "--code", "x1"
+    )
+    assert refused.returncode == 1
+    error = json.loads(refused.stdout)
+    assert (error["code"], error["errorCode"]) == (-32602, "INVALID_PARAMS")
+    assert error["data"]["path"] == "$.code"
+    assert "--code must be 6 digits" in refused.stderr
+    down = pairctl_in(short_tmp, short_tmp / "nothing", "contact", "list", "--json")
+    assert down.returncode == 69
+    error = json.loads(down.stdout)
+    assert (error["code"], error["errorCode"]) == (None, "UNAVAILABLE")
+    assert error["data"] == {"socket": str(short_tmp / "nothing" / "gateway.sock"), "sent": False}
+    usage = pairctl_in(short_tmp, pair.runtime, "--json", "call", "gateway", "health", "[")
+    assert usage.returncode == 2
+    assert json.loads(usage.stdout)["errorCode"] == "USAGE"
+
+
+def test_methods_and_describe_say_what_each_daemon_can_be_called_with(
+    pair: Pair, short_tmp: Path
+) -> None:
+    listed = pairctl_in(short_tmp, pair.runtime, "methods")
+    assert listed.returncode == 0, listed.stderr
+    rows = {tuple(line.split()[:2]) for line in listed.stdout.splitlines()}
+    assert {("assistant", "db_proxy"), ("gateway", "invites_create")} <= rows
+    described = pairctl_in(short_tmp, pair.runtime, "describe", "gateway", "invites_create")
+    assert described.returncode == 0, described.stderr
+    lines = [line.split() for line in described.stdout.splitlines()]
+    assert ["contactId", "string", "required"] in lines
+    assert ["ttlSeconds", "integer", "optional"] in lines
+    assert ["code", "string", "required"] in lines
+    unknown = pairctl_in(short_tmp, pair.runtime, "describe", "gateway", "invites_frob")
+    assert unknown.returncode == 2
+    assert "`pairctl methods gateway` lists them" in unknown.stderr
+
+
+def test_sql_prints_a_table_and_writes_with_binds(pair: Pair, short_tmp: Path) -> None:
+    def sql(*args: str) -> subprocess.CompletedProcess[str]:
+        return pairctl_in(short_tmp, pair.runtime, "sql", *args)
+
+    assert sql("--write", "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)").returncode == 0
+    wrote = sql("--write", "INSERT INTO notes (body) VALUES (:body)", "--bind", "body=hi there")
+    assert wrote.stdout.strip() == "1 changed"
+    sql("--write", "INSERT INTO notes (body) VALUES (:body)", "--bind", 'body="007"')
+    shown = sql("SELECT id, body FROM notes WHERE id >= :min ORDER BY id", "--bind", "min=1")
+    assert shown.stdout.splitlines() == [
+        "id  body",
+        "1   hi there",
+        "2   007",
+        "2 rows",
+    ]
+    raw = sql("SELECT count(*) AS n FROM notes", "--json")
+    assert json.loads(raw.stdout)["rows"] == [{"n": 2}]
+    read_only = sql("DELETE FROM notes")
+    assert read_only.returncode == 1
+    assert "use --write" in read_only.stderr
+    refused = sql("--write", "DROP TABLE events")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error: SQL_FORBIDDEN")
+    assert sql("SELECT 1", "--bind", "oops").returncode == 2
+
+
+def test_a_second_up_on_a_running_pair_stops_and_says_why_once(pair: Pair) -> None:
+    up = subprocess.run(
+        [sys.executable, "-m", "pairctl", "--runtime-dir", str(pair.runtime),
+         "--state-dir", str(pair.state), "up"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert up.returncode == 75
+    assert up.stdout.count("cannot start (exit 75: its socket is served by another") == 1
+    assert "restarting" not in up.stdout
+    assert pair.gateway.call("health")["status"] == "ok"
