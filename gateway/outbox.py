@@ -5,8 +5,9 @@ batches of up to `BATCH`, one call at a time (so order holds), and removes a
 batch's rows in one commit once the assistant has acknowledged it; the
 event ids make a re-delivery after a lost answer harmless. A batch the
 assistant refuses outright is split until the one event that causes it is
-alone: only that event counts refusals, and goes to `outbox_dead` after
-`DEAD_AFTER` of them. The assistant being away, busy or full never counts.
+alone: only that event counts refusals (`outbox.attempts`, so a restart keeps
+the count), and goes to `outbox_dead` after `DEAD_AFTER` of them. The assistant
+being away, busy or full never counts.
 """
 
 from __future__ import annotations
@@ -102,20 +103,24 @@ def mark_delivered(conn: Conn, through_seq: int) -> None:
     conn.execute("DELETE FROM outbox WHERE seq <= ?", (through_seq,))
 
 
-def mark_failed(conn: Conn, seq: int, error: str, set_aside: bool) -> None:
-    """Count a failed delivery; with `set_aside`, move the event to `outbox_dead`."""
+def mark_refused(conn: Conn, seq: int, error: str) -> bool:
+    """Count a refusal of the event; at the `DEAD_AFTER`th, move it to `outbox_dead`.
+    True when it was set aside."""
     with transaction(conn):
-        conn.execute(
-            "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?", (error, seq)
+        rows = conn.execute(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?"
+            " RETURNING attempts",
+            (error, seq),
         )
-        if not set_aside:
-            return
+        if not rows or rows[0][0] < DEAD_AFTER:
+            return False
         conn.execute(
             "INSERT INTO outbox_dead SELECT seq, event_id, kind, payload, created_at, attempts,"
             " last_error, ? FROM outbox WHERE seq = ?",
             (now_ms(), seq),
         )
         conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+        return True
 
 
 def dead_count(conn: Conn) -> int:
@@ -192,7 +197,6 @@ class Delivery:
         self.dead = 0
         self.delivered_total = 0
         self.last_error: str | None = None
-        self._refusals: dict[int, int] = {}
 
     @property
     def pending(self) -> int:
@@ -258,20 +262,12 @@ class Delivery:
         self.backlog.done(through)
         self.delivered_total += len(events)
         self.last_error = None
-        if self._refusals:
-            for event in events:
-                self._refusals.pop(event.seq, None)
 
     async def _refused(self, event: PendingEvent, exc: IpcError) -> bool:
         """The assistant refused this event alone; True when it was set aside (go on)."""
-        refusals = self._refusals.get(event.seq, 0) + 1
-        self._refusals[event.seq] = refusals
-        set_aside = refusals >= DEAD_AFTER
-        failed = functools.partial(mark_failed, seq=event.seq, error=str(exc), set_aside=set_aside)
-        await self._db.run(failed)
-        if not set_aside:
+        refused = functools.partial(mark_refused, seq=event.seq, error=str(exc))
+        if not await self._db.run(refused):
             return False
-        del self._refusals[event.seq]
         log.error("event %s (%s) set aside in outbox_dead: %s", event.event_id, event.kind, exc)
         self.dead += 1
         self.backlog.done(event.seq)

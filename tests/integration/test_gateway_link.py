@@ -288,11 +288,13 @@ async def test_sigkill_mid_redemptions_leaves_invites_and_channels_consistent(pa
 
 
 async def test_an_event_the_assistant_always_refuses_is_set_aside_not_blocking(pair: Pair) -> None:
+    """Refused four times before (by an earlier gateway process: the count is in the
+    table), the event is set aside at its fifth refusal, not five more."""
     db = apsw.Connection(str(pair.state / "gateway.db"))
     db.set_busy_timeout(5000)
     db.execute(
-        "INSERT INTO outbox (event_id, kind, payload, created_at)"
-        " VALUES ('ev_poison', 'bogus', '{}', 1)"
+        "INSERT INTO outbox (event_id, kind, payload, created_at, attempts)"
+        " VALUES ('ev_poison', 'bogus', '{}', 1, 4)"
     )
     db.close()
     async with Client(pair.gateway_socket) as gw:
