@@ -34,7 +34,7 @@ import uvloop
 from bench.fairness import Fairness, run_fairness
 from bench.floor import FloorClient
 from bench.sustained import QUEUED, Sustained, delivery_alone, queue_events, run_sustained
-from protocol.client import BatchCall, Client
+from pair.protocol.client import BatchCall, Client
 
 Call = Callable[[], Awaitable[Any]]
 IN_FLIGHT = 64
@@ -236,19 +236,19 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
     )
     assistant = Daemon(
         "assistant",
-        ["-m", "assistant", "--runtime-dir", str(workdir), "--state-dir", str(workdir)],
+        ["-m", "pair.assistant", "--runtime-dir", str(workdir), "--state-dir", str(workdir)],
         workdir,
     )
     gateway = Daemon(
         "gateway",
-        ["-m", "gateway", "--runtime-dir", str(workdir), "--state-dir", str(workdir),
+        ["-m", "pair.gateway", "--runtime-dir", str(workdir), "--state-dir", str(workdir),
          "--guess-limit-channel", "1000000000"],
         workdir,
     )  # fmt: skip
     (workdir / "normal").mkdir()
     normal = Daemon(
         "assistant-normal",
-        ["-m", "assistant", "--runtime-dir", str(workdir / "normal"),
+        ["-m", "pair.assistant", "--runtime-dir", str(workdir / "normal"),
          "--state-dir", str(workdir / "normal"), "--synchronous", "normal"],
         workdir,
     )  # fmt: skip
@@ -323,9 +323,9 @@ async def measure_delivery_alone(workdir: Path) -> float:
     """Both daemons down, QUEUED events in the outbox, then both up: the gateway's drain rate."""
     queue_events(workdir / "gateway.db", QUEUED)
     args = ["--runtime-dir", str(workdir), "--state-dir", str(workdir)]
-    assistant = Daemon("assistant-again", ["-m", "assistant", *args], workdir)
+    assistant = Daemon("assistant-again", ["-m", "pair.assistant", *args], workdir)
     assistant.wait_ready()
-    gateway = Daemon("gateway-again", ["-m", "gateway", *args], workdir)
+    gateway = Daemon("gateway-again", ["-m", "pair.gateway", *args], workdir)
     gateway.wait_ready()
     try:
         return await delivery_alone(str(workdir / "gateway.sock"))

@@ -25,8 +25,8 @@ from typing import Any
 
 import uvloop
 
-from protocol.client import Client
-from protocol.errors import IpcHandlerError
+from pair.protocol.client import Client
+from pair.protocol.errors import IpcHandlerError
 
 SLOW_SECONDS = 2.0
 # The load and the probe start a little after the slow query and stop before it ends.

@@ -24,7 +24,7 @@ from typing import Any
 import uvloop
 
 from bench.__main__ import IN_FLIGHT, ROWS, Daemon, prepare_assistant, redeem_case
-from protocol.client import Client
+from pair.protocol.client import Client
 
 SAMPLE_EVERY = 5.0
 WARM_AFTER = 10.0
@@ -52,9 +52,9 @@ async def keep_busy(calls: list[Any], until: float) -> int:
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     common = ["--runtime-dir", str(workdir), "--state-dir", str(workdir)]
-    assistant = Daemon("assistant", ["-m", "assistant", *common], workdir)
+    assistant = Daemon("assistant", ["-m", "pair.assistant", *common], workdir)
     gateway = Daemon(
-        "gateway", ["-m", "gateway", *common, "--guess-limit-channel", "1000000000"], workdir
+        "gateway", ["-m", "pair.gateway", *common, "--guess-limit-channel", "1000000000"], workdir
     )
     daemons = [assistant, gateway]
     for daemon in daemons:

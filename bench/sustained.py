@@ -19,7 +19,7 @@ from typing import Any
 
 import apsw
 
-from protocol.client import Client
+from pair.protocol.client import Client
 
 SECONDS = 20.0
 QUEUED = 100_000

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pair_testing import DaemonProcess, Pair
+from pair.testing import DaemonProcess, Pair
 
 
 @pytest.fixture

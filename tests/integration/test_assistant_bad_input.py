@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from pair_testing.daemons import DaemonProcess
-from protocol.client import Client
-from protocol.errors import IpcHandlerError
+from pair.protocol.client import Client
+from pair.protocol.errors import IpcHandlerError
+from pair.testing.daemons import DaemonProcess
 from tests.support.raw import RawConnection
 
 pytestmark = pytest.mark.anyio

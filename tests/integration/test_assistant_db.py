@@ -10,9 +10,9 @@ from typing import Any
 import anyio
 import pytest
 
-from pair_testing.daemons import DaemonProcess
-from protocol.client import BatchCall, Client
-from protocol.errors import IpcHandlerError
+from pair.protocol.client import BatchCall, Client
+from pair.protocol.errors import IpcHandlerError
+from pair.testing.daemons import DaemonProcess
 from tests.support.calls import failure, rows, sql, tx
 from tests.support.waiting import dispatched
 

@@ -14,9 +14,9 @@ import anyio
 import apsw
 import pytest
 
-from pair_testing.daemons import DaemonProcess
-from protocol.client import Client
-from protocol.errors import IpcHandlerError
+from pair.protocol.client import Client
+from pair.protocol.errors import IpcHandlerError
+from pair.testing.daemons import DaemonProcess
 from tests.support.calls import failure, rows, sql, tx
 from tests.support.waiting import dispatched
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pair_testing.daemons import DaemonProcess
+from pair.testing.daemons import DaemonProcess
 from tests.support.raw import RawConnection
 
 TABLES = ["events", "idempotency_keys", "main.events", "temp.f1", "f1", "f2", "EVENTS"]

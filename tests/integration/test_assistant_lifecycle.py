@@ -11,9 +11,9 @@ import anyio
 import apsw
 import pytest
 
-from pair_testing.daemons import DaemonProcess, run_once
-from protocol.client import Client
-from protocol.errors import IpcHandlerError, IpcTransportError
+from pair.protocol.client import Client
+from pair.protocol.errors import IpcHandlerError, IpcTransportError
+from pair.testing.daemons import DaemonProcess, run_once
 from tests.support.waiting import dispatched
 
 pytestmark = pytest.mark.anyio

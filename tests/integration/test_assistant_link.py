@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.link import AssistantLink
-from pair_testing.daemons import DaemonProcess
-from protocol.errors import IpcHandlerError, IpcTransportError
+from pair.gateway.link import AssistantLink
+from pair.protocol.errors import IpcHandlerError, IpcTransportError
+from pair.testing.daemons import DaemonProcess
 
 pytestmark = pytest.mark.anyio
 

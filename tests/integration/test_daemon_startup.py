@@ -6,7 +6,7 @@ import signal
 import socket
 from pathlib import Path
 
-from pair_testing.daemons import DaemonProcess, run_once
+from pair.testing.daemons import DaemonProcess, run_once
 from tests.support.raw import RawConnection
 
 DEMO = "tests.support.demo_server"

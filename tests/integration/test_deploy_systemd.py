@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pair_testing.daemons import DaemonProcess
+from pair.testing.daemons import DaemonProcess
 from tests.support.raw import RawConnection
 
 UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"

@@ -36,9 +36,10 @@ def test_the_built_wheel_holds_every_module_the_daemons_and_the_cli_import(
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(tmp_path / "site")
     probe = (
-        "import assistant.app, gateway.app, pairctl.cli, runtime.sqlite, protocol.server,"
-        " pair_testing.plugin; "
-        "print(runtime.sqlite.__file__, assistant.app.__file__, pair_testing.plugin.__file__)"
+        "import pair.assistant.app, pair.gateway.app, pair.ctl.cli, pair.runtime.sqlite,"
+        " pair.protocol.server, pair.testing.plugin; "
+        "print(pair.runtime.sqlite.__file__, pair.assistant.app.__file__,"
+        " pair.testing.plugin.__file__)"
     )
     # Outside the checkout, with the unpacked wheel first on the path: nothing
     # may come from the source tree.
@@ -54,4 +55,10 @@ def test_the_built_wheel_holds_every_module_the_daemons_and_the_cli_import(
     assert all(path.startswith(str(tmp_path / "site")) for path in result.stdout.split())
     # The pytest plugin is registered for whoever installs the wheel.
     (entry_points,) = (tmp_path / "site").glob("pair_daemons-*.dist-info/entry_points.txt")
-    assert "[pytest11]\npair = pair_testing.plugin" in entry_points.read_text()
+    assert "[pytest11]\npair = pair.testing.plugin" in entry_points.read_text()
+    # One top-level package: nothing of ours collides with another project's
+    # `protocol` or `runtime` module.
+    (top_level,) = (tmp_path / "site").glob("pair_daemons-*.dist-info/top_level.txt")
+    assert top_level.read_text().split() == ["pair"]
+    installed = {path.name for path in (tmp_path / "site").iterdir()}
+    assert {name for name in installed if not name.endswith(".dist-info")} == {"pair"}

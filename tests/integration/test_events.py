@@ -18,11 +18,11 @@ from typing import Any
 import apsw
 import pytest
 
-from gateway.outbox import DEAD_AFTER
-from pair_testing import Pair
-from pair_testing.daemons import DaemonProcess
-from protocol.client import Client
-from protocol.errors import IpcHandlerError
+from pair.gateway.outbox import DEAD_AFTER
+from pair.protocol.client import Client
+from pair.protocol.errors import IpcHandlerError
+from pair.testing import Pair
+from pair.testing.daemons import DaemonProcess
 from tests.support.sqlite import count
 from tests.support.waiting import eventually, gateway_health_reaches, outbox_drained
 

@@ -21,10 +21,10 @@ import anyio
 import apsw
 import pytest
 
-from pair_testing import Pair
-from pair_testing.daemons import DaemonProcess
-from protocol.client import Client
-from protocol.errors import IpcHandlerError, IpcTransportError
+from pair.protocol.client import Client
+from pair.protocol.errors import IpcHandlerError, IpcTransportError
+from pair.testing import Pair
+from pair.testing.daemons import DaemonProcess
 from tests.support.sqlite import count
 from tests.support.waiting import (
     eventually,

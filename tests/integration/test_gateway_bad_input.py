@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from pair_testing import Pair
-from protocol.client import Client
-from protocol.errors import IpcHandlerError
+from pair.protocol.client import Client
+from pair.protocol.errors import IpcHandlerError
+from pair.testing import Pair
 
 pytestmark = pytest.mark.anyio
 

@@ -10,10 +10,10 @@ import anyio
 import apsw
 import pytest
 
-from pair_testing import Pair
-from pair_testing.plugin import PairFactory
-from protocol.client import Client
-from protocol.errors import IpcHandlerError
+from pair.protocol.client import Client
+from pair.protocol.errors import IpcHandlerError
+from pair.testing import Pair
+from pair.testing.plugin import PairFactory
 from tests.support.calls import failure
 from tests.support.waiting import eventually
 

@@ -9,8 +9,8 @@ import anyio
 import apsw
 import pytest
 
-from pair_testing import Pair
-from protocol.client import Client
+from pair.protocol.client import Client
+from pair.testing import Pair
 from tests.support.sqlite import count
 from tests.support.waiting import gateway_health_reaches
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import apsw
 import pytest
 
-from pair_testing import Pair
-from pair_testing.daemons import DaemonProcess
-from protocol.client import Client
-from protocol.errors import IpcHandlerError
+from pair.protocol.client import Client
+from pair.protocol.errors import IpcHandlerError
+from pair.testing import Pair
+from pair.testing.daemons import DaemonProcess
 from tests.support.waiting import eventually, gateway_health_reaches, outbox_drained
 
 pytestmark = pytest.mark.anyio

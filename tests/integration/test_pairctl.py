@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pair_testing import Pair
-from protocol.errors import IpcHandlerError
+from pair.protocol.errors import IpcHandlerError
+from pair.testing import Pair
 from tests.support.raw import RawConnection
 
 
@@ -28,7 +28,7 @@ def pairctl(pair_or_root: Pair | Path, *args: str) -> subprocess.CompletedProces
         [
             sys.executable,
             "-m",
-            "pairctl",
+            "pair.ctl",
             "--runtime-dir",
             str(runtime),
             "--state-dir",
@@ -165,7 +165,7 @@ def wait_until(check: object, timeout: float = 20) -> None:
 def test_up_runs_both_restarts_a_killed_one_and_stops_cleanly(short_tmp: Path) -> None:
     log = (short_tmp / "up.log").open("w")
     up = subprocess.Popen(
-        [sys.executable, "-m", "pairctl", "--runtime-dir", str(short_tmp / "run"),
+        [sys.executable, "-m", "pair.ctl", "--runtime-dir", str(short_tmp / "run"),
          "--state-dir", str(short_tmp / "state"), "up"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip

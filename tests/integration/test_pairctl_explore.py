@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pair_testing import Pair
+from pair.testing import Pair
 
 
 def pairctl_in(
@@ -20,7 +20,7 @@ def pairctl_in(
     if env_dir:
         env["PAIR_RUNTIME_DIR"] = str(runtime)
     return subprocess.run(
-        [sys.executable, "-m", "pairctl", *args],
+        [sys.executable, "-m", "pair.ctl", *args],
         cwd=where, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 
@@ -102,7 +102,7 @@ def test_sql_prints_a_table_and_writes_with_binds(pair: Pair, short_tmp: Path) -
 
 def test_a_second_up_on_a_running_pair_stops_and_says_why_once(pair: Pair) -> None:
     up = subprocess.run(
-        [sys.executable, "-m", "pairctl", "--runtime-dir", str(pair.runtime),
+        [sys.executable, "-m", "pair.ctl", "--runtime-dir", str(pair.runtime),
          "--state-dir", str(pair.state), "up"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

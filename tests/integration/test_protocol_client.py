@@ -13,9 +13,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from pair_testing.daemons import DaemonProcess
-from protocol.client import BatchCall, Client
-from protocol.errors import IpcHandlerError, IpcTransportError
+from pair.protocol.client import BatchCall, Client
+from pair.protocol.errors import IpcHandlerError, IpcTransportError
+from pair.testing.daemons import DaemonProcess
 from tests.support.waiting import dispatched, eventually
 
 pytestmark = pytest.mark.anyio

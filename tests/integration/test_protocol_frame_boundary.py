@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from pair_testing.daemons import DaemonProcess
+from pair.testing.daemons import DaemonProcess
 from tests.support.raw import RawConnection
 
 DEEP = 100_000

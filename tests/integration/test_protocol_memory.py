@@ -15,8 +15,8 @@ from typing import Any
 import anyio
 import pytest
 
-from pair_testing.daemons import DaemonProcess
-from protocol.client import Client
+from pair.protocol.client import Client
+from pair.testing.daemons import DaemonProcess
 from tests.support.raw import RawConnection
 
 pytestmark = pytest.mark.anyio

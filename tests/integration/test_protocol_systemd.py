@@ -7,7 +7,7 @@ import socket
 import time
 from pathlib import Path
 
-from pair_testing.daemons import DaemonProcess
+from pair.testing.daemons import DaemonProcess
 from tests.support.raw import RawConnection
 
 DEMO = "tests.support.demo_server"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pair_testing.daemons import DaemonProcess
+from pair.testing.daemons import DaemonProcess
 from tests.support.raw import RawConnection
 
 

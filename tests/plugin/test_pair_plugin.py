@@ -16,7 +16,7 @@ import signal
 
 import pytest
 
-from protocol.errors import IpcHandlerError, IpcTransportError
+from pair.protocol.errors import IpcHandlerError, IpcTransportError
 
 
 def test_each_daemon_answers_through_its_handle(pair):

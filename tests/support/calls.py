@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from protocol.client import Client
-from protocol.errors import IpcHandlerError
+from pair.protocol.client import Client
+from pair.protocol.errors import IpcHandlerError
 
 
 async def sql(client: Client, statement: str, mode: str = "run", **extra: Any) -> Any:

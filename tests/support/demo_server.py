@@ -13,10 +13,10 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
-from protocol.dispatch import NoParams, Router
-from protocol.errors import RouteError
-from protocol.values import WireValue
-from runtime.daemon import DaemonConfig, main
+from pair.protocol.dispatch import NoParams, Router
+from pair.protocol.errors import RouteError
+from pair.protocol.values import WireValue
+from pair.runtime.daemon import DaemonConfig, main
 
 
 class EchoParams(msgspec.Struct, forbid_unknown_fields=True):

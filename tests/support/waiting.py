@@ -23,7 +23,7 @@ async def gateway_health_reaches(
     socket_path: str, check: Callable[[dict[str, Any]], bool], timeout: float = DEFAULT_TIMEOUT
 ) -> None:
     """Poll the gateway's `health` until `check` holds for it (its outbox drained, ...)."""
-    from protocol.client import Client
+    from pair.protocol.client import Client
 
     async def reached() -> bool:
         async with Client(socket_path) as client:

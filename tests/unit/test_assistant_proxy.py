@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from assistant import proxy
-from assistant.db import MIGRATIONS, GuardedConn, open_guarded
-from assistant.errors import DbProxyFailed, DbProxyTransactionFailed, SqlForbidden
-from assistant.events import insert_event
-from assistant.proxy import Step, TransactionFailed, TransactionOk
-from protocol.errors import InvalidParams
-from runtime.sqlite import migrate
+from pair.assistant import proxy
+from pair.assistant.db import MIGRATIONS, GuardedConn, open_guarded
+from pair.assistant.errors import DbProxyFailed, DbProxyTransactionFailed, SqlForbidden
+from pair.assistant.events import insert_event
+from pair.assistant.proxy import Step, TransactionFailed, TransactionOk
+from pair.protocol.errors import InvalidParams
+from pair.runtime.sqlite import migrate
 from tests.support.sqlite import count
 
 

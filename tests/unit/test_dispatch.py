@@ -4,10 +4,10 @@ import msgspec
 import pytest
 from msgspec import Raw
 
-from protocol.deferred import Deferred
-from protocol.dispatch import Kind, Router, openrpc_document
-from protocol.errors import InvalidParams, MethodNotFound
-from runtime.sqlite import Job
+from pair.protocol.deferred import Deferred
+from pair.protocol.dispatch import Kind, Router, openrpc_document
+from pair.protocol.errors import InvalidParams, MethodNotFound
+from pair.runtime.sqlite import Job
 
 
 class Step(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):

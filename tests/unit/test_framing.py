@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.errors import FrameTooLarge, InvalidFrame
-from protocol.framing import FrameDecoder, encode_frame
+from pair.protocol.errors import FrameTooLarge, InvalidFrame
+from pair.protocol.framing import FrameDecoder, encode_frame
 
 
 def test_several_frames_in_one_chunk_are_all_returned_in_order() -> None:

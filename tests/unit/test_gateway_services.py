@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import contacts, invites
-from gateway.codes import CodeHasher
-from gateway.db import MIGRATIONS
-from gateway.errors import (
+from pair.gateway import contacts, invites
+from pair.gateway.codes import CodeHasher
+from pair.gateway.db import MIGRATIONS
+from pair.gateway.errors import (
     InviteExhausted,
     InviteExpired,
     InviteInvalid,
@@ -23,9 +23,9 @@ from gateway.errors import (
     NotFound,
     RateLimited,
 )
-from gateway.invites import GuessLimits, Sender
-from gateway.outbox import backlog_bounds, mark_delivered, pending_events, queued_through
-from runtime.sqlite import Conn, connect, migrate, watch_deadline
+from pair.gateway.invites import GuessLimits, Sender
+from pair.gateway.outbox import backlog_bounds, mark_delivered, pending_events, queued_through
+from pair.runtime.sqlite import Conn, connect, migrate, watch_deadline
 from tests.support.sqlite import count
 
 HASHER = CodeHasher(b"k" * 32)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.journal import MAX_MESSAGE_BYTES, JournalHandler
+from pair.runtime.journal import MAX_MESSAGE_BYTES, JournalHandler
 
 
 def parse(datagram: bytes) -> dict[str, str]:

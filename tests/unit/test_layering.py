@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def loaded_after(imports: str) -> list[str]:
     probe = (
         f"import sys, {imports}; "
-        "print(sorted(m for m in sys.modules if m == 'apsw' or m.split('.')[0] == 'runtime'))"
+        "print(sorted(m for m in sys.modules if m == 'apsw' or m.startswith('pair.runtime')))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
@@ -22,31 +22,39 @@ def loaded_after(imports: str) -> list[str]:
 
 
 def test_the_wire_client_and_server_load_no_database_code() -> None:
-    assert loaded_after("protocol.client, protocol.server") == []
+    assert loaded_after("pair.protocol.client, pair.protocol.server") == []
 
 
 def test_the_ops_cli_loads_the_default_paths_and_no_database_code() -> None:
-    assert loaded_after("pairctl.cli") == ["runtime", "runtime.errors", "runtime.paths"]
+    assert loaded_after("pair.ctl.cli") == [
+        "pair.runtime",
+        "pair.runtime.errors",
+        "pair.runtime.paths",
+    ]
 
 
 def test_protocol_imports_nothing_of_the_runtime_or_the_daemons() -> None:
-    forbidden = {"apsw", "runtime", "assistant", "gateway", "pairctl"}
+    forbidden = {"apsw", "pair.runtime", "pair.assistant", "pair.gateway", "pair.ctl"}
     found = []
-    for path in sorted((ROOT / "protocol").glob("*.py")):
+    for path in sorted((ROOT / "pair" / "protocol").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in forbidden]
+            found += [
+                f"{path.name}: {n}"
+                for n in names
+                if any(n == f or n.startswith(f"{f}.") for f in forbidden)
+            ]
     assert found == []
 
 
 def test_the_daemons_never_load_the_prometheus_library() -> None:
     """The exposition format is pairctl's; the daemons answer `metrics` as JSON only."""
     probe = (
-        "import sys, assistant.app, gateway.app; "
+        "import sys, pair.assistant.app, pair.gateway.app; "
         "print([m for m in sys.modules if m.split('.')[0] == 'prometheus_client'])"
     )
     result = subprocess.run(

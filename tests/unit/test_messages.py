@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.dispatch import Router
-from protocol.errors import InvalidRequest, ParseError, RpcError
-from protocol.messages import decode_batch, decode_request, request_id_of
-from protocol.values import WireValue
+from pair.protocol.dispatch import Router
+from pair.protocol.errors import InvalidRequest, ParseError, RpcError
+from pair.protocol.messages import decode_batch, decode_request, request_id_of
+from pair.protocol.values import WireValue
 
 
 def test_a_request_keeps_its_params_raw_until_the_method_is_known() -> None:

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.dispatch import invalid_params
-from protocol.errors import InvalidParams
-from protocol.values import INT64_MAX, INT64_MIN, SqlValue, WireBind, bind_from_wire, to_wire
+from pair.protocol.dispatch import invalid_params
+from pair.protocol.errors import InvalidParams
+from pair.protocol.values import INT64_MAX, INT64_MIN, SqlValue, WireBind, bind_from_wire, to_wire
 
 
 class Params(msgspec.Struct, forbid_unknown_fields=True):

@@ -14,7 +14,7 @@ import anyio
 import apsw
 import pytest
 
-from runtime.sqlite import (
+from pair.runtime.sqlite import (
     Conn,
     ConnectionPool,
     Deadline,

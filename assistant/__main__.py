@@ -1,5 +1,0 @@
-import sys
-
-from assistant.app import main
-
-sys.exit(main())

@@ -1,5 +1,0 @@
-import sys
-
-from gateway.app import main
-
-sys.exit(main())

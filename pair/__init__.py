@@ -1,0 +1,9 @@
+"""pair: the gateway / assistant daemon pair (README.md).
+
+pair.protocol   the wire both daemons stand on
+pair.runtime    what both daemons run on that is not the wire
+pair.assistant  assistantd: owns assistant.db, serves assistant.sock
+pair.gateway    gatewayd: owns gateway.db, serves gateway.sock
+pair.ctl        pairctl, the ops CLI
+pair.testing    the pytest plugin (fixtures pair, pair_factory, ...)
+"""

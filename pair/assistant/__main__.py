@@ -1,0 +1,5 @@
+import sys
+
+from pair.assistant.app import main
+
+sys.exit(main())

@@ -1,0 +1,415 @@
+"""db_proxy and db_proxy_transaction: running a caller's SQL under the statement policy.
+
+Every function here runs on a database thread with the connection it owns
+(see `assistant.db`); none of them touches the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+from math import isfinite
+from typing import Any
+
+import apsw
+import msgspec
+from msgspec import UNSET, Struct, UnsetType
+
+from pair.assistant.db import GuardedConn
+from pair.assistant.errors import DbProxyFailed, DbProxyTransactionFailed, SqlForbidden
+from pair.assistant.policy import Denial, Mode
+from pair.protocol.errors import DomainError, InvalidParams, RpcError
+from pair.protocol.values import SqlBind, to_wire
+from pair.runtime.sqlite import WriteTransaction, database_failure, now_ms, sqlite_codes
+
+# At most 1024 texts per connection, none over 16 KiB: about 16 MiB at worst.
+DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+# A cell's share of a row's JSON besides its text: its name, quotes, a number.
+# Texts count characters and blobs bytes, a little under their encoded size;
+# the frame limit still holds whatever this misses.
+CELL_BYTES = 24
+CHECKED_SQL_MAX = 1024
+CHECKED_SQL_MAX_CHARS = 16 * 1024
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?(\*/|$)", re.DOTALL)
+
+
+class QueryResult(Struct, gc=False):
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    truncated: bool = False
+
+
+class RunResult(Struct, rename="camel", omit_defaults=True, gc=False):
+    changes: int
+    last_insert_rowid: int
+    rows: list[dict[str, Any]] | UnsetType = UNSET
+    truncated: bool = False
+
+
+class ExecResult(Struct, gc=False):
+    pass
+
+
+class TransactionOk(Struct, kw_only=True, gc=False):
+    ok: bool = True
+    results: list[RunResult]
+
+
+class TransactionFailed(Struct, kw_only=True, rename="camel", gc=False):
+    ok: bool = False
+    reason: str = "require_changes_failed"
+    failed_step: int
+    actual_changes: int
+    required_changes: int
+
+
+TransactionResult = TransactionOk | TransactionFailed
+
+
+class Step(Struct, gc=False):
+    """A statement of a transaction, with its binds already converted for apsw."""
+
+    sql: str
+    bind: SqlBind | None
+    require_changes: int | None
+
+
+_stored_result = msgspec.json.Decoder(TransactionOk)
+_encoder = msgspec.json.Encoder()
+
+
+class _Statement:
+    """One caller statement: policy mode, single-statement and bind checks at prepare time."""
+
+    __slots__ = ("bind", "columns", "conn", "sql", "step", "traced")
+
+    def __init__(
+        self, conn: GuardedConn, sql: str, bind: SqlBind | None, step: int | None = None
+    ) -> None:
+        self.conn = conn
+        self.sql = sql
+        self.bind = bind
+        self.step = step
+        self.columns: list[str] = []
+        self.traced = False
+
+    @property
+    def path(self) -> str:
+        """Where the statement is in the call's params, for an answer."""
+        return "$" if self.step is None else f"$.steps[{self.step}]"
+
+    def execute(self, mode: Mode, *, single: bool = True) -> apsw.Cursor:
+        self.conn.guard.begin(mode)
+        cursor = self.conn.db.cursor()
+        # A text already checked to be one statement skips the trace callback;
+        # its columns, if it has any, come from the running statement. Named
+        # binds are always traced, to check for unknown names. A script runs
+        # as written (the authorizer still checks each statement).
+        checked = None if type(self.bind) is dict else self.conn.checked_sql.get(self.sql)
+        if single and checked is None:
+            cursor.exec_trace = self._check_single
+        try:
+            cursor.execute(self.sql, self.bind)
+        except KeyError as exc:
+            raise InvalidParams(
+                f"bind is missing named parameter {exc.args[0]!r}", path=f"{self.path}.bind"
+            ) from exc
+        if single and checked:
+            try:
+                self.columns = [column[0] for column in cursor.description]
+            except apsw.ExecutionCompleteError:
+                self.columns = self._probe_columns(cacheable=True)  # no row came
+        return cursor
+
+    def _probe_columns(self, *, cacheable: bool) -> list[str]:
+        """The statement's columns, from preparing it again and stopping before it runs.
+
+        Uncached, to see a schema change: apsw keeps the description it gave
+        the trace callback of a statement that SQLite then re-prepared.
+        """
+        probe = self.conn.db.cursor()
+        probe.exec_trace = self._capture_columns
+        with contextlib.suppress(apsw.ExecTraceAbort):
+            probe.execute(self.sql, self.bind, can_cache=cacheable)
+        return self.columns
+
+    def _capture_columns(self, cursor: apsw.Cursor, _statement: str, _bindings: object) -> bool:
+        self.columns = [column[0] for column in cursor.description]
+        return False
+
+    def _check_single(self, cursor: apsw.Cursor, statement: str, _bindings: object) -> bool:
+        if self.traced:
+            # apsw traces what follows the statement too: a trailing comment is
+            # nothing to run, and must not replace the statement's columns.
+            if _COMMENTS.sub("", statement).strip(" \t\r\n;"):
+                raise InvalidParams(
+                    "sql must be exactly one statement (use mode=exec for a script)",
+                    path=f"{self.path}.sql",
+                )
+            return True
+        self.traced = True
+        if statement != self.sql:
+            start = self.sql.find(statement)
+            rest = self.sql[start + len(statement) :] if start >= 0 else ""
+            if _COMMENTS.sub("", rest).strip(" \t\r\n;"):
+                raise InvalidParams(
+                    "sql must be exactly one statement (use mode=exec for a script)",
+                    path=f"{self.path}.sql",
+                )
+        self._check_bind(cursor)
+        description = cursor.description
+        self.columns = [column[0] for column in description] if description else []
+        if len(self.sql) <= CHECKED_SQL_MAX_CHARS:
+            checked = self.conn.checked_sql
+            if len(checked) >= CHECKED_SQL_MAX:
+                checked.clear()
+            checked[self.sql] = bool(description)
+        return True
+
+    def _check_bind(self, cursor: apsw.Cursor) -> None:
+        # apsw has already checked counts, positional-vs-named and missing
+        # names when it bound; what it lets pass is a name nobody uses.
+        bind = self.bind
+        if not isinstance(bind, dict):
+            return
+        unknown = sorted(set(bind) - set(cursor.bindings_names))
+        if unknown:
+            raise InvalidParams(
+                f"bind has a parameter the statement does not use: {unknown[0]!r}",
+                path=f"{self.path}.bind.{unknown[0]}",
+            )
+
+    def read_rows(
+        self, cursor: apsw.Cursor, max_rows: int, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """All rows as objects, keeping at most `max_rows` and about `max_bytes` of their JSON;
+        the statement always runs to the end."""
+        columns = self.columns
+        rows: list[dict[str, Any]] = []
+        append = rows.append
+        size = 0
+        truncated = False
+        for row in itertools.islice(cursor, max_rows):
+            if len(row) != len(columns):
+                columns = self._probe_columns(cacheable=False)
+            # About the row's JSON: a fixed share per cell (its name, a number,
+            # punctuation) plus every text's and blob's length. One pass over the
+            # cells also finds those with no plain JSON form (a blob, a non-finite
+            # REAL): this loop is most of a point query's Python.
+            size += CELL_BYTES * len(row)
+            plain = True
+            for value in row:
+                kind = type(value)
+                if kind is str:
+                    size += len(value)
+                elif kind is bytes:
+                    size += len(value)
+                    plain = False
+                elif kind is float and not isfinite(value):
+                    plain = False
+            if size > max_bytes:
+                truncated = True
+                break
+            if plain:
+                append(dict(zip(columns, row, strict=True)))
+            else:
+                append({name: to_wire(value) for name, value in zip(columns, row, strict=True)})
+        for _ in cursor:
+            truncated = True
+        return rows, truncated
+
+
+def query(
+    conn: GuardedConn,
+    sql: str,
+    bind: SqlBind | None,
+    max_rows: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> QueryResult:
+    """One read-only statement on a reader connection."""
+    statement = _Statement(conn, sql, bind)
+    try:
+        cursor = statement.execute(Mode.READ)
+        rows, truncated = statement.read_rows(cursor, max_rows, max_bytes)
+    except (apsw.Error, UnicodeDecodeError) as exc:
+        raise translate(exc, conn, DbProxyFailed) from exc
+    return QueryResult(statement.columns, rows, truncated)
+
+
+def run(
+    conn: GuardedConn,
+    sql: str,
+    bind: SqlBind | None,
+    max_rows: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> RunResult:
+    """One statement in its own write transaction."""
+    with _WriteTransaction(conn):
+        try:
+            result = _run_one(conn, _Statement(conn, sql, bind), max_rows, max_bytes)
+        except (apsw.Error, UnicodeDecodeError) as exc:
+            raise translate(exc, conn, DbProxyFailed) from exc
+        _drop_temp_objects(conn, sql)
+        return result
+
+
+def execute_script(conn: GuardedConn, sql: str) -> ExecResult:
+    """A script of statements in one write transaction; all or nothing."""
+    with _WriteTransaction(conn):
+        try:
+            statement = _Statement(conn, sql, None)
+            for _ in statement.execute(Mode.WRITE, single=False):
+                pass
+        except (apsw.Error, UnicodeDecodeError) as exc:
+            raise translate(exc, conn, DbProxyFailed) from exc
+        _drop_temp_objects(conn, sql)
+    return ExecResult()
+
+
+def transaction(
+    conn: GuardedConn,
+    steps: list[Step],
+    idempotency_key: str | None,
+    max_rows: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> TransactionResult:
+    """All steps in one write transaction; `requireChanges` unmet -> everything rolled back."""
+    with _WriteTransaction(conn) as tx:
+        if idempotency_key is not None:
+            stored = conn.execute(
+                "SELECT result FROM main.idempotency_keys WHERE key = ?",
+                (idempotency_key,),
+                cacheable=True,
+            )
+            if stored:
+                return _stored_result.decode(stored[0][0])
+        results = []
+        for index, step in enumerate(steps):
+            result = _run_step(conn, index, step, max_rows, max_bytes)
+            required = step.require_changes
+            if required is not None and result.changes < required:
+                _drop_temp_objects(conn, *(step.sql for step in steps))
+                tx.rollback()
+                return TransactionFailed(
+                    failed_step=index, actual_changes=result.changes, required_changes=required
+                )
+            results.append(result)
+        outcome = TransactionOk(results=results)
+        _drop_temp_objects(conn, *(step.sql for step in steps))
+        if idempotency_key is not None:
+            conn.execute(
+                "INSERT INTO main.idempotency_keys (key, result, created_at) VALUES (?, ?, ?)",
+                (idempotency_key, _encoder.encode(outcome).decode(), now_ms()),
+            )
+        return outcome
+
+
+def _run_step(
+    conn: GuardedConn, index: int, step: Step, max_rows: int, max_bytes: int
+) -> RunResult:
+    statement = _Statement(conn, step.sql, step.bind, index)
+    try:
+        return _run_one(conn, statement, max_rows, max_bytes)
+    except (apsw.Error, UnicodeDecodeError) as exc:
+        raise translate(exc, conn, DbProxyTransactionFailed, step=index) from exc
+    except InvalidParams as exc:
+        if "exactly one statement" in exc.message:
+            raise SqlForbidden(
+                "a transaction step must be exactly one statement",
+                data={"failedStep": index, "path": exc.path},
+            ) from exc
+        exc.data["failedStep"] = index
+        raise
+
+
+def _run_one(conn: GuardedConn, statement: _Statement, max_rows: int, max_bytes: int) -> RunResult:
+    db = conn.db
+    before = db.total_changes()
+    cursor = statement.execute(Mode.WRITE)
+    if not statement.columns:
+        # No result columns: the statement ran to its end in its first step.
+        return RunResult(_changes(db, before), db.last_insert_rowid())
+    rows, truncated = statement.read_rows(cursor, max_rows, max_bytes)
+    return RunResult(_changes(db, before), db.last_insert_rowid(), rows, truncated)
+
+
+def _changes(db: apsw.Connection, total_before: int) -> int:
+    # sqlite3_changes() keeps the last DML's count across SELECT and DDL, so
+    # it is only this statement's when the total moved.
+    return db.changes() if db.total_changes() != total_before else 0
+
+
+class _WriteTransaction(WriteTransaction):
+    """The job's write transaction, its own failures translated for the caller."""
+
+    conn: GuardedConn
+
+    def __enter__(self) -> _WriteTransaction:
+        try:
+            super().__enter__()
+        except apsw.Error as exc:
+            raise translate(exc, self.conn, DbProxyFailed) from exc
+        return self
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        except apsw.Error as exc:
+            raise translate(exc, self.conn, DbProxyFailed) from exc
+
+
+def _drop_temp_objects(conn: GuardedConn, *sql: str) -> None:
+    """Drop what the caller created in TEMP during this call, inside its transaction.
+
+    The authorizer flags a TEMP object made by a statement it saw prepared; a
+    statement served from apsw's cache is not prepared again, so the text is
+    looked at too: every way to make a TEMP object spells "temp" in it.
+    """
+    if not conn.guard.created_temp and "temp" not in "\n".join(sql).lower():
+        return
+    conn.guard.created_temp = False
+    objects = conn.execute(
+        "SELECT type, name FROM temp.sqlite_master WHERE type IN ('view', 'table', 'trigger')"
+        " ORDER BY type = 'table'"
+    )
+    for kind, name in objects:
+        quoted = name.replace('"', '""')
+        conn.execute(f'DROP {kind.upper()} IF EXISTS temp."{quoted}"')
+
+
+def translate(
+    exc: apsw.Error | UnicodeDecodeError,
+    conn: GuardedConn,
+    own_error: type[DomainError],
+    step: int | None = None,
+) -> RpcError:
+    """An apsw failure as the RouteError the caller gets, SQLite's message kept."""
+    extra: dict[str, Any] = {} if step is None else {"failedStep": step}
+    if isinstance(exc, UnicodeDecodeError):
+        # SQLite TEXT may hold any bytes (CAST(x'80' AS TEXT)); JSON strings may not.
+        return own_error(
+            "a text value in the result is not valid UTF-8; CAST it AS BLOB to read its bytes",
+            data=extra,
+        )
+    # A denial recorded while this statement was prepared is why it failed,
+    # whatever the code (a denied function is SQLITE_ERROR, not SQLITE_AUTH).
+    guard = conn.guard
+    if guard.denial is Denial.WRITE_IN_READ:
+        return InvalidParams(f"{guard.reason}; use mode=run", path="$.sql")
+    if guard.denial is Denial.FORBIDDEN:
+        return SqlForbidden(guard.reason, data=extra)
+    if isinstance(exc, apsw.BindingsError):
+        path = "$.bind" if step is None else f"$.steps[{step}].bind"
+        return InvalidParams(str(exc), path=path, data=extra)
+    failure = database_failure(exc, extra)
+    if failure is not None:
+        return failure
+    return own_error(str(exc), data={**extra, "sqlite": sqlite_codes(exc)})
+
+
+def sweep_idempotency_keys(conn: GuardedConn, older_than_ms: int) -> int:
+    """Forget idempotency keys stored before `older_than_ms`; how many were removed."""
+    return conn.changes_of(
+        "DELETE FROM main.idempotency_keys WHERE created_at < ?", (older_than_ms,)
+    )

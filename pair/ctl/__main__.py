@@ -1,0 +1,5 @@
+import sys
+
+from pair.ctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,328 @@
+"""The pairctl command line: parse, call the daemon, print, exit with the error kind's code.
+
+Exit codes: 0 ok; 1 the daemon answered an error (its errorCode and message
+are printed); 2 usage; 69 (EX_UNAVAILABLE) the daemon could not be reached;
+77 (EX_NOPERM) this user may not use the socket (FORBIDDEN). Errors never print
+a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from pair.ctl import explore, failures, render
+from pair.ctl.failures import EX_HANDLER, EX_NOPERM, EX_UNAVAILABLE, forbidden
+from pair.ctl.metrics import exposition, write_textfile
+from pair.ctl.up import run_up
+from pair.protocol.client import BatchCall, Client
+from pair.protocol.errors import IpcHandlerError, IpcTransportError
+from pair.runtime.paths import client_runtime_dir, default_runtime_dir, default_state_dir
+
+EX_OK = 0
+DAEMONS = ("assistant", "gateway")
+CALL_TIMEOUT = 30.0
+
+
+class UsageError(Exception):
+    """Bad arguments found after parsing (unreadable JSON, a missing file)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --json is accepted before or after the command; SUPPRESS keeps a
+    # subcommand's default from overriding a --json given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the raw result"
+    )
+    parser = argparse.ArgumentParser(
+        prog="pairctl", description="Run and drive the gateway / assistant pair."
+    )
+    parser.add_argument("--json", action="store_true", help="print raw results as JSON")
+    parser.add_argument("--runtime-dir", type=Path, help="directory of the sockets")
+    parser.add_argument("--state-dir", type=Path, help="directory of the databases")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", parents=[common], help="run both daemons in the foreground")
+    up.add_argument("--log-level", default="INFO")
+    commands.add_parser("status", parents=[common], help="both daemons' health")
+    metrics = commands.add_parser(
+        "metrics", parents=[common], help="both daemons' metrics, in Prometheus' text format"
+    )
+    metrics.add_argument(
+        "--textfile",
+        type=Path,
+        help="write them to this file atomically (node_exporter's textfile collector)",
+    )
+
+    methods = commands.add_parser(
+        "methods", parents=[common], help="what each daemon can be called with (rpc.discover)"
+    )
+    methods.add_argument("daemon", nargs="?", choices=DAEMONS)
+    describe = commands.add_parser(
+        "describe", parents=[common], help="one method: its params and result"
+    )
+    describe.add_argument("daemon", choices=DAEMONS)
+    describe.add_argument("method")
+    sql = commands.add_parser(
+        "sql", parents=[common], help="one SQL statement on assistant.db (db_proxy)"
+    )
+    sql.add_argument("sql")
+    sql.add_argument("--write", action="store_true", help="run mode: a write (default: a query)")
+    sql.add_argument(
+        "--bind", action="append", default=[], metavar="NAME=VALUE",
+        help="a named parameter (:NAME); VALUE as JSON when it reads as JSON, else text",
+    )  # fmt: skip
+    sql.add_argument("--max-rows", type=int)
+
+    call = commands.add_parser("call", parents=[common], help="call any method")
+    call.add_argument("daemon", choices=DAEMONS)
+    call.add_argument("method", nargs="?")
+    call.add_argument("params", nargs="?", help="params as JSON (object or array)")
+    call.add_argument("--batch", type=Path, help="a JSON file holding an array of calls")
+    call.add_argument("--timeout", type=float, default=CALL_TIMEOUT)
+
+    invite = commands.add_parser("invite", parents=[common], help="invites").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = invite.add_parser("create", parents=[common], help="create an invite")
+    create.add_argument("--contact", required=True)
+    create.add_argument("--channel", required=True)
+    create.add_argument("--max-uses", type=int)
+    create.add_argument("--ttl", type=int, help="seconds until it expires")
+    create.add_argument("--note")
+    redeem = invite.add_parser("redeem", parents=[common], help="redeem a code")
+    redeem.add_argument("--channel", required=True)
+    redeem.add_argument("--code", required=True)
+    redeem.add_argument("--external-user-id")
+    redeem.add_argument("--external-chat-id")
+    revoke = invite.add_parser("revoke", parents=[common], help="revoke an invite")
+    revoke.add_argument("id")
+    listing = invite.add_parser("list", parents=[common], help="list invites")
+    listing.add_argument("--status", choices=("active", "redeemed", "revoked", "expired"))
+    listing.add_argument("--channel")
+    listing.add_argument("--contact")
+
+    contact = commands.add_parser("contact", parents=[common], help="contacts").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    contact_create = contact.add_parser("create", parents=[common], help="create a contact")
+    contact_create.add_argument("name")
+    contact_create.add_argument("--role")
+    contact.add_parser("list", parents=[common], help="list contacts")
+    contact_delete = contact.add_parser("delete", parents=[common], help="delete a contact")
+    contact_delete.add_argument("id")
+    return parser
+
+
+def runtime_dir_of(args: argparse.Namespace) -> tuple[Path, str]:
+    if args.runtime_dir is not None:
+        return args.runtime_dir, "from --runtime-dir"
+    return client_runtime_dir()
+
+
+def socket_of(args: argparse.Namespace, daemon: str) -> str:
+    return str(runtime_dir_of(args)[0] / f"{daemon}.sock")
+
+
+def drop_none(**fields: Any) -> dict[str, Any]:
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+Request = tuple[str, str, Any, Callable[[Any], str]]
+
+
+def request_of(args: argparse.Namespace) -> Request:
+    """(daemon, method, params, human renderer) for a one-call command."""
+    if args.command == "call":
+        return args.daemon, args.method, parse_params(args.params), render.as_json
+    if args.command == "sql":
+        try:
+            bind = explore.bind_of(args.bind)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        mode = "run" if args.write else "query"
+        params = drop_none(sql=args.sql, mode=mode, bind=bind, maxRows=args.max_rows)
+        return "assistant", "db_proxy", params, explore.sql_result
+    if args.command == "contact":
+        if args.action == "create":
+            params = drop_none(displayName=args.name, role=args.role)
+            return "gateway", "contacts_create", params, render.contact_created
+        if args.action == "list":
+            return "gateway", "contacts_list", {"limit": 500}, render.contact_list
+        return "gateway", "contacts_delete", {"id": args.id}, render.deleted
+    if args.action == "create":
+        params = drop_none(
+            contactId=args.contact,
+            sourceChannel=args.channel,
+            maxUses=args.max_uses,
+            ttlSeconds=args.ttl,
+            note=args.note,
+        )
+        return "gateway", "invites_create", params, render.invite_created
+    if args.action == "redeem":
+        params = drop_none(
+            sourceChannel=args.channel,
+            code=args.code,
+            externalUserId=args.external_user_id,
+            externalChatId=args.external_chat_id,
+        )
+        return "gateway", "invites_redeem", params, render.redemption
+    if args.action == "revoke":
+        return "gateway", "invites_revoke", {"id": args.id}, render.invite_revoked
+    params = drop_none(status=args.status, sourceChannel=args.channel, contactId=args.contact)
+    return "gateway", "invites_list", {**params, "limit": 500}, render.invite_list
+
+
+def parse_params(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"params are not valid JSON: {exc}") from exc
+    if not isinstance(params, dict | list):
+        raise UsageError("params must be a JSON object or array")
+    return params
+
+
+def read_batch(path: Path) -> list[BatchCall]:
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read batch file {path}: {exc}") from exc
+    if not isinstance(entries, list) or not entries:
+        raise UsageError("a batch file holds a non-empty JSON array of calls")
+    calls = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
+            raise UsageError('each batch entry is {"method": ..., "params"?: ..., "notify"?: bool}')
+        calls.append(BatchCall(entry["method"], entry.get("params"), bool(entry.get("notify"))))
+    return calls
+
+
+async def one_call(args: argparse.Namespace) -> int:
+    daemon, method, params, human = request_of(args)
+    async with Client(
+        socket_of(args, daemon), timeout=getattr(args, "timeout", CALL_TIMEOUT)
+    ) as client:
+        result = await client.call(method, params)
+    print(render.as_json(result) if args.json else human(result))
+    return EX_OK
+
+
+async def batch_call(args: argparse.Namespace) -> int:
+    calls = read_batch(args.batch)
+    async with Client(socket_of(args, args.daemon), timeout=args.timeout) as client:
+        results = await client.batch(calls)
+    printable = [
+        {"error": {"errorCode": r.code, "message": r.message, "data": r.data}}
+        if isinstance(r, IpcHandlerError)
+        else {"result": r}
+        for r in results
+    ]
+    print(render.as_json(printable))
+    return EX_HANDLER if any(isinstance(r, IpcHandlerError) for r in results) else EX_OK
+
+
+async def discover(args: argparse.Namespace) -> int:
+    daemons = [args.daemon] if args.daemon else list(DAEMONS)
+    documents = {}
+    for daemon in daemons:
+        async with Client(socket_of(args, daemon), timeout=CALL_TIMEOUT) as client:
+            documents[daemon] = await client.call("rpc.discover")
+    if args.command == "methods":
+        print(render.as_json(documents) if args.json else explore.methods_table(documents))
+        return EX_OK
+    document = documents[args.daemon]
+    method = next((m for m in document["methods"] if m["name"] == args.method), None)
+    if method is None:
+        raise UsageError(
+            f"{args.daemon} has no method {args.method!r}; `pairctl methods {args.daemon}`"
+            " lists them"
+        )
+    print(render.as_json(method) if args.json else explore.describe(document, method))
+    return EX_OK
+
+
+async def status(args: argparse.Namespace) -> int:
+    healths: dict[str, Any] = {}
+    for daemon in DAEMONS:
+        path = socket_of(args, daemon)
+        try:
+            async with Client(path, timeout=2, connect_timeout=2) as client:
+                healths[daemon] = await client.call("health")
+        except (IpcTransportError, IpcHandlerError) as exc:
+            refusal = forbidden(exc)
+            state = "forbidden" if refusal else "down"
+            healths[daemon] = {"status": state, "socket": path, "error": refusal or str(exc)}
+    print(render.as_json(healths) if args.json else render.status_table(healths))
+    states = {health.get("status") for health in healths.values()}
+    if "down" in states and not args.json:
+        where, why = runtime_dir_of(args)
+        print(f"pairctl: looked in {where} ({why}); --runtime-dir DIR or"
+              " PAIR_RUNTIME_DIR=DIR looks elsewhere", file=sys.stderr)  # fmt: skip
+    if "forbidden" in states:
+        return EX_NOPERM
+    return EX_OK if states == {"ok"} else EX_UNAVAILABLE
+
+
+async def metrics(args: argparse.Namespace) -> int:
+    """Exit 0 even when a daemon is down: that is `pair_up{daemon} 0`, for the scraper."""
+    answers: dict[str, dict[str, Any] | None] = {}
+    for daemon in DAEMONS:
+        try:
+            async with Client(socket_of(args, daemon), timeout=2, connect_timeout=2) as client:
+                answers[daemon] = await client.call("metrics")
+        except (IpcTransportError, IpcHandlerError) as exc:
+            print(f"pairctl: {daemon}: {exc}", file=sys.stderr)
+            answers[daemon] = None
+    if args.json:
+        print(render.as_json(answers))
+    elif args.textfile is not None:
+        write_textfile(str(args.textfile), answers)
+    else:
+        sys.stdout.write(exposition(answers).decode())
+    return EX_OK
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "up":
+        runtime = args.runtime_dir or default_runtime_dir()
+        state = args.state_dir or default_state_dir()
+        return run_up(runtime, state, args.log_level)
+    if args.command == "status":
+        return anyio.run(status, args)
+    if args.command == "metrics":
+        return anyio.run(metrics, args)
+    if args.command in ("methods", "describe"):
+        return anyio.run(discover, args)
+    if args.command == "call" and args.batch is not None:
+        return anyio.run(batch_call, args)
+    if args.command == "call" and args.method is None:
+        raise UsageError("call needs a METHOD (or --batch FILE)")
+    return anyio.run(one_call, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    as_json = bool(getattr(args, "json", False))
+    try:
+        return dispatch(args)
+    except UsageError as exc:
+        return failures.usage(str(exc), as_json)
+    except (IpcHandlerError, IpcTransportError) as exc:
+        return failures.report(exc, as_json)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as coreutils do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -1,0 +1,141 @@
+"""`pairctl methods`, `describe` and `sql`: what a daemon offers, and its database by hand.
+
+`methods` and `describe` read the daemon's own `rpc.discover` document, so they
+list what the running version has, not what this pairctl was built with.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pair.ctl import render
+
+SUMMARY_WIDTH = 72
+# What --bind's value is when it is not JSON: text, as typed.
+_JSON_START = set('-0123456789[{"') | {"t", "f", "n"}
+
+
+def methods_table(documents: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        [daemon, method["name"], _params_line(method), _result_name(method), _short(method)]
+        for daemon, document in documents.items()
+        for method in sorted(document["methods"], key=lambda m: str(m["name"]))
+    ]
+    return render.table(["DAEMON", "METHOD", "PARAMS", "RESULT", "SUMMARY"], rows)
+
+
+def describe(document: dict[str, Any], method: dict[str, Any]) -> str:
+    """A method of `document`: its description, params (name, type, required) and
+    result fields."""
+    name = method["name"]
+    components = document.get("components", {}).get("schemas", {})
+    params = [
+        [p["name"], _type_of(p["schema"]), "required" if p["required"] else "optional"]
+        for p in method["params"]
+    ]
+    result = method["result"]["schema"]
+    fields = [
+        [field, _type_of(schema), "required" if required else "optional"]
+        for field, schema, required in _fields_of(result, components)
+    ]
+    parts = [
+        f"{name}: {method['description']}",
+        "",
+        "params:",
+        render.table(["NAME", "TYPE", ""], params),
+        "",
+        f"result: {_result_name(method)}",
+        render.table(["FIELD", "TYPE", ""], fields),
+    ]
+    return "\n".join(parts)
+
+
+def _short(method: dict[str, Any]) -> str:
+    summary = " ".join(str(method["summary"]).split())
+    return summary if len(summary) <= SUMMARY_WIDTH else summary[: SUMMARY_WIDTH - 3] + "..."
+
+
+def _params_line(method: dict[str, Any]) -> str:
+    names = [p["name"] if p["required"] else f"[{p['name']}]" for p in method["params"]]
+    return " ".join(names) or "-"
+
+
+def _result_name(method: dict[str, Any]) -> str:
+    return _type_of(method["result"]["schema"])
+
+
+def _type_of(schema: dict[str, Any]) -> str:
+    if "$ref" in schema:
+        return str(schema["$ref"]).rsplit("/", 1)[-1]
+    for union in ("anyOf", "oneOf"):
+        if union in schema:
+            return " | ".join(_type_of(member) for member in schema[union])
+    if "enum" in schema:
+        return " | ".join(json.dumps(value) for value in schema["enum"])
+    kind = schema.get("type", "any")
+    if kind == "array":
+        return f"array of {_type_of(schema.get('items', {}))}"
+    return str(kind)
+
+
+def _fields_of(
+    schema: dict[str, Any], components: dict[str, Any]
+) -> list[tuple[str, dict[str, Any], bool]]:
+    members = schema.get("anyOf", [schema])
+    fields = []
+    for member in members:
+        ref = member.get("$ref")
+        struct = components.get(str(ref).rsplit("/", 1)[-1], {}) if ref else member
+        required = set(struct.get("required", ()))
+        for field, field_schema in struct.get("properties", {}).items():
+            fields.append((field, field_schema, field in required))
+    return fields
+
+
+def bind_of(pairs: list[str]) -> dict[str, Any] | None:
+    """`--bind k=v` as db_proxy's named binds: v as JSON when it reads as JSON
+    (42, 1.5, null, true, "007"), otherwise as the text typed."""
+    if not pairs:
+        return None
+    bind: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--bind {pair!r}: expected NAME=VALUE")
+        bind[key.lstrip(":$@")] = _value_of(value)
+    return bind
+
+
+def _value_of(text: str) -> Any:
+    if text[:1] in _JSON_START:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def sql_result(result: dict[str, Any]) -> str:
+    """Rows as a table (columns in the order of the first row) and what changed."""
+    rows = result.get("rows") or []
+    lines = []
+    header = result.get("columns") or (list(rows[0]) if rows else [])
+    if header:
+        lines.append(render.table(header, [[_cell(row.get(c)) for c in header] for row in rows]))
+    if result.get("truncated"):
+        lines.append("(truncated: raise --max-rows)")
+    count = len(rows)
+    if header or "changes" not in result:
+        lines.append(f"{count} row{'s' if count != 1 else ''}")
+    if "changes" in result:
+        lines.append(f"{result['changes']} changed")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)

@@ -1,0 +1,129 @@
+"""How pairctl reports a failed call: in its own words, with the daemon's errorCode kept.
+
+Exit codes: 1 the daemon answered an error; 69 (EX_UNAVAILABLE) it could not be
+reached; 77 (EX_NOPERM) this user may not use the socket. With `--json` the
+error is also one JSON object on stdout: `code` (JSON-RPC's, null when there was
+no answer), `errorCode`, `message`, `data`.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import re
+import sys
+from typing import Any
+
+from pair.protocol.errors import Forbidden, IpcHandlerError, IpcTransportError
+
+EX_HANDLER = 1
+EX_USAGE = 2
+EX_UNAVAILABLE = 69
+EX_NOPERM = 77
+
+# The flag that sets each param of pairctl's commands.
+FLAGS = {
+    "$.code": "--code",
+    "$.ttlSeconds": "--ttl",
+    "$.maxUses": "--max-uses",
+    "$.sourceChannel": "--channel",
+    "$.contactId": "--contact",
+    "$.externalUserId": "--external-user-id",
+    "$.externalChatId": "--external-chat-id",
+    "$.note": "--note",
+    "$.displayName": "NAME",
+    "$.role": "--role",
+    "$.maxRows": "--max-rows",
+    "$.bind": "--bind",
+}
+# A pattern's rule in words; other rules are the daemon's own (`>= 1`, `length <= 200`).
+PATTERNS = {
+    "$.code": "6 digits",
+    "$.sourceChannel": "1-32 of a-z, 0-9, _ and -",
+    "$.role": "a-z, then up to 31 of a-z, 0-9, _ and -",
+}
+# The daemon's words for a wire param, as pairctl's flag.
+_WIRE_WORDS = {"use mode=run": "use --write"}
+_TYPES = {"int": "a whole number", "str": "text", "bool": "true or false", "float": "a number"}
+_EXPECTED = re.compile(r"Expected `(\w+)`(?: (.*?))? - at `")
+
+
+def forbidden(exc: IpcHandlerError | IpcTransportError) -> str | None:
+    """Why this user may not use the socket, when that is why the call failed."""
+    if isinstance(exc, IpcHandlerError):
+        return exc.message if exc.code == "FORBIDDEN" else None
+    if not isinstance(exc.__cause__, PermissionError) or exc.path is None:
+        return None
+    return f"permission denied on {exc.path}: run as root or as a member of {_group_of(exc.path)}"
+
+
+def _group_of(path: str) -> str:
+    try:
+        return f"group {grp.getgrgid(os.stat(path).st_gid).gr_name}"
+    except (OSError, KeyError):
+        return "the socket's group"
+
+
+def report(exc: IpcHandlerError | IpcTransportError, as_json: bool) -> int:
+    """Print why the call failed (stderr; stdout too with --json); the exit code."""
+    refusal = forbidden(exc)
+    if refusal is not None:
+        code, error = EX_NOPERM, _error(Forbidden.code, "FORBIDDEN", refusal, {})
+        lines = [f"error: FORBIDDEN: {refusal}"]
+    elif isinstance(exc, IpcHandlerError):
+        code, error = EX_HANDLER, _error(exc.rpc_code, exc.code, exc.message, exc.data)
+        lines = _handler_lines(exc)
+    else:
+        data = {"socket": exc.path, "sent": exc.sent}
+        code, error = EX_UNAVAILABLE, _error(None, "UNAVAILABLE", exc.message, data)
+        lines = [
+            f"pairctl: {exc.message}",
+            "  start the pair with `make run` or `pairctl up`, or under systemd:"
+            " systemctl start pair-assistant.socket pair-gateway.socket",
+        ]
+    emit(error, lines, as_json)
+    return code
+
+
+def usage(message: str, as_json: bool) -> int:
+    emit(_error(None, "USAGE", message, {}), [f"pairctl: {message}"], as_json)
+    return EX_USAGE
+
+
+def emit(error: dict[str, Any], lines: list[str], as_json: bool) -> None:
+    for line in lines:
+        print(line, file=sys.stderr)
+    if as_json:
+        print(json.dumps(error, ensure_ascii=False))
+
+
+def _error(rpc_code: int | None, error_code: str, message: str, data: Any) -> dict[str, Any]:
+    return {"code": rpc_code, "errorCode": error_code, "message": message, "data": data}
+
+
+def _handler_lines(exc: IpcHandlerError) -> list[str]:
+    path = exc.data.get("path")
+    rule = _rule(path, exc.message) if exc.code == "INVALID_PARAMS" and path else None
+    if rule is not None:
+        return [f"error: {exc.code}: {rule}", f"  the daemon said: {exc.message}"]
+    message = exc.message
+    for wire, words in _WIRE_WORDS.items():
+        message = message.replace(wire, words)
+    lines = [f"error: {exc.code}: {message}"]
+    if path:
+        lines.append(f"  at {path}")
+    return lines
+
+
+def _rule(path: str, message: str) -> str | None:
+    """`--ttl must be a whole number >= 1` for the daemon's `Expected `int` >= 1 - at
+    `$.ttlSeconds``; None when the param is not a flag's or the message not a type's."""
+    flag, expected = FLAGS.get(path), _EXPECTED.match(message)
+    if flag is None or expected is None:
+        return None
+    kind, constraint = expected.groups()
+    if constraint and constraint.startswith("matching regex") and path in PATTERNS:
+        return f"{flag} must be {PATTERNS[path]}"
+    words = _TYPES.get(kind, kind)
+    return f"{flag} must be {words} {constraint}" if constraint else f"{flag} must be {words}"

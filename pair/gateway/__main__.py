@@ -1,0 +1,5 @@
+import sys
+
+from pair.gateway.app import main
+
+sys.exit(main())

@@ -1,0 +1,466 @@
+"""One client connection of the server: frames in, answers out, bounded by `max_in_flight`.
+
+The per-frame path lives here: whole chunks from the loop, every complete
+frame split out of each, its call started through `protocol.calls`, and the
+answers of one loop turn encoded into one buffer and written once. What the
+connection needs of its server is the `CallHost` below; it does not import
+the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
+
+from msgspec import UNSET
+
+from pair.protocol.errors import (
+    BatchTooLarge,
+    FrameError,
+    InternalError,
+    InvalidRequest,
+    ResultTooLarge,
+    RpcError,
+)
+from pair.protocol.framing import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_MAX_FRAME_BYTES,
+    HEADER_SIZE,
+    FrameDecoder,
+)
+from pair.protocol.messages import (
+    Request,
+    RequestId,
+    Response,
+    append_frame_of,
+    decode_batch,
+    decode_request,
+    encode_frame_of,
+    error_response,
+    is_batch,
+    request_id_of,
+)
+
+if TYPE_CHECKING:
+    from pair.protocol.calls import Calls
+
+
+DEFAULT_IDLE_TIMEOUT = 600.0
+# Request bodies held in memory: those of the calls in flight (their
+# parameters live as long as the call) and of the frames being received (a
+# frame's declared length is reserved when it is admitted). Past these a
+# connection, or every connection, is not read until calls end; a frame
+# already admitted is always read to its end, so nothing waits on itself.
+DEFAULT_MAX_PENDING_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_PENDING_BYTES_TOTAL = 128 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Per-server tunables; the defaults are PROTOCOL.md's."""
+
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    frame_timeout: float = DEFAULT_FRAME_TIMEOUT
+    max_in_flight: int = 256
+    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
+    max_pending_bytes_total: int = DEFAULT_MAX_PENDING_BYTES_TOTAL
+    max_batch: int = 1000
+    max_connections: int = 2048
+    grace: float = 10.0
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    backlog: int = socket.SOMAXCONN
+
+
+class CallHost(Protocol):
+    """What a connection needs of the server that accepted it."""
+
+    limits: ServerLimits
+    log: logging.Logger
+    calls: Calls
+    pending_bytes: int
+
+    def admit(self, connection: Connection, transport: asyncio.Transport) -> RpcError | None:
+        """Register the connection; the reason to refuse it (then closed), or None."""
+
+    def connection_lost(self, connection: Connection) -> None: ...
+
+    def heard_from(self, connection: Connection) -> None:
+        """The connection's first bytes arrived."""
+
+    def call_started(self, size: int) -> None:
+        """A call whose request body is `size` bytes is in flight."""
+
+    def call_finished(self, size: int) -> None: ...
+
+    def hold(self, size: int) -> None:
+        """`size` more bytes of a frame being received are reserved (fewer, when negative)."""
+
+    def may_read(self, connection: Connection) -> bool:
+        """False while the bodies of the daemon's calls in flight are over its budget; the
+        connection is then resumed (`update_reading`) once they are not."""
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: frames in, answers out, bounded by `max_in_flight`."""
+
+    def __init__(self, host: CallHost) -> None:
+        self._host = host
+        self._calls = host.calls
+        self._limits = host.limits
+        self._log = host.log
+        self._decoder = FrameDecoder(host.limits.max_frame_bytes)
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._in_flight = 0
+        # Body sizes of the calls in flight, by id() of their request (a batch's is
+        # passed along with it), and their sum.
+        self._sizes: dict[int, int] = {}
+        self._pending_bytes = 0
+        self._reserved = 0  # the declared length of the admitted frame being received
+        self._backlog: deque[bytes] = deque()
+        # Answers are encoded straight into one buffer, written once per turn.
+        self._out = bytearray()
+        self._flush_scheduled = False
+        self._read_paused = False
+        self._write_paused = False
+        self._closed = False
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self.peer = "?"
+        self._peer_done = False
+        self._batch_members = asyncio.Semaphore(host.limits.max_in_flight)
+        self.last_active = self._loop.time()
+        self._bug_logged = False
+        self.heard = False
+
+    # -- asyncio.Protocol callbacks ---------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = transport = cast("asyncio.Transport", transport)
+        refusal = self._host.admit(self, transport)
+        if refusal is not None:
+            self._log.warning("refused connection from %s: %s", self.peer, refusal.message)
+            self._send_error(None, refusal)
+            self._abort_after_flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self.last_active = self._loop.time()
+        if not self.heard:
+            self.heard = True
+            self._host.heard_from(self)
+        try:
+            frames = self._decoder.feed(data)
+        except FrameError as exc:
+            self._log.warning("bad frame from %s: %s", self.peer, exc.message)
+            self._send_error(None, exc)
+            self._abort_after_flush()
+            return
+        # Answers made while handling this chunk go out in one write at the end,
+        # with no flush callback scheduled for them.
+        self._flush_scheduled = True
+        try:
+            if frames:
+                if self._backlog:
+                    self._backlog.extend(frames)
+                else:
+                    self._handle_frames(frames)
+            # Both are no-ops for the usual chunk (whole frames, reading, below
+            # the limits); checked here because this runs once per chunk.
+            if self._stall_timer is not None or self._decoder.has_partial:
+                self._watch_stall(bool(frames))
+            if self._reserved or self._decoder.has_partial:
+                self._admit_frame_in_progress()
+            if (
+                self._read_paused
+                or self._write_paused
+                or self._backlog
+                or self._in_flight >= self._limits.max_in_flight
+                or self._pending_bytes >= self._limits.max_pending_bytes
+                or self._host.pending_bytes >= self._limits.max_pending_bytes_total
+            ):
+                self.update_reading()
+        finally:
+            self._flush()
+
+    def eof_received(self) -> bool | None:
+        # A peer that half-closes after its last request still gets the answers:
+        # keep the transport open until the calls in flight are answered.
+        try:
+            self._decoder.check_eof()
+        except FrameError as exc:
+            self._log.info("peer %s: %s", self.peer, exc.message)
+        self._peer_done = True
+        self._close_if_finished()
+        return True
+
+    def _close_if_finished(self) -> None:
+        if self._peer_done and not self._in_flight and not self._backlog:
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._reserve(0)
+        self._cancel_stall_timer()
+        self._backlog.clear()
+        self._out.clear()
+        self._host.connection_lost(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self.update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.update_reading()
+
+    # -- frames and requests ----------------------------------------------
+
+    def _handle_frames(self, frames: list[bytes]) -> None:
+        limit = self._limits.max_in_flight
+        for index, body in enumerate(frames):
+            if self._in_flight >= limit:
+                self._backlog.extend(frames[index:])
+                return
+            try:
+                self._handle_frame(body)
+            except Exception as exc:
+                self._frame_failed(body, exc)
+
+    def _drain_backlog(self) -> None:
+        limit = self._limits.max_in_flight
+        backlog = self._backlog
+        while backlog and self._in_flight < limit and not self._closed:
+            body = backlog.popleft()
+            try:
+                self._handle_frame(body)
+            except Exception as exc:
+                self._frame_failed(body, exc)
+
+    def _frame_failed(self, body: bytes, exc: Exception) -> None:
+        """The last resort: a bug met while handling one frame costs that frame only.
+
+        Every failure a frame can cause by what it holds is answered before
+        this; reaching here is a bug of ours. The traceback is logged once per
+        connection (a peer repeating the frame must not flood the journal), the
+        frame answered INTERNAL_ERROR when its id can be read, and the
+        connection and its other calls go on.
+        """
+        if self._bug_logged:
+            self._log.error("unexpected error handling a frame from %s: %r", self.peer, exc)
+        else:
+            self._bug_logged = True
+            self._log.error("unexpected error handling a frame from %s", self.peer, exc_info=exc)
+        request_id = request_id_of(body)
+        if request_id is not UNSET:
+            self._send_error(request_id, InternalError("internal error; see the daemon's log"))
+
+    def _handle_frame(self, body: bytes) -> None:
+        if is_batch(body):
+            self._start_batch(body)
+            return
+        try:
+            request = decode_request(body)
+        except RpcError as exc:
+            self._send_error(exc.request_id, exc)
+            return
+        if self._calls.start(request, self):
+            size = len(body)
+            self._sizes[id(request)] = size
+            self._begin_call(size)
+
+    def _start_batch(self, body: bytes) -> None:
+        try:
+            members = decode_batch(body)
+            if not members:
+                raise InvalidRequest("a batch must hold at least one request")
+            if len(members) > self._limits.max_batch:
+                raise BatchTooLarge(
+                    f"a batch holds at most {self._limits.max_batch} requests, got {len(members)}"
+                )
+        except RpcError as exc:
+            self._send_error(None, exc)
+            return
+        self._begin_call(len(body))
+        # A batch is one call of the connection's max_in_flight; its members
+        # share one bound per connection, however many batches.
+        self._calls.start_batch(members, self, self._batch_members, len(body))
+
+    # -- answers (protocol.calls.Answers) ---------------------------------
+
+    def answer(self, request: Request, response: Response | None) -> None:
+        # `request.id is not UNSET` is `not request.is_notification`, without a
+        # property call: this runs once per answered call.
+        if response is not None and request.id is not UNSET:
+            self._send_message(response)
+
+    def finish(self, request: Request, response: Response | None) -> None:
+        self._end_call(self._sizes.pop(id(request), 0))
+        self.answer(request, response)
+
+    def finish_batch(self, responses: list[Response], size: int) -> None:
+        self._end_call(size)
+        if responses:
+            self._send_message(responses)
+
+    def _send_error(self, request_id: RequestId, error: RpcError) -> None:
+        self._send_message(error_response(request_id, error))
+
+    def _send_message(self, message: object) -> None:
+        if self._closed:
+            return
+        out = self._out
+        start = len(out)
+        try:
+            append_frame_of(message, out)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            self._log.error("could not encode an answer", exc_info=exc)
+            request_id = getattr(message, "id", None)
+            fallback = error_response(request_id, InternalError("unencodable result"))
+            append_frame_of(fallback, out)
+        if len(out) - start - HEADER_SIZE > self._limits.max_frame_bytes:
+            del out[start:]
+            self._send_too_large(message)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _send_too_large(self, message: object) -> None:
+        """No peer is sent a frame over the limit: the answer becomes RESULT_TOO_LARGE for
+        its id; in a batch, the largest answers do, until the batch fits."""
+        limit = self._limits.max_frame_bytes
+        too_large = ResultTooLarge(f"the answer is larger than the frame limit of {limit} bytes")
+        if not isinstance(message, list):
+            self._log.warning("an answer over %d bytes was replaced by an error", limit)
+            append_frame_of(error_response(getattr(message, "id", None), too_large), self._out)
+            return
+        members = list(message)
+        sizes = [len(encode_frame_of(member)) for member in members]
+        total = sum(sizes)
+        for index in sorted(range(len(members)), key=sizes.__getitem__, reverse=True):
+            if total + len(members) + 1 <= limit:
+                break
+            members[index] = error_response(members[index].id, too_large)
+            total -= sizes[index] - len(encode_frame_of(members[index]))
+        self._log.warning("answers in a batch over %d bytes were replaced by errors", limit)
+        append_frame_of(members, self._out)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and not self._closed and self._transport is not None:
+            # bytes: uvloop writes them without a copy of its own.
+            self._transport.write(bytes(self._out))
+            self._out.clear()
+
+    # -- flow control and stalls ------------------------------------
+
+    def _begin_call(self, size: int) -> None:
+        self._in_flight += 1
+        self._pending_bytes += size
+        self._host.call_started(size)
+
+    def _end_call(self, size: int) -> None:
+        self._in_flight -= 1
+        self._pending_bytes -= size
+        self._host.call_finished(size)
+        if self._backlog:
+            self._drain_backlog()
+        if self._read_paused:
+            self.update_reading()
+        if self._peer_done:
+            # The call's answer is queued right after this returns; close after it.
+            self._loop.call_soon(self._close_if_finished)
+
+    def update_reading(self) -> None:
+        """Pause or resume reading: paused while answers cannot be written, while frames wait
+        for a slot of `max_in_flight`, or while the bodies in flight are over a budget."""
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        blocked = (
+            self._write_paused
+            or bool(self._backlog)
+            or self._in_flight >= self._limits.max_in_flight
+            or (not self._reserved and not self._within_budget())
+        )
+        if blocked and not self._read_paused:
+            self._read_paused = True
+            transport.pause_reading()
+            # A sender we are not reading from is not stalling: stop its clock. Unless
+            # it is the one not reading (our answers back up) halfway through a frame
+            # whose length is reserved: that would hold the reservation for ever.
+            if not (self._write_paused and self._reserved):
+                self._cancel_stall_timer()
+        elif not blocked and self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+            # Before the next starved connection is looked at: this one's frame counts.
+            self._admit_frame_in_progress()
+            self._watch_stall(True)
+
+    def _within_budget(self) -> bool:
+        return self._pending_bytes < self._limits.max_pending_bytes and self._host.may_read(self)
+
+    def _admit_frame_in_progress(self) -> None:
+        """Reserve the declared length of the frame being received, if the budgets allow it
+        (otherwise reading pauses in `update_reading` until they do); release the
+        reservation of a frame that has been received."""
+        declared = self._decoder.partial_length
+        if declared == self._reserved:
+            return
+        if self._reserved:
+            self._reserve(0)
+        if declared and self._within_budget():
+            self._reserve(declared)
+
+    def _reserve(self, size: int) -> None:
+        if size != self._reserved:
+            self._pending_bytes += size - self._reserved
+            self._host.hold(size - self._reserved)
+            self._reserved = size
+
+    def _watch_stall(self, frame_completed: bool) -> None:
+        if not self._decoder.has_partial or self._read_paused:
+            self._cancel_stall_timer()
+            return
+        if self._stall_timer is None or frame_completed:
+            self._cancel_stall_timer()
+            self._stall_timer = self._loop.call_later(self._limits.frame_timeout, self._stalled)
+
+    def _cancel_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        self._log.warning(
+            "peer %s stalled mid-frame for %.1fs; disconnecting",
+            self.peer,
+            self._limits.frame_timeout,
+        )
+        self.close()
+
+    def _abort_after_flush(self) -> None:
+        self._flush()
+        self.close()
+
+    def close_if_idle(self, idle_since: float) -> bool:
+        """Close when nothing was received since `idle_since` and no call is running."""
+        if self._closed or self._in_flight or self._backlog or self.last_active > idle_since:
+            return False
+        self._log.info("closing connection from %s: idle", self.peer)
+        self.close()
+        return True
+
+    def close(self) -> None:
+        """Close after the answers already queued are written."""
+        if self._transport is not None and not self._closed:
+            self._flush()
+            self._closed = True
+            self._transport.close()

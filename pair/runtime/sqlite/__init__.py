@@ -1,0 +1,60 @@
+"""SQLite through apsw, as both daemons use it.
+
+connect.py       open a database: pragmas, the state directory, migrations
+transaction.py   a connection as a job sees it; the job's write transaction
+job.py           a unit of work for a thread, and its way back to the loop
+pool.py          the connection threads (no apsw call runs on the loop)
+group_commit.py  queued write jobs in one transaction
+errors.py        database failures as callers hear them (SPEC.md section 3)
+"""
+
+from pair.runtime.sqlite.connect import (
+    STATEMENT_CACHE_SIZE,
+    connect,
+    make_state_dir,
+    migrate,
+    now_ms,
+)
+from pair.runtime.sqlite.errors import (
+    DatabaseFailure,
+    WriteHealth,
+    database_failure,
+    sqlite_codes,
+    timeout_error,
+)
+from pair.runtime.sqlite.job import Job
+from pair.runtime.sqlite.pool import STOP_TIMEOUT, ConnectionPool, QueuedPastDeadline, stop_pools
+from pair.runtime.sqlite.transaction import (
+    BUSY_TIMEOUT_MS,
+    Conn,
+    Deadline,
+    TxMode,
+    WriteTransaction,
+    ours,
+    watch_deadline,
+)
+
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "STATEMENT_CACHE_SIZE",
+    "STOP_TIMEOUT",
+    "Conn",
+    "ConnectionPool",
+    "DatabaseFailure",
+    "Deadline",
+    "Job",
+    "QueuedPastDeadline",
+    "TxMode",
+    "WriteHealth",
+    "WriteTransaction",
+    "connect",
+    "database_failure",
+    "make_state_dir",
+    "migrate",
+    "now_ms",
+    "ours",
+    "sqlite_codes",
+    "stop_pools",
+    "timeout_error",
+    "watch_deadline",
+]

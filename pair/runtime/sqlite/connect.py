@@ -1,0 +1,91 @@
+"""Opening a database as both daemons do: pragmas, the state directory, schema migrations."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import apsw
+
+from pair.runtime.errors import EX_CANTCREAT, EX_DATAERR, DbOpenError
+from pair.runtime.sqlite.transaction import BUSY_TIMEOUT_MS, Conn
+
+STATEMENT_CACHE_SIZE = 256
+# FULL: an acknowledged write survives power loss. NORMAL (WAL): it survives a
+# crash of the process but the last commits may be lost on power loss.
+SYNCHRONOUS = {"FULL": "FULL", "NORMAL": "NORMAL"}
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def connect(
+    path: str,
+    *,
+    readonly: bool = False,
+    busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+    synchronous: str = "FULL",
+) -> apsw.Connection:
+    """A connection with the pragmas both daemons rely on.
+
+    WAL (readers beside the writer), synchronous=FULL (an acknowledged write
+    survives power loss), foreign keys, a busy timeout, defensive mode,
+    trusted_schema off, and no double-quoted string literals (they turn a
+    typo'd column name into a string).
+    """
+    flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
+    if not readonly:
+        flags |= apsw.SQLITE_OPEN_CREATE
+    db = apsw.Connection(path, flags=flags, statementcachesize=STATEMENT_CACHE_SIZE)
+    db.set_busy_timeout(busy_timeout_ms)
+    db.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
+    db.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
+    db.config(apsw.SQLITE_DBCONFIG_DQS_DML, 0)
+    db.config(apsw.SQLITE_DBCONFIG_DQS_DDL, 0)
+    pragmas = [
+        f"synchronous = {SYNCHRONOUS[synchronous.upper()]}",
+        "foreign_keys = ON",
+        "temp_store = MEMORY",
+    ]
+    if not readonly:
+        pragmas.insert(0, "journal_mode = WAL")
+    for pragma in pragmas:
+        db.execute(f"PRAGMA {pragma}", can_cache=False)
+    return db
+
+
+def migrate(conn: Conn, migrations: tuple[str, ...], *, log: Callable[[str], None]) -> int:
+    """Apply pending DDL (keyed on `user_version`) in one transaction; the schema version.
+
+    A database newer than `migrations` is refused, never touched.
+    """
+    current = int(conn.execute("PRAGMA user_version", cacheable=False)[0][0])
+    target = len(migrations)
+    if current > target:
+        raise DbOpenError(
+            f"{conn.db.filename} has schema version {current}, newer than this program's "
+            f"{target}; refusing to touch it (upgrade the program)",
+            EX_DATAERR,
+        )
+    if current == target:
+        return current
+    conn.execute("BEGIN IMMEDIATE", cacheable=False)
+    try:
+        for version in range(current, target):
+            conn.execute(migrations[version], cacheable=False)
+        conn.execute(f"PRAGMA user_version = {target}", cacheable=False)
+        conn.execute("COMMIT", cacheable=False)
+    except BaseException:
+        conn.execute("ROLLBACK", cacheable=False)
+        raise
+    log(f"migrated {conn.db.filename} from schema version {current} to {target}")
+    return target
+
+
+def make_state_dir(path: str) -> None:
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise DbOpenError(f"cannot open database {path}: {exc}", EX_CANTCREAT) from exc

@@ -1,6 +1,0 @@
-"""Real daemons for socket-level tests: the pytest plugin (`pair_testing.plugin`, registered
-through the `pytest11` entry point) and the process handles it hands out."""
-
-from pair_testing.daemons import DaemonProcess, Pair
-
-__all__ = ["DaemonProcess", "Pair"]

@@ -1,5 +1,0 @@
-import sys
-
-from pairctl.cli import main
-
-sys.exit(main())
