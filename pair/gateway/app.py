@@ -13,10 +13,11 @@ from anyio.abc import TaskGroup
 from pair.gateway import invites
 from pair.gateway.codes import CodeHasher, load_or_create_key
 from pair.gateway.db import Database
+from pair.gateway.delivery import Delivery
 from pair.gateway.invites import GuessLimits
 from pair.gateway.link import AssistantLink
 from pair.gateway.one_time_migrations import MigrationRunner
-from pair.gateway.outbox import Delivery, backlog_bounds, dead_count
+from pair.gateway.outbox import backlog_bounds, dead_count
 from pair.gateway.routes import GatewayRoutes
 from pair.runtime import daemon
 from pair.runtime.daemon import DaemonConfig

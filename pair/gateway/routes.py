@@ -20,11 +20,12 @@ from msgspec import Meta, Struct
 from pair.gateway import contacts, invites
 from pair.gateway.codes import CodeHasher
 from pair.gateway.db import Database
+from pair.gateway.delivery import Delivery
 from pair.gateway.inbound import Inbound, inbound
 from pair.gateway.invites import GuessLimits, Redemption, Sender
 from pair.gateway.link import AssistantLink
 from pair.gateway.one_time_migrations import MigrationRunner
-from pair.gateway.outbox import Delivery, queued_through
+from pair.gateway.outbox import queued_through
 from pair.gateway.records import Channel, Contact, Invite
 from pair.protocol import __version__
 from pair.protocol.deferred import Deferred
