@@ -14,17 +14,18 @@ import asyncio
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast, overload
 
 import anyio
 import msgspec
-from msgspec import UNSET, Raw
+from msgspec import UNSET
 
+from pair.protocol.answers import handler_error, result_of
 from pair.protocol.errors import FrameError, IpcHandlerError, IpcTransportError
 from pair.protocol.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder
-from pair.protocol.messages import ClientResponse, ErrorObject, encode_frame_of, is_batch
+from pair.protocol.messages import ClientResponse, encode_frame_of, is_batch
 
 T = TypeVar("T")
 
@@ -35,13 +36,18 @@ log = logging.getLogger("protocol.client")
 
 _response_decoder = msgspec.json.Decoder(ClientResponse)
 _batch_response_decoder = msgspec.json.Decoder(list[ClientResponse])
-_any_decoder = msgspec.json.Decoder()
-_typed_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 
 
-# A pending call: its future, the connection it was sent on, its deadline (loop
-# time), and the method and timeout its expiry message names.
-_Pending = tuple[asyncio.Future[ClientResponse], "_ClientProtocol", float, str, float | None]
+@dataclass(slots=True)
+class _Pending:
+    """A call waiting for its answer: the connection it was sent on, its deadline (loop
+    time), and the method and timeout its expiry message names."""
+
+    future: asyncio.Future[ClientResponse]
+    protocol: _ClientProtocol
+    deadline: float
+    method: str
+    timeout: float | None
 
 
 class _Call(msgspec.Struct, omit_defaults=True, gc=False):
@@ -60,29 +66,18 @@ class BatchCall:
     notify: bool = False
 
 
-def _decoder_for(result_type: Any) -> msgspec.json.Decoder[Any]:
-    decoder = _typed_decoders.get(result_type)
-    if decoder is None:
-        decoder = _typed_decoders[result_type] = msgspec.json.Decoder(result_type)
-    return decoder
-
-
-def handler_error(error: ErrorObject) -> IpcHandlerError:
-    """Rebuild the peer's error from its error object, keyed by `errorCode`."""
-    data = error.data if isinstance(error.data, dict) else {}
-    return IpcHandlerError(
-        error.message,
-        int(data.get("statusCode", 500)),
-        str(data.get("errorCode", "UNKNOWN")),
-        data,
-        rpc_code=error.code,
-    )
-
-
 class _ClientProtocol(asyncio.Protocol):
-    def __init__(self, client: Client) -> None:
-        self._client = client
-        self._decoder = FrameDecoder(client.max_frame_bytes)
+    """One connection of a `Client`: frames in to `on_frame`, its end to `on_failure`."""
+
+    def __init__(
+        self,
+        max_frame_bytes: int,
+        on_frame: Callable[[_ClientProtocol, bytes], None],
+        on_failure: Callable[[_ClientProtocol, str], None],
+    ) -> None:
+        self._on_frame = on_frame
+        self._on_failure = on_failure
+        self._decoder = FrameDecoder(max_frame_bytes)
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.can_write = asyncio.Event()
@@ -97,13 +92,13 @@ class _ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             for body in self._decoder.feed(data):
-                self._client._on_frame(self, body)
+                self._on_frame(self, body)
         except (FrameError, msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-            self._client._fail_connection(self, f"protocol violation by the peer: {exc!r}")
+            self._on_failure(self, f"protocol violation by the peer: {exc!r}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f"connection lost: {exc}" if exc else "connection closed by the peer"
-        self._client._fail_connection(self, reason)
+        self._on_failure(self, reason)
         if not self.lost.done():
             self.lost.set_result(None)
         self.can_write.set()
@@ -177,16 +172,14 @@ class Client:
         protocol = self._protocol
         if protocol is None or protocol.transport is None or protocol.transport.is_closing():
             protocol = await self._writable_protocol()
-        deadline = loop.time() + (self.timeout if timeout is None else timeout)
-        self._pending[request_id] = (future, protocol, deadline, method, timeout)
+        self._register([request_id], [future], protocol, method, timeout, loop)
         try:
-            self._expire_at(deadline, loop)
             await self._write(protocol, frame, timeout)
             response = await future
         finally:
             del self._pending[request_id]
             _settled(future)
-        return _result_of(response, result_type)
+        return result_of(response, result_type)
 
     async def notify(self, method: str, params: object = None) -> None:
         """Send a notification: executed by the peer, never answered."""
@@ -218,19 +211,16 @@ class Client:
             members.append(_Call("2.0", call.method, request_id, _params(call.params)))
         frame = encode_frame_of(members)
         protocol = await self._writable_protocol()
-        deadline = loop.time() + (self.timeout if timeout is None else timeout)
-        for request_id, future in zip(ids, futures, strict=True):
-            self._pending[request_id] = (future, protocol, deadline, "batch", timeout)
+        self._register(ids, futures, protocol, "batch", timeout, loop)
         if ids:
             protocol.batches.append(ids)
         try:
-            self._expire_at(deadline, loop)
             await self._write(protocol, frame, timeout)
             results: list[Any | IpcHandlerError] = []
             for future in futures:
                 response = await future
                 try:
-                    results.append(_result_of(response, None))
+                    results.append(result_of(response, None))
                 except IpcHandlerError as exc:
                     results.append(exc)
             return results
@@ -251,6 +241,21 @@ class Client:
                 await protocol.lost
 
     # -- internals --------------------------------------------------------
+
+    def _register(
+        self,
+        ids: list[int],
+        futures: list[asyncio.Future[ClientResponse]],
+        protocol: _ClientProtocol,
+        method: str,
+        timeout: float | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """Await answers to `ids` on `protocol`, each failing at its deadline."""
+        deadline = loop.time() + (self.timeout if timeout is None else timeout)
+        for request_id, future in zip(ids, futures, strict=True):
+            self._pending[request_id] = _Pending(future, protocol, deadline, method, timeout)
+        self._expire_at(deadline, loop)
 
     async def _writable_protocol(self) -> _ClientProtocol:
         """The connection to write on, opened (again) when there is none or it is closing."""
@@ -300,16 +305,16 @@ class Client:
         loop = asyncio.get_running_loop()
         now = loop.time()
         earliest = math.inf
-        for future, _protocol, deadline, method, timeout in self._pending.values():
-            if future.done():
+        for pending in self._pending.values():
+            if pending.future.done():
                 continue
-            if deadline <= now:
-                limit = self.timeout if timeout is None else timeout
-                future.set_exception(
-                    IpcTransportError(f"{method}: no answer within {limit:g}s", sent=True)
+            if pending.deadline <= now:
+                limit = self.timeout if pending.timeout is None else pending.timeout
+                pending.future.set_exception(
+                    IpcTransportError(f"{pending.method}: no answer within {limit:g}s", sent=True)
                 )
-            elif deadline < earliest:
-                earliest = deadline
+            elif pending.deadline < earliest:
+                earliest = pending.deadline
         if earliest < math.inf:
             # uvloop's clock moves in whole milliseconds: a timer for a deadline
             # within the current one would fire again at once, and again.
@@ -322,15 +327,16 @@ class Client:
             loop = asyncio.get_running_loop()
             try:
                 with anyio.fail_after(self.connect_timeout):
-                    _, protocol = await loop.create_unix_connection(
-                        lambda: _ClientProtocol(self), self.path
-                    )
+                    _, protocol = await loop.create_unix_connection(self._new_protocol, self.path)
             except (OSError, TimeoutError) as exc:
                 raise IpcTransportError(
                     f"cannot connect to {self.path}: {_describe(exc)}", sent=False, path=self.path
                 ) from exc
             self._protocol = protocol
             return protocol
+
+    def _new_protocol(self) -> _ClientProtocol:
+        return _ClientProtocol(self.max_frame_bytes, self._on_frame, self._fail_connection)
 
     def _on_frame(self, protocol: _ClientProtocol, body: bytes) -> None:
         if is_batch(body):
@@ -342,8 +348,8 @@ class Client:
     def _resolve(self, protocol: _ClientProtocol, response: ClientResponse) -> None:
         if isinstance(response.id, int):
             pending = self._pending.get(response.id)
-            if pending is not None and not pending[0].done():
-                pending[0].set_result(response)
+            if pending is not None and not pending.future.done():
+                pending.future.set_result(response)
             return
         if response.error is UNSET:
             log.warning("answer with unknown id %r ignored", response.id)
@@ -358,13 +364,13 @@ class Client:
             self._fail(self._ids_on(protocol), handler_error(response.error))
 
     def _ids_on(self, protocol: _ClientProtocol) -> list[int]:
-        return [key for key, pending in self._pending.items() if pending[1] is protocol]
+        return [key for key, pending in self._pending.items() if pending.protocol is protocol]
 
     def _fail(self, ids: list[int], error: Exception) -> None:
         for request_id in ids:
             pending = self._pending.get(request_id)
-            if pending is not None and not pending[0].done():
-                pending[0].set_exception(error)
+            if pending is not None and not pending.future.done():
+                pending.future.set_exception(error)
 
     def _fail_connection(self, protocol: _ClientProtocol, reason: str) -> None:
         if protocol.transport is not None:
@@ -392,24 +398,6 @@ def _params(params: object) -> object:
     if isinstance(params, str | bytes | int | float | bool):
         raise TypeError(f"params must be an object or an array, not {type(params).__name__}")
     return params
-
-
-def _result_of(response: ClientResponse, result_type: Any) -> Any:
-    if response.error is not UNSET:
-        raise handler_error(response.error)
-    raw: Raw = response.result
-    if not raw:
-        raise IpcTransportError("answer has neither result nor error", sent=True)
-    decoder = _any_decoder if result_type is None else _decoder_for(result_type)
-    try:
-        return decoder.decode(raw)
-    except msgspec.ValidationError as exc:
-        raise IpcTransportError(
-            f"answer does not match the expected type: {exc}", sent=True
-        ) from exc
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        # The envelope skipped `result` unchecked: this is where bad bytes show.
-        raise IpcTransportError(f"protocol violation by the peer: {exc!r}", sent=True) from exc
 
 
 def _describe(exc: BaseException) -> str:
