@@ -95,6 +95,10 @@ MIGRATIONS: tuple[str, ...] = (
 INTERNAL_TABLES = frozenset({"events", "idempotency_keys"})
 
 
+class CallerObjectRefused(apsw.AuthError):
+    """One of our own statements would have run a caller's trigger: it did not run."""
+
+
 @dataclass(slots=True)
 class GuardedConn(Conn):
     """A connection whose caller statements are held to the statement policy."""
@@ -115,7 +119,12 @@ class GuardedConn(Conn):
         cached BEGIN of ours would let a caller's identical BEGIN skip it.
         """
         self.guard.begin(Mode.TRUSTED)
-        return list(self.db.execute(sql, bind, can_cache=cacheable))
+        try:
+            return Conn.execute(self, sql, bind, cacheable=cacheable)
+        except apsw.AuthError as exc:
+            if self.guard.denial is None:
+                raise
+            raise CallerObjectRefused(f"{exc}: {self.guard.reason}") from exc
 
 
 def open_guarded(

@@ -135,6 +135,10 @@ _CREATE_TEMP = frozenset(
         apsw.SQLITE_CREATE_TEMP_INDEX,
     }
 )
+# DDL after which the caller's tables' foreign keys are checked (`defined_table`).
+_DEFINES_TABLE = frozenset(
+    {apsw.SQLITE_CREATE_TABLE, apsw.SQLITE_CREATE_TEMP_TABLE, apsw.SQLITE_ALTER_TABLE}
+)
 # Functions that reach memory or files through their arguments: fts3_tokenizer
 # with a bound blob is a pointer SQLite calls through (a caller crashed it so).
 REFUSED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer"})
@@ -162,17 +166,29 @@ class Guard:
         # A caller statement created a TEMP object: it is dropped before the
         # call ends, so nothing outlives the call on this shared connection.
         self.created_temp = False
+        # A caller statement created or altered a table: its foreign keys are
+        # checked before the call commits (`assistant.proxy`).
+        self.defined_table = False
 
     def authorize(
-        self, action: int, arg1: str | None, arg2: str | None, _db: str | None, _trigger: str | None
+        self, action: int, arg1: str | None, arg2: str | None, _db: str | None, trigger: str | None
     ) -> int:
         if self.mode is Mode.TRUSTED:
-            return apsw.SQLITE_OK
+            # The daemon has no triggers: one coded into our own statement is a
+            # caller's (fired through a foreign key's cascade, say), and would run
+            # with the daemon's rights.
+            if trigger is None:
+                return apsw.SQLITE_OK
+            return self._deny(
+                Denial.FORBIDDEN, f"the caller's trigger {trigger} may not run in the daemon's work"
+            )
         reason = self._forbidden(action, arg1, arg2)
         if reason:
             return self._deny(Denial.FORBIDDEN, reason)
         if action in _CREATE_TEMP:
             self.created_temp = True
+        if action in _DEFINES_TABLE:
+            self.defined_table = True
         if self.mode is Mode.READ and action not in _READ_ACTIONS and action != apsw.SQLITE_PRAGMA:
             return self._deny(Denial.WRITE_IN_READ, "query mode takes read-only statements")
         return apsw.SQLITE_OK

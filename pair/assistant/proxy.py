@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
+from collections.abc import Iterator
 from math import isfinite
 from typing import Any
 
@@ -21,7 +22,13 @@ from pair.assistant.errors import DbProxyFailed, DbProxyTransactionFailed, SqlFo
 from pair.assistant.policy import Denial, Mode
 from pair.protocol.errors import DomainError, InvalidParams, RpcError
 from pair.protocol.values import SqlBind, to_wire
-from pair.runtime.sqlite import WriteTransaction, database_failure, now_ms, sqlite_codes
+from pair.runtime.sqlite import (
+    WriteTransaction,
+    database_failure,
+    now_ms,
+    sqlite_codes,
+    timeout_error,
+)
 
 # At most 1024 texts per connection, none over 16 KiB: about 16 MiB at worst.
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
@@ -99,9 +106,25 @@ class _Statement:
         """Where the statement is in the call's params, for an answer."""
         return "$" if self.step is None else f"$.steps[{self.step}]"
 
-    def execute(self, mode: Mode, *, single: bool = True) -> apsw.Cursor:
-        self.conn.guard.begin(mode)
+    @contextlib.contextmanager
+    def running(self, mode: Mode, *, single: bool = True) -> Iterator[apsw.Cursor]:
+        """The statement's cursor, closed on the way out whatever happened.
+
+        A cursor left open mid-statement (an error while its rows were read) keeps
+        its statement in progress: on the writer no transaction can commit again
+        ("SQL statements in progress"), on a reader its snapshot stays old; and an
+        exception's traceback holds it in a reference cycle until the cycle
+        collector runs, which on an idle daemon may be never.
+        """
         cursor = self.conn.db.cursor()
+        try:
+            self._execute(cursor, mode, single)
+            yield cursor
+        finally:
+            cursor.close(True)
+
+    def _execute(self, cursor: apsw.Cursor, mode: Mode, single: bool) -> None:
+        self.conn.guard.begin(mode)
         # A text already checked to be one statement skips the trace callback;
         # its columns, if it has any, come from the running statement. Named
         # binds are always traced, to check for unknown names. A script runs
@@ -109,6 +132,8 @@ class _Statement:
         checked = None if type(self.bind) is dict else self.conn.checked_sql.get(self.sql)
         if single and checked is None:
             cursor.exec_trace = self._check_single
+        elif not single:
+            cursor.exec_trace = self._within_deadline
         try:
             cursor.execute(self.sql, self.bind)
         except KeyError as exc:
@@ -120,7 +145,12 @@ class _Statement:
                 self.columns = [column[0] for column in cursor.description]
             except apsw.ExecutionCompleteError:
                 self.columns = self._probe_columns(cacheable=True)  # no row came
-        return cursor
+
+    def _within_deadline(self, _cursor: apsw.Cursor, _statement: str, _bindings: object) -> bool:
+        # Before each statement of a script: see `Deadline.passed`.
+        if self.conn.deadline.passed():
+            raise timeout_error()
+        return True
 
     def _probe_columns(self, *, cacheable: bool) -> list[str]:
         """The statement's columns, from preparing it again and stopping before it runs.
@@ -130,8 +160,11 @@ class _Statement:
         """
         probe = self.conn.db.cursor()
         probe.exec_trace = self._capture_columns
-        with contextlib.suppress(apsw.ExecTraceAbort):
-            probe.execute(self.sql, self.bind, can_cache=cacheable)
+        try:
+            with contextlib.suppress(apsw.ExecTraceAbort):
+                probe.execute(self.sql, self.bind, can_cache=cacheable)
+        finally:
+            probe.close(True)
         return self.columns
 
     def _capture_columns(self, cursor: apsw.Cursor, _statement: str, _bindings: object) -> bool:
@@ -230,8 +263,8 @@ def query(
     """One read-only statement on a reader connection."""
     statement = _Statement(conn, sql, bind)
     try:
-        cursor = statement.execute(Mode.READ)
-        rows, truncated = statement.read_rows(cursor, max_rows, max_bytes)
+        with statement.running(Mode.READ) as cursor:
+            rows, truncated = statement.read_rows(cursor, max_rows, max_bytes)
     except (apsw.Error, UnicodeDecodeError) as exc:
         raise translate(exc, conn, DbProxyFailed) from exc
     return QueryResult(statement.columns, rows, truncated)
@@ -250,6 +283,7 @@ def run(
             result = _run_one(conn, _Statement(conn, sql, bind), max_rows, max_bytes)
         except (apsw.Error, UnicodeDecodeError) as exc:
             raise translate(exc, conn, DbProxyFailed) from exc
+        _check_references(conn)
         _drop_temp_objects(conn, sql)
         return result
 
@@ -258,11 +292,12 @@ def execute_script(conn: GuardedConn, sql: str) -> ExecResult:
     """A script of statements in one write transaction; all or nothing."""
     with _WriteTransaction(conn):
         try:
-            statement = _Statement(conn, sql, None)
-            for _ in statement.execute(Mode.WRITE, single=False):
-                pass
+            with _Statement(conn, sql, None).running(Mode.WRITE, single=False) as cursor:
+                for _ in cursor:
+                    pass
         except (apsw.Error, UnicodeDecodeError) as exc:
             raise translate(exc, conn, DbProxyFailed) from exc
+        _check_references(conn)
         _drop_temp_objects(conn, sql)
     return ExecResult()
 
@@ -286,6 +321,8 @@ def transaction(
                 return _stored_result.decode(stored[0][0])
         results = []
         for index, step in enumerate(steps):
+            if conn.deadline.passed():
+                raise timeout_error({"failedStep": index})
             result = _run_step(conn, index, step, max_rows, max_bytes)
             required = step.require_changes
             if required is not None and result.changes < required:
@@ -296,6 +333,7 @@ def transaction(
                 )
             results.append(result)
         outcome = TransactionOk(results=results)
+        _check_references(conn)
         _drop_temp_objects(conn, *(step.sql for step in steps))
         if idempotency_key is not None:
             conn.execute(
@@ -326,11 +364,11 @@ def _run_step(
 def _run_one(conn: GuardedConn, statement: _Statement, max_rows: int, max_bytes: int) -> RunResult:
     db = conn.db
     before = db.total_changes()
-    cursor = statement.execute(Mode.WRITE)
-    if not statement.columns:
-        # No result columns: the statement ran to its end in its first step.
-        return RunResult(_changes(db, before), db.last_insert_rowid())
-    rows, truncated = statement.read_rows(cursor, max_rows, max_bytes)
+    with statement.running(Mode.WRITE) as cursor:
+        if not statement.columns:
+            # No result columns: the statement ran to its end in its first step.
+            return RunResult(_changes(db, before), db.last_insert_rowid())
+        rows, truncated = statement.read_rows(cursor, max_rows, max_bytes)
     return RunResult(_changes(db, before), db.last_insert_rowid(), rows, truncated)
 
 
@@ -357,6 +395,33 @@ class _WriteTransaction(WriteTransaction):
             super().commit()
         except apsw.Error as exc:
             raise translate(exc, self.conn, DbProxyFailed) from exc
+
+
+def _check_references(conn: GuardedConn) -> None:
+    """Refuse a caller's table with a foreign key to an internal table, before it commits.
+
+    The daemon deletes from its tables (the idempotency-key sweep); a caller's
+    key to one would block that delete, or cascade it into the caller's tables
+    and fire the caller's triggers inside the daemon's own statement. SQLite's
+    authorizer does not see REFERENCES, so after any CREATE or ALTER TABLE of the
+    call every caller table's keys are read (a rename keeps a table's keys, so
+    all of them, not the one named).
+    """
+    guard = conn.guard
+    if not guard.defined_table:
+        return
+    guard.defined_table = False
+    for schema in ("main", "temp"):
+        keys = conn.execute(
+            f'SELECT m.name, k."table" FROM {schema}.sqlite_schema AS m,'
+            f" pragma_foreign_key_list(m.name, '{schema}') AS k WHERE m.type = 'table'"
+        )
+        for table, target in keys:
+            if str(target).lower() in guard.internal_tables:
+                raise SqlForbidden(
+                    f"table {table} has a foreign key to {target}, which is internal to the"
+                    " assistant: a caller's table may not reference it"
+                )
 
 
 def _drop_temp_objects(conn: GuardedConn, *sql: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 
 from pair.ctl import explore, failures, render
-from pair.ctl.failures import EX_HANDLER, EX_NOPERM, EX_UNAVAILABLE, forbidden
+from pair.ctl.failures import EX_CANTCREAT, EX_HANDLER, EX_NOPERM, EX_UNAVAILABLE, forbidden
 from pair.ctl.metrics import exposition, write_textfile
 from pair.ctl.up import run_up
 from pair.protocol.client import BatchCall, Client
@@ -287,7 +287,12 @@ async def metrics(args: argparse.Namespace) -> int:
     if args.json:
         print(render.as_json(answers))
     elif args.textfile is not None:
-        write_textfile(str(args.textfile), answers)
+        try:
+            write_textfile(str(args.textfile), answers)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            print(f"pairctl: cannot write {args.textfile}: {reason}", file=sys.stderr)
+            return EX_CANTCREAT
     else:
         sys.stdout.write(exposition(answers).decode())
     return EX_OK

@@ -1,7 +1,8 @@
 """How pairctl reports a failed call: in its own words, with the daemon's errorCode kept.
 
 Exit codes: 1 the daemon answered an error; 69 (EX_UNAVAILABLE) it could not be
-reached; 77 (EX_NOPERM) this user may not use the socket. With `--json` the
+reached; 73 (EX_CANTCREAT) an output file cannot be written; 77 (EX_NOPERM) this
+user may not use the socket. With `--json` the
 error is also one JSON object on stdout: `code` (JSON-RPC's, null when there was
 no answer), `errorCode`, `message`, `data`.
 """
@@ -20,6 +21,7 @@ from pair.protocol.errors import Forbidden, IpcHandlerError, IpcTransportError
 EX_HANDLER = 1
 EX_USAGE = 2
 EX_UNAVAILABLE = 69
+EX_CANTCREAT = 73
 EX_NOPERM = 77
 
 # The flag that sets each param of pairctl's commands.

@@ -44,6 +44,16 @@ from pair.protocol.messages import (
 )
 from pair.protocol.metrics import OK, MethodCounts
 
+# How much of a peer's text (a method name, an id, a message echoing them) a log line
+# carries: quoted by repr, so a newline cannot forge a line, and cut to this length.
+LOGGED_CHARS = 80
+
+
+def loggable(text: object, limit: int = LOGGED_CHARS) -> str:
+    """A peer's text as a log line may hold it: quoted, escaped, and cut."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else f"{shown[:limit]}...({len(shown) - limit} more)"
+
 
 class Answers(Protocol):
     """Where a call's answer goes: the connection it came on."""
@@ -242,14 +252,16 @@ class Calls:
         connection sends nothing for a request without an id), and its failure logged."""
         error = self.as_rpc_error(exc, request.method)
         if request.id is UNSET and not isinstance(error, RouteError | ShuttingDown):
-            self.log.info("notification %s failed: %s", request.method, error.message)
+            self.log.info(
+                "notification %s failed: %s", loggable(request.method), loggable(error.message)
+            )
         return error_response(None if request.id is UNSET else request.id, error)
 
     def as_rpc_error(self, exc: Exception, method: str) -> RpcError:
         """The error boundary: unexpected exceptions are logged with traceback, answered bare."""
         if isinstance(exc, RpcError):
             return exc
-        self.log.error("unexpected error in %s", method, exc_info=exc)
+        self.log.error("unexpected error in %s", loggable(method), exc_info=exc)
         return InternalError("internal error; see the daemon's log")
 
     def record(
@@ -266,12 +278,12 @@ class Calls:
                 counts.observe(getattr(response, "result", None), code)
             except Exception:
                 # Counting must never cost the caller its answer.
-                self.log.exception("counting a %s call failed", request.method)
+                self.log.exception("counting a %s call failed", loggable(request.method))
         if self.debug:
             self.log.debug(
-                "call method=%s id=%r duration_ms=%.2f outcome=%s",
-                request.method,
-                request.id,
+                "call method=%s id=%s duration_ms=%.2f outcome=%s",
+                loggable(request.method),
+                loggable(request.id),
                 seconds * 1000,
                 code or OK,
             )

@@ -59,6 +59,9 @@ DEFAULT_MAX_PENDING_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PENDING_BYTES_TOTAL = 128 * 1024 * 1024
 
 
+DEFAULT_MAX_UNSENT_BYTES = 4 * 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class ServerLimits:
     """Per-server tunables; the defaults are PROTOCOL.md's."""
@@ -73,6 +76,10 @@ class ServerLimits:
     grace: float = 10.0
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     backlog: int = socket.SOMAXCONN
+    # Answers encoded in one turn of the loop past which a connection's other frames
+    # wait for them to be written (with the transport's own high-water mark, how a
+    # peer that does not read stops being served).
+    max_unsent_bytes: int = DEFAULT_MAX_UNSENT_BYTES
 
 
 class CallHost(Protocol):
@@ -217,14 +224,23 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._resume_backlog()
+
+    def _resume_backlog(self) -> None:
+        if self._backlog:
+            self._flush_scheduled = True
+            try:
+                self._drain_backlog()
+            finally:
+                self._flush()
         self.update_reading()
 
     # -- frames and requests ----------------------------------------------
 
     def _handle_frames(self, frames: list[bytes]) -> None:
-        limit = self._limits.max_in_flight
+        limit, unsent = self._limits.max_in_flight, self._limits.max_unsent_bytes
         for index, body in enumerate(frames):
-            if self._in_flight >= limit:
+            if self._in_flight >= limit or len(self._out) > unsent:
                 self._backlog.extend(frames[index:])
                 return
             try:
@@ -233,9 +249,17 @@ class Connection(asyncio.Protocol):
                 self._frame_failed(body, exc)
 
     def _drain_backlog(self) -> None:
-        limit = self._limits.max_in_flight
+        """Handle waiting frames while a slot of `max_in_flight` is free and the answers
+        are being written: a peer that does not read its answers gets no new ones."""
+        limit, unsent = self._limits.max_in_flight, self._limits.max_unsent_bytes
         backlog = self._backlog
-        while backlog and self._in_flight < limit and not self._closed:
+        while (
+            backlog
+            and self._in_flight < limit
+            and not self._write_paused
+            and len(self._out) <= unsent
+            and not self._closed
+        ):
             body = backlog.popleft()
             try:
                 self._handle_frame(body)
@@ -356,6 +380,13 @@ class Connection(asyncio.Protocol):
             # bytes: uvloop writes them without a copy of its own.
             self._transport.write(bytes(self._out))
             self._out.clear()
+            if (
+                self._backlog
+                and not self._write_paused
+                and self._in_flight < (self._limits.max_in_flight)
+            ):
+                # Frames left waiting for these answers to be written: they were.
+                self._loop.call_soon(self._resume_backlog)
 
     # -- flow control and stalls ------------------------------------
 

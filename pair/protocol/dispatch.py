@@ -129,6 +129,9 @@ class Router:
         # Calls naming no registered method, and the server's connections (protocol.metrics).
         self.unknown_counts = MethodCounts()
         self.server_counts = ServerCounts()
+        # rpc.discover's answer, encoded once: building it took 4.3 ms of the loop
+        # per call, and pipelined calls stalled every other connection.
+        self._document: msgspec.Raw | None = None
         self.add("rpc.discover", self._discover, inline=True)
 
     def add(
@@ -150,6 +153,7 @@ class Router:
         """
         if name in self._methods:
             raise ValueError(f"method {name!r} is registered twice")
+        self._document = None
         hints = typing.get_type_hints(handler)
         params = [hint for key, hint in hints.items() if key != "return"]
         params_type = params[0] if params else NoParams
@@ -197,9 +201,11 @@ class Router:
         counts[UNKNOWN_METHOD] = self.unknown_counts
         return snapshot(counts, self.server_counts, kind, **extra)
 
-    def _discover(self, params: NoParams) -> dict[str, Any]:
+    def _discover(self, params: NoParams) -> msgspec.Raw:
         """An OpenRPC document of every method, its params and result as JSON Schema."""
-        return openrpc_document(self)
+        if self._document is None:
+            self._document = msgspec.Raw(msgspec.json.encode(openrpc_document(self)))
+        return self._document
 
 
 def openrpc_document(router: Router) -> dict[str, Any]:

@@ -405,9 +405,9 @@ async def test_debug_logs_each_database_call_with_its_outcome(short_tmp: Path) -
     finally:
         daemon.close()
     log = daemon.stderr()
-    assert "call method=db_proxy id=1 " in log
+    assert "call method='db_proxy' id=1 " in log
     assert "outcome=ok" in log
-    assert "call method=db_proxy id=2 " in log
+    assert "call method='db_proxy' id=2 " in log
     assert "outcome=DB_PROXY_FAILED" in log
 
 

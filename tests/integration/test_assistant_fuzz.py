@@ -2,7 +2,8 @@
 
 Statements, scripts and transaction steps are put together from fragments a
 careless or hostile caller would use (triggers, TEMP objects, DDL on the
-daemon's tables, functions with bound blobs, comments, stray semicolons).
+daemon's tables, foreign keys to them, functions with bound blobs, rows whose
+text is not UTF-8, comments, stray semicolons).
 After each call: the daemon answers `health`, `events` and `idempotency_keys`
 hold exactly what the daemon itself stored, and no TEMP object is left on
 the writer.
@@ -36,6 +37,7 @@ FUNCTIONS = [
     "json",
 ]
 TAILS = ["", ";", "; -- c", " /* c */", ";;", "; /* x */ ;"]
+INTERNAL = ["events", "idempotency_keys", "EVENTS", '"Idempotency_Keys"']
 
 table = st.sampled_from(TABLES)
 value = st.one_of(
@@ -49,7 +51,7 @@ value = st.one_of(
 @st.composite
 def statement(draw: st.DrawFn) -> str:
     t = draw(table)
-    kind = draw(st.integers(0, 13))
+    kind = draw(st.integers(0, 16))
     inner = f"INSERT INTO {draw(table)} (rowid) VALUES (1)"
     return [
         f"CREATE TABLE IF NOT EXISTS {t} (a, b)",
@@ -66,6 +68,11 @@ def statement(draw: st.DrawFn) -> str:
         f"CREATE TEMP VIEW IF NOT EXISTS {t.split('.')[-1]} AS SELECT 1",
         f"SELECT {draw(st.sampled_from(FUNCTIONS))}(?, ?)",
         "BEGIN",
+        f"CREATE TABLE IF NOT EXISTS {t.split('.')[-1]}_k"
+        f" (k REFERENCES {draw(st.sampled_from(INTERNAL))} ON DELETE CASCADE)",
+        f"INSERT INTO {t} (rowid) VALUES (1), (2)"
+        " RETURNING CASE WHEN rowid = 2 THEN CAST(x'80' AS TEXT) ELSE rowid END",
+        "SELECT CAST(x'ff' AS TEXT), ?, ?",
     ][kind]
 
 
@@ -147,3 +154,9 @@ def test_generated_sql_never_crashes_the_daemon_or_reaches_its_own_tables(
     assert [row["id"] for row in stored["result"]["rows"]] == ledger.events
     assert scalar(conn, "SELECT count(*) AS n FROM main.idempotency_keys") == len(ledger.keys)
     assert scalar(conn, "SELECT count(*) AS n FROM temp.sqlite_master") == 0
+    internal = ", ".join(f"'{name}'" for name in ("events", "idempotency_keys"))
+    referencing = (
+        "SELECT count(*) AS n FROM sqlite_schema AS m, pragma_foreign_key_list(m.name) AS k"
+        f" WHERE m.type = 'table' AND lower(k.\"table\") IN ({internal})"
+    )
+    assert scalar(conn, referencing) == 0

@@ -329,7 +329,7 @@ async def test_an_assistant_that_refuses_every_batch_alike_sets_no_event_aside(
 
             async def refused_often() -> bool:
                 # One event: each attempt is one call, refused whole.
-                return demo.stderr().count("method=emit_events") > DEAD_AFTER + 1
+                return demo.stderr().count("method='emit_events'") > DEAD_AFTER + 1
 
             await eventually(refused_often)
             outbox = (await gw.call("health"))["outbox"]

@@ -260,3 +260,12 @@ def test_metrics_of_a_daemon_that_is_down_say_so_and_exit_zero(pair: Pair, tmp_p
     assert sample(samples, "pair_up", daemon="assistant") == 0
     assert sample(samples, "pair_up", daemon="gateway") == 1
     assert [path.name for path in tmp_path.iterdir()] == ["pair.prom"], "a temporary file was left"
+
+
+def test_a_textfile_that_cannot_be_written_is_one_line_and_exit_73(
+    pair: Pair, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing" / "pair.prom"
+    result = pairctl(pair, "metrics", "--textfile", str(missing))
+    assert result.returncode == 73
+    assert result.stderr == f"pairctl: cannot write {missing}: No such file or directory\n"

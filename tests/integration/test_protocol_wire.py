@@ -326,10 +326,10 @@ def test_debug_logs_one_line_per_call_whatever_way_it_runs(short_tmp: Path) -> N
         daemon.close()
     log = daemon.stderr()
     for line in (
-        "call method=echo id=0 ",
-        "call method=echo_async id=1 ",
-        "call method=echo_thread id=2 ",
-        "call method=nope id=3 ",
+        "call method='echo' id=0 ",
+        "call method='echo_async' id=1 ",
+        "call method='echo_thread' id=2 ",
+        "call method='nope' id=3 ",
     ):
         assert line in log
     assert "outcome=METHOD_NOT_FOUND" in log

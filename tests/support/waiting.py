@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 
 DEFAULT_TIMEOUT = 20.0
+
+
+def until(check: Callable[[], bool], what: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Poll `check` from a synchronous test until it holds; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.05)
 
 
 async def eventually(

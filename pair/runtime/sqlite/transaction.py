@@ -51,6 +51,13 @@ class Deadline:
         with its timeout, so its writes must be rolled back instead (`Job.keep`)."""
         return self.job is None or self.job.keep()
 
+    def passed(self) -> bool:
+        """True once the job's deadline has passed. Checked between the statements of a
+        job: one that is quick in SQLite's VM steps (a C function doing the work) never
+        reaches the progress handler, and sixty of them would keep the writer for
+        seconds after the caller was answered DB_TIMEOUT."""
+        return bool(self.at) and time.monotonic() >= self.at
+
     def on_progress(self) -> bool:
         """SQLite's progress handler: True (interrupt the statement) once the deadline has
         passed, or once the job is slow and `on_slow` demotes it."""
@@ -91,8 +98,13 @@ class Conn:
     def execute(
         self, sql: str, bind: tuple[Any, ...] | None = None, *, cacheable: bool = True
     ) -> list[Any]:
-        """Run one of our own statements; all its rows."""
-        return list(self.db.execute(sql, bind, can_cache=cacheable))
+        """Run one of our own statements; all its rows. Its cursor is closed whatever
+        happens: one left mid-statement would keep the transaction from committing."""
+        cursor = self.db.cursor()
+        try:
+            return list(cursor.execute(sql, bind, can_cache=cacheable))
+        finally:
+            cursor.close(True)
 
     def note_commit(self, changes_before: int) -> None:
         """A commit just succeeded: it clears a degraded database if it wrote rows (the

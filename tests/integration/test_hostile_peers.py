@@ -1,0 +1,225 @@
+"""Calls built to break the assistant from its socket: each gets a precise error, and the
+daemon, its other callers and its own tables carry on as if it never came."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import anyio
+import apsw
+import pytest
+
+from pair.protocol.client import Client
+from pair.protocol.errors import IpcHandlerError
+from pair.testing.daemons import DaemonProcess
+from tests.support.raw import RawConnection
+from tests.support.waiting import until
+
+pytestmark = pytest.mark.anyio
+
+# The second returned row holds text that is not UTF-8: the statement fails while its
+# rows are read, its cursor mid-statement.
+BAD_RETURNING = (
+    "INSERT INTO t (v) VALUES (1), (2)"
+    " RETURNING CASE WHEN v = 2 THEN CAST(x'80' AS TEXT) ELSE v END AS v"
+)
+BAD_ROWS = (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3)"
+    " SELECT CASE WHEN x = 2 THEN CAST(x'80' AS TEXT) ELSE x END AS v FROM c"
+)
+
+
+async def proxy(client: Client, sql: str, mode: str = "run", **extra: Any) -> Any:
+    return await client.call("db_proxy", {"sql": sql, "mode": mode, **extra})
+
+
+async def count(client: Client) -> int:
+    return int((await proxy(client, "SELECT count(*) AS n FROM t", "query"))["rows"][0]["n"])
+
+
+async def test_invalid_text_in_returned_rows_fails_that_call_alone_and_writes_go_on(
+    assistant_socket: str,
+) -> None:
+    """It wedged every later write ("SQL statements in progress") and left a reader on an
+    old snapshot, until the cycle collector happened to run."""
+    async with Client(assistant_socket) as client:
+        await proxy(client, "CREATE TABLE t (v)")
+        for mode in ("run", "exec"):
+            with pytest.raises(IpcHandlerError) as caught:
+                await proxy(client, BAD_RETURNING, mode)
+            if mode == "run":
+                assert caught.value.code == "DB_PROXY_FAILED"
+                assert "not valid UTF-8" in caught.value.message
+        with pytest.raises(IpcHandlerError) as caught:
+            await client.call(
+                "db_proxy_transaction",
+                {"steps": [{"sql": "INSERT INTO t (v) VALUES (0)"}, {"sql": BAD_RETURNING}]},
+            )
+        assert caught.value.data["failedStep"] == 1
+        with pytest.raises(IpcHandlerError, match="not valid UTF-8"):
+            await proxy(client, BAD_ROWS, "query")
+        assert await count(client) == 0
+        await proxy(client, "INSERT INTO t (v) VALUES (3)")
+        await client.call("emit_event", {"id": "ev_after", "kind": "contacts_changed",
+                                         "payload": {}})  # fmt: skip
+        # Every reader sees the write: none was left holding the old snapshot.
+        for _ in range(8):
+            assert await count(client) == 1
+
+
+REFERENCING = [
+    ("run", "CREATE TABLE c (k TEXT REFERENCES idempotency_keys(key) ON DELETE CASCADE)"),
+    ("run", 'CREATE TABLE c (k TEXT, FOREIGN KEY (k) REFERENCES "IDEMPOTENCY_KEYS")'),
+    ("run", "CREATE TEMP TABLE c (e TEXT REFERENCES events(id))"),
+    ("exec", "CREATE TABLE ok (x); CREATE TABLE c (k REFERENCES events ON DELETE SET NULL);"),
+    ("exec", "CREATE TABLE c (x); ALTER TABLE c ADD COLUMN k REFERENCES idempotency_keys;"),
+    ("exec", "CREATE TABLE c (k REFERENCES idempotency_keys); ALTER TABLE c RENAME TO c2;"),
+]
+
+
+def referencing(script: str) -> str:
+    """The statement of `script` that holds the reference, as a step of its own."""
+    statement = next(part for part in script.split(";") if "REFERENCES" in part)
+    if statement.lstrip().startswith("ALTER"):
+        return "CREATE TABLE c (k REFERENCES idempotency_keys)"
+    return statement
+
+
+@pytest.mark.parametrize(("mode", "sql"), REFERENCING)
+async def test_a_foreign_key_to_an_internal_table_is_refused_and_nothing_is_kept(
+    assistant_socket: str, mode: str, sql: str
+) -> None:
+    """Its cascade would fire the caller's triggers inside the daemon's own sweep."""
+    async with Client(assistant_socket) as client:
+        with pytest.raises(IpcHandlerError) as caught:
+            await proxy(client, sql, mode)
+        assert (caught.value.code, caught.value.status_code) == ("SQL_FORBIDDEN", 403)
+        assert "internal to the assistant" in caught.value.message
+        with pytest.raises(IpcHandlerError) as caught:
+            await client.call(
+                "db_proxy_transaction",
+                {"steps": [{"sql": "CREATE TABLE d (x)"}, {"sql": referencing(sql)}]},
+            )
+        assert caught.value.code == "SQL_FORBIDDEN"
+        tables = await proxy(
+            client,
+            "SELECT name FROM sqlite_schema WHERE type = 'table'"
+            " UNION ALL SELECT name FROM temp.sqlite_schema WHERE type = 'table'",
+            "query",
+        )
+        names = {row["name"] for row in tables["rows"]}
+        assert names == {"events", "idempotency_keys", "assistant_ingress_invites"}
+
+
+def test_the_daemons_sweep_never_runs_a_callers_trigger(assistant: DaemonProcess) -> None:
+    """A trap made before the foreign-key check existed (or by hand): a caller table whose
+    key cascades from idempotency_keys, with a trigger that empties events. The sweep of
+    an old key must not fire it with the daemon's rights."""
+    assistant.call("emit_event", {"id": "ev_kept", "kind": "contacts_changed", "payload": {}})
+    assert assistant.stop() == 0
+    db = apsw.Connection(str(assistant.state_dir / "assistant.db"))
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute(
+        "CREATE TABLE trap (k TEXT REFERENCES idempotency_keys(key) ON DELETE CASCADE);"
+        "CREATE TRIGGER sprung AFTER DELETE ON trap BEGIN DELETE FROM events; END;"
+        "INSERT INTO idempotency_keys (key, result, created_at) VALUES ('old', '{}', 0);"
+        "INSERT INTO trap VALUES ('old');"
+    )
+    db.close()
+    assistant.start()
+    # The sweep runs once at start: it either forgot the key or was refused.
+    until(lambda: "idempotency key" in assistant.stderr(), "the sweep has run")
+    assert "trigger sprung may not run in the daemon's work" in assistant.stderr()
+    kept = assistant.call("db_proxy", {"sql": "SELECT id FROM events", "mode": "query"})
+    assert kept["rows"] == [{"id": "ev_kept"}]
+
+
+# About 45 ms of SQLite's C code in very few VM steps: no progress handler runs in it.
+HEAVY_STEP = (
+    "INSERT INTO t (v) VALUES"
+    " (length(trim(printf('%.*c', 4000, 'a'), printf('%.*c', 4000, 'b') || 'a')))"
+)
+# What the steps would take if each ran: the deadline must stop them well before.
+STEPS = 60
+STOPPED_WITHIN = 1.0
+
+
+@pytest.mark.parametrize("shape", ["transaction", "script"])
+async def test_a_write_past_its_deadline_gives_the_writer_back_at_once(
+    assistant_socket: str, shape: str
+) -> None:
+    """60 quick-in-VM-steps statements with timeoutMs 100 were answered DB_TIMEOUT at
+    about 150 ms, but held the writer about 3 s more: a write sent next waited for it."""
+    async with Client(assistant_socket) as client:
+        await proxy(client, "CREATE TABLE t (v)")
+        if shape == "transaction":
+            method = "db_proxy_transaction"
+            params: dict[str, Any] = {"steps": [{"sql": HEAVY_STEP}] * STEPS}
+        else:
+            method = "db_proxy"
+            params = {"sql": ";".join([HEAVY_STEP] * STEPS), "mode": "exec"}
+        started = anyio.current_time()
+        with pytest.raises(IpcHandlerError) as caught:
+            await client.call(method, {**params, "timeoutMs": 100})
+        assert caught.value.code == "DB_TIMEOUT"
+        await proxy(client, "INSERT INTO t (v) VALUES ('next')")
+        took = anyio.current_time() - started
+        assert took < STOPPED_WITHIN, f"the next write waited until {took:.2f} s"
+        assert (await proxy(client, "SELECT v FROM t", "query"))["rows"] == [{"v": "next"}]
+
+
+FORGED = "2026-12-05 12:00:00,000 assistant INFO assistant: forged by a caller"
+
+
+def test_a_method_name_can_neither_forge_a_log_line_nor_flood_the_log(
+    assistant: DaemonProcess,
+) -> None:
+    with RawConnection(assistant.socket_path) as conn:
+        conn.send_json({"jsonrpc": "2.0", "method": f"nope\n{FORGED}"})
+        conn.send_json({"jsonrpc": "2.0", "method": "x" * 1_000_000})
+        conn.send_json({"jsonrpc": "2.0", "id": 1, "method": "health"})
+        assert conn.recv_json()["result"]["status"] == "ok"
+    until(lambda: assistant.stderr().count("notification") == 2, "both notifications logged")
+    lines = assistant.stderr().splitlines()
+    assert not any(line.startswith(FORGED) for line in lines)
+    assert max(len(line) for line in lines) < 1000
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def request(request_id: int, method: str, params: dict[str, Any] | None = None) -> bytes:
+    message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+    if params is not None:
+        message["params"] = params
+    body = json.dumps(message)
+    return struct.pack(">I", len(body)) + body.encode()
+
+
+# Far above what a health call takes, far below the seconds the floods cost before.
+ANSWERED_WITHIN = 1.0
+
+
+async def test_pipelined_discovers_from_a_peer_that_never_reads_stall_no_one(
+    assistant: DaemonProcess,
+) -> None:
+    """54 KB of rpc.discover frames: each document was built anew (4.3 ms), all in one
+    turn of the loop; health on another connection waited 2.7 s."""
+    flood = b"".join(request(index, "rpc.discover") for index in range(1000))
+    with RawConnection(assistant.socket_path) as greedy:
+        greedy.send_bytes(flood)
+        async with Client(assistant.socket_path) as client:
+            started = anyio.current_time()
+            assert (await client.call("health"))["status"] == "ok"
+            assert anyio.current_time() - started < ANSWERED_WITHIN
+        # Its unread answers are bounded, not 1000 documents.
+        assert rss_mib(assistant.pid) < 120
+        (length,) = struct.unpack(">I", greedy.recv_exactly(4))
+        assert json.loads(greedy.recv_exactly(length))["result"]["openrpc"]
