@@ -104,6 +104,8 @@ class GuardedConn(Conn):
     """A connection whose caller statements are held to the statement policy."""
 
     guard: Guard = field(kw_only=True)
+    # The largest answer a frame can carry: rows past it are not read at all.
+    frame_bytes: int = field(default=DEFAULT_MAX_FRAME_BYTES, kw_only=True)
     # Caller statement texts already checked to be one statement (a property of
     # the text, whatever the schema), and whether they have result columns:
     # they run without the per-statement trace callback (see assistant.proxy).
@@ -140,7 +142,9 @@ def open_guarded(
     # randomblob(2e9) fails at once (SQLITE_TOOBIG) instead of taking the memory.
     db.limit(apsw.SQLITE_LIMIT_LENGTH, max_length)
     guard = Guard(INTERNAL_TABLES)
-    conn = GuardedConn(db, watch_deadline(db), busy_timeout_ms=busy_timeout_ms, guard=guard)
+    conn = GuardedConn(
+        db, watch_deadline(db), busy_timeout_ms=busy_timeout_ms, guard=guard, frame_bytes=max_length
+    )
     db.authorizer = guard.authorize
     return conn
 

@@ -6,11 +6,6 @@ Every function here runs on a database thread with the connection it owns
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import re
-from collections.abc import Iterator
-from math import isfinite
 from typing import Any
 
 import apsw
@@ -20,8 +15,9 @@ from msgspec import UNSET, Struct, UnsetType
 from pair.assistant.db import GuardedConn
 from pair.assistant.errors import DbProxyFailed, DbProxyTransactionFailed, SqlForbidden
 from pair.assistant.policy import Denial, Mode
+from pair.assistant.statement import DEFAULT_MAX_BYTES, NotOneStatement, Statement
 from pair.protocol.errors import DomainError, InvalidParams, RpcError
-from pair.protocol.values import SqlBind, to_wire
+from pair.protocol.values import SqlBind
 from pair.runtime.sqlite import (
     WriteTransaction,
     database_failure,
@@ -31,14 +27,6 @@ from pair.runtime.sqlite import (
 )
 
 # At most 1024 texts per connection, none over 16 KiB: about 16 MiB at worst.
-DEFAULT_MAX_BYTES = 8 * 1024 * 1024
-# A cell's share of a row's JSON besides its text: its name, quotes, a number.
-# Texts count characters and blobs bytes, a little under their encoded size;
-# the frame limit still holds whatever this misses.
-CELL_BYTES = 24
-CHECKED_SQL_MAX = 1024
-CHECKED_SQL_MAX_CHARS = 16 * 1024
-_COMMENTS = re.compile(r"--[^\n]*|/\*.*?(\*/|$)", re.DOTALL)
 
 
 class QueryResult(Struct, gc=False):
@@ -86,173 +74,6 @@ _stored_result = msgspec.json.Decoder(TransactionOk)
 _encoder = msgspec.json.Encoder()
 
 
-class _Statement:
-    """One caller statement: policy mode, single-statement and bind checks at prepare time."""
-
-    __slots__ = ("bind", "columns", "conn", "sql", "step", "traced")
-
-    def __init__(
-        self, conn: GuardedConn, sql: str, bind: SqlBind | None, step: int | None = None
-    ) -> None:
-        self.conn = conn
-        self.sql = sql
-        self.bind = bind
-        self.step = step
-        self.columns: list[str] = []
-        self.traced = False
-
-    @property
-    def path(self) -> str:
-        """Where the statement is in the call's params, for an answer."""
-        return "$" if self.step is None else f"$.steps[{self.step}]"
-
-    @contextlib.contextmanager
-    def running(self, mode: Mode, *, single: bool = True) -> Iterator[apsw.Cursor]:
-        """The statement's cursor, closed on the way out whatever happened.
-
-        A cursor left open mid-statement (an error while its rows were read) keeps
-        its statement in progress: on the writer no transaction can commit again
-        ("SQL statements in progress"), on a reader its snapshot stays old; and an
-        exception's traceback holds it in a reference cycle until the cycle
-        collector runs, which on an idle daemon may be never.
-        """
-        cursor = self.conn.db.cursor()
-        try:
-            self._execute(cursor, mode, single)
-            yield cursor
-        finally:
-            cursor.close(True)
-
-    def _execute(self, cursor: apsw.Cursor, mode: Mode, single: bool) -> None:
-        self.conn.guard.begin(mode)
-        # A text already checked to be one statement skips the trace callback;
-        # its columns, if it has any, come from the running statement. Named
-        # binds are always traced, to check for unknown names. A script runs
-        # as written (the authorizer still checks each statement).
-        checked = None if type(self.bind) is dict else self.conn.checked_sql.get(self.sql)
-        if single and checked is None:
-            cursor.exec_trace = self._check_single
-        elif not single:
-            cursor.exec_trace = self._within_deadline
-        try:
-            cursor.execute(self.sql, self.bind)
-        except KeyError as exc:
-            raise InvalidParams(
-                f"bind is missing named parameter {exc.args[0]!r}", path=f"{self.path}.bind"
-            ) from exc
-        if single and checked:
-            try:
-                self.columns = [column[0] for column in cursor.description]
-            except apsw.ExecutionCompleteError:
-                self.columns = self._probe_columns(cacheable=True)  # no row came
-
-    def _within_deadline(self, _cursor: apsw.Cursor, _statement: str, _bindings: object) -> bool:
-        # Before each statement of a script: see `Deadline.passed`.
-        if self.conn.deadline.passed():
-            raise timeout_error()
-        return True
-
-    def _probe_columns(self, *, cacheable: bool) -> list[str]:
-        """The statement's columns, from preparing it again and stopping before it runs.
-
-        Uncached, to see a schema change: apsw keeps the description it gave
-        the trace callback of a statement that SQLite then re-prepared.
-        """
-        probe = self.conn.db.cursor()
-        probe.exec_trace = self._capture_columns
-        try:
-            with contextlib.suppress(apsw.ExecTraceAbort):
-                probe.execute(self.sql, self.bind, can_cache=cacheable)
-        finally:
-            probe.close(True)
-        return self.columns
-
-    def _capture_columns(self, cursor: apsw.Cursor, _statement: str, _bindings: object) -> bool:
-        self.columns = [column[0] for column in cursor.description]
-        return False
-
-    def _check_single(self, cursor: apsw.Cursor, statement: str, _bindings: object) -> bool:
-        if self.traced:
-            # apsw traces what follows the statement too: a trailing comment is
-            # nothing to run, and must not replace the statement's columns.
-            if _COMMENTS.sub("", statement).strip(" \t\r\n;"):
-                raise InvalidParams(
-                    "sql must be exactly one statement (use mode=exec for a script)",
-                    path=f"{self.path}.sql",
-                )
-            return True
-        self.traced = True
-        if statement != self.sql:
-            start = self.sql.find(statement)
-            rest = self.sql[start + len(statement) :] if start >= 0 else ""
-            if _COMMENTS.sub("", rest).strip(" \t\r\n;"):
-                raise InvalidParams(
-                    "sql must be exactly one statement (use mode=exec for a script)",
-                    path=f"{self.path}.sql",
-                )
-        self._check_bind(cursor)
-        description = cursor.description
-        self.columns = [column[0] for column in description] if description else []
-        if len(self.sql) <= CHECKED_SQL_MAX_CHARS:
-            checked = self.conn.checked_sql
-            if len(checked) >= CHECKED_SQL_MAX:
-                checked.clear()
-            checked[self.sql] = bool(description)
-        return True
-
-    def _check_bind(self, cursor: apsw.Cursor) -> None:
-        # apsw has already checked counts, positional-vs-named and missing
-        # names when it bound; what it lets pass is a name nobody uses.
-        bind = self.bind
-        if not isinstance(bind, dict):
-            return
-        unknown = sorted(set(bind) - set(cursor.bindings_names))
-        if unknown:
-            raise InvalidParams(
-                f"bind has a parameter the statement does not use: {unknown[0]!r}",
-                path=f"{self.path}.bind.{unknown[0]}",
-            )
-
-    def read_rows(
-        self, cursor: apsw.Cursor, max_rows: int, max_bytes: int = DEFAULT_MAX_BYTES
-    ) -> tuple[list[dict[str, Any]], bool]:
-        """All rows as objects, keeping at most `max_rows` and about `max_bytes` of their JSON;
-        the statement always runs to the end."""
-        columns = self.columns
-        rows: list[dict[str, Any]] = []
-        append = rows.append
-        size = 0
-        truncated = False
-        for row in itertools.islice(cursor, max_rows):
-            if len(row) != len(columns):
-                columns = self._probe_columns(cacheable=False)
-            # About the row's JSON: a fixed share per cell (its name, a number,
-            # punctuation) plus every text's and blob's length. One pass over the
-            # cells also finds those with no plain JSON form (a blob, a non-finite
-            # REAL): this loop is most of a point query's Python.
-            size += CELL_BYTES * len(row)
-            plain = True
-            for value in row:
-                kind = type(value)
-                if kind is str:
-                    size += len(value)
-                elif kind is bytes:
-                    size += len(value)
-                    plain = False
-                elif kind is float and not isfinite(value):
-                    plain = False
-            if size > max_bytes:
-                truncated = True
-                break
-            if plain:
-                append(dict(zip(columns, row, strict=True)))
-            else:
-                append({name: to_wire(value) for name, value in zip(columns, row, strict=True)})
-        for _ in cursor:
-            truncated = True
-        return rows, truncated
-
-
 def query(
     conn: GuardedConn,
     sql: str,
@@ -261,7 +82,7 @@ def query(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> QueryResult:
     """One read-only statement on a reader connection."""
-    statement = _Statement(conn, sql, bind)
+    statement = Statement(conn, sql, bind)
     try:
         with statement.running(Mode.READ) as cursor:
             rows, truncated = statement.read_rows(cursor, max_rows, max_bytes)
@@ -280,7 +101,7 @@ def run(
     """One statement in its own write transaction."""
     with _WriteTransaction(conn):
         try:
-            result = _run_one(conn, _Statement(conn, sql, bind), max_rows, max_bytes)
+            result = _run_one(conn, Statement(conn, sql, bind), max_rows, max_bytes)
         except (apsw.Error, UnicodeDecodeError) as exc:
             raise translate(exc, conn, DbProxyFailed) from exc
         _check_references(conn)
@@ -292,7 +113,7 @@ def execute_script(conn: GuardedConn, sql: str) -> ExecResult:
     """A script of statements in one write transaction; all or nothing."""
     with _WriteTransaction(conn):
         try:
-            with _Statement(conn, sql, None).running(Mode.WRITE, single=False) as cursor:
+            with Statement(conn, sql, None).running(Mode.WRITE, single=False) as cursor:
                 for _ in cursor:
                     pass
         except (apsw.Error, UnicodeDecodeError) as exc:
@@ -346,22 +167,22 @@ def transaction(
 def _run_step(
     conn: GuardedConn, index: int, step: Step, max_rows: int, max_bytes: int
 ) -> RunResult:
-    statement = _Statement(conn, step.sql, step.bind, index)
+    statement = Statement(conn, step.sql, step.bind, index)
     try:
         return _run_one(conn, statement, max_rows, max_bytes)
     except (apsw.Error, UnicodeDecodeError) as exc:
         raise translate(exc, conn, DbProxyTransactionFailed, step=index) from exc
+    except NotOneStatement as exc:
+        raise SqlForbidden(
+            "a transaction step must be exactly one statement",
+            data={"failedStep": index, "path": exc.path},
+        ) from exc
     except InvalidParams as exc:
-        if "exactly one statement" in exc.message:
-            raise SqlForbidden(
-                "a transaction step must be exactly one statement",
-                data={"failedStep": index, "path": exc.path},
-            ) from exc
         exc.data["failedStep"] = index
         raise
 
 
-def _run_one(conn: GuardedConn, statement: _Statement, max_rows: int, max_bytes: int) -> RunResult:
+def _run_one(conn: GuardedConn, statement: Statement, max_rows: int, max_bytes: int) -> RunResult:
     db = conn.db
     before = db.total_changes()
     with statement.running(Mode.WRITE) as cursor:

@@ -14,6 +14,7 @@ from pair.assistant import proxy
 from pair.assistant.db import Database
 from pair.assistant.events import EmitEventResult, EmitEventsResult, insert_event, insert_events
 from pair.assistant.proxy import ExecResult, QueryResult, RunResult, Step, TransactionResult
+from pair.assistant.statement import DEFAULT_MAX_BYTES
 from pair.protocol import __version__
 from pair.protocol.deferred import Deferred
 from pair.protocol.dispatch import NoParams, Router
@@ -50,7 +51,7 @@ class DbProxyParams(Struct, forbid_unknown_fields=True, rename="camel"):
     bind: Bind = None
     timeout_ms: TimeoutMs = DEFAULT_TIMEOUT_MS
     max_rows: MaxRows = DEFAULT_MAX_ROWS
-    max_bytes: MaxBytes = proxy.DEFAULT_MAX_BYTES
+    max_bytes: MaxBytes = DEFAULT_MAX_BYTES
 
 
 class StepParams(Struct, forbid_unknown_fields=True, rename="camel"):
@@ -64,7 +65,7 @@ class TransactionParams(Struct, forbid_unknown_fields=True, rename="camel"):
     idempotency_key: Key | None = None
     timeout_ms: TimeoutMs = DEFAULT_TIMEOUT_MS
     max_rows: MaxRows = DEFAULT_MAX_ROWS
-    max_bytes: MaxBytes = proxy.DEFAULT_MAX_BYTES
+    max_bytes: MaxBytes = DEFAULT_MAX_BYTES
 
 
 class EmitEventParams(Struct, forbid_unknown_fields=True):

@@ -223,3 +223,41 @@ async def test_pipelined_discovers_from_a_peer_that_never_reads_stall_no_one(
         assert rss_mib(assistant.pid) < 120
         (length,) = struct.unpack(">I", greedy.recv_exactly(4))
         assert json.loads(greedy.recv_exactly(length))["result"]["openrpc"]
+
+
+def peak_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+MILLION_ROWS = (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000)"
+    " SELECT x, printf('%.*c', 60, 'v') AS pad FROM c"
+)
+
+
+async def test_rows_past_the_frame_limit_are_refused_as_they_come_not_after(
+    assistant: DaemonProcess,
+) -> None:
+    """maxRows 1,000,000 and maxBytes 1 GiB: the answer was built whole (714 MiB) before
+    the frame limit refused it."""
+    before = peak_mib(assistant.pid)
+    async with Client(assistant.socket_path, timeout=60) as client:
+        with pytest.raises(IpcHandlerError) as caught:
+            await proxy(
+                client, MILLION_ROWS, "query", maxRows=1_000_000, maxBytes=1024**3, timeoutMs=60_000
+            )
+        assert (caught.value.code, caught.value.status_code) == ("RESULT_TOO_LARGE", 413)
+        # Under the frame limit maxBytes still truncates, by the rows' true size: a blob
+        # counts as its base64.
+        blobs = await proxy(
+            client,
+            "SELECT zeroblob(3000) AS b FROM (SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3)",
+            "query",
+            maxBytes=9100,
+        )
+        assert (len(blobs["rows"]), blobs["truncated"]) == (2, True)
+    grown = peak_mib(assistant.pid) - before
+    assert grown < 150, f"the refused answer took {grown:.0f} MiB at its peak"
