@@ -84,8 +84,8 @@ def query(
     """One read-only statement on a reader connection."""
     statement = Statement(conn, sql, bind)
     try:
-        with statement.running(Mode.READ) as cursor:
-            rows, truncated = statement.read_rows(cursor, max_rows, max_bytes)
+        cursor = statement.open(Mode.READ)
+        rows, truncated = statement.read_rows(cursor, max_rows, max_bytes)
     except (apsw.Error, UnicodeDecodeError) as exc:
         raise translate(exc, conn, DbProxyFailed) from exc
     return QueryResult(statement.columns, rows, truncated)
@@ -113,9 +113,8 @@ def execute_script(conn: GuardedConn, sql: str) -> ExecResult:
     """A script of statements in one write transaction; all or nothing."""
     with _WriteTransaction(conn):
         try:
-            with Statement(conn, sql, None).running(Mode.WRITE, single=False) as cursor:
-                for _ in cursor:
-                    pass
+            statement = Statement(conn, sql, None)
+            statement.run_out(statement.open(Mode.WRITE, single=False))
         except (apsw.Error, UnicodeDecodeError) as exc:
             raise translate(exc, conn, DbProxyFailed) from exc
         _check_references(conn)
@@ -185,11 +184,11 @@ def _run_step(
 def _run_one(conn: GuardedConn, statement: Statement, max_rows: int, max_bytes: int) -> RunResult:
     db = conn.db
     before = db.total_changes()
-    with statement.running(Mode.WRITE) as cursor:
-        if not statement.columns:
-            # No result columns: the statement ran to its end in its first step.
-            return RunResult(_changes(db, before), db.last_insert_rowid())
-        rows, truncated = statement.read_rows(cursor, max_rows, max_bytes)
+    cursor = statement.open(Mode.WRITE)
+    if not statement.columns:
+        # No result columns: the statement ran to its end in its first step.
+        return RunResult(_changes(db, before), db.last_insert_rowid())
+    rows, truncated = statement.read_rows(cursor, max_rows, max_bytes)
     return RunResult(_changes(db, before), db.last_insert_rowid(), rows, truncated)
 
 

@@ -98,13 +98,14 @@ class Conn:
     def execute(
         self, sql: str, bind: tuple[Any, ...] | None = None, *, cacheable: bool = True
     ) -> list[Any]:
-        """Run one of our own statements; all its rows. Its cursor is closed whatever
-        happens: one left mid-statement would keep the transaction from committing."""
+        """Run one of our own statements; all its rows. A failure closes its cursor at
+        once: one left mid-statement would keep the transaction from committing."""
         cursor = self.db.cursor()
         try:
             return list(cursor.execute(sql, bind, can_cache=cacheable))
-        finally:
+        except BaseException:
             cursor.close(True)
+            raise
 
     def note_commit(self, changes_before: int) -> None:
         """A commit just succeeded: it clears a degraded database if it wrote rows (the
