@@ -23,6 +23,7 @@ drain like a task group's children: measured here, anyio's
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Coroutine
@@ -189,25 +190,32 @@ class Calls:
     async def _run_batch(
         self, members: list[Raw], to: Answers, bound: asyncio.Semaphore, size: int
     ) -> None:
+        """Members are taken one by one, each started only once `bound` has a slot for it:
+        given a task each up front, 11.5 MB of batches of tiny calls took 240 MiB."""
         answers: list[Response | None] = [None] * len(members)
+        running: set[asyncio.Task[Response | None]] = set()
+        loop = asyncio.get_running_loop()
         try:
-            pending = []
             for index, raw in enumerate(members):
                 answer = self._member_answer(raw)
-                if asyncio.iscoroutine(answer):
-                    pending.append((index, answer))
-                else:
+                if not asyncio.iscoroutine(answer):
                     answers[index] = answer
-            if pending:
-
-                async def bounded(coroutine: Coroutine[Any, Any, Response | None]) -> Any:
-                    async with bound:
-                        return await coroutine
-
-                results = await asyncio.gather(*(bounded(c) for _, c in pending))
-                for (index, _), result in zip(pending, results, strict=True):
-                    answers[index] = result
+                    continue
+                try:
+                    await bound.acquire()
+                except BaseException:
+                    answer.close()
+                    raise
+                task = loop.create_task(answer)
+                running.add(task)
+                task.add_done_callback(
+                    functools.partial(_member_done, answers, index, bound, running)
+                )
+            while running:
+                await asyncio.wait(set(running))
         finally:
+            for task in running:
+                task.cancel()
             # Also when cancelled, or on a bug: the batch leaves the in-flight count
             # with the answers it has.
             to.finish_batch([answer for answer in answers if answer is not None], size)
@@ -302,3 +310,16 @@ class Calls:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _member_done(
+    answers: list[Response | None],
+    index: int,
+    bound: asyncio.Semaphore,
+    running: set[asyncio.Task[Response | None]],
+    task: asyncio.Task[Response | None],
+) -> None:
+    running.discard(task)
+    bound.release()
+    if not task.cancelled() and task.exception() is None:
+        answers[index] = task.result()

@@ -60,6 +60,11 @@ DEFAULT_MAX_PENDING_BYTES_TOTAL = 128 * 1024 * 1024
 
 
 DEFAULT_MAX_UNSENT_BYTES = 4 * 1024 * 1024
+# A frame body that sends nothing for this long loses its reservation of the budgets.
+RESERVATION_IDLE = 1.0
+# What a batch member costs besides its bytes (decoded, a coroutine and a task):
+# charged to the byte budgets with the batch's body.
+BATCH_MEMBER_COST = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +141,7 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._closed = False
         self._stall_timer: asyncio.TimerHandle | None = None
+        self._lapse_timer: asyncio.TimerHandle | None = None
         self.peer = "?"
         self._peer_done = False
         self._batch_members = asyncio.Semaphore(host.limits.max_in_flight)
@@ -214,6 +220,9 @@ class Connection(asyncio.Protocol):
         self._closed = True
         self._reserve(0)
         self._cancel_stall_timer()
+        if self._lapse_timer is not None:
+            self._lapse_timer.cancel()
+            self._lapse_timer = None
         self._backlog.clear()
         self._out.clear()
         self._host.connection_lost(self)
@@ -310,10 +319,12 @@ class Connection(asyncio.Protocol):
         except RpcError as exc:
             self._send_error(None, exc)
             return
-        self._begin_call(len(body))
-        # A batch is one call of the connection's max_in_flight; its members
-        # share one bound per connection, however many batches.
-        self._calls.start_batch(members, self, self._batch_members, len(body))
+        # A batch is one call of the connection's max_in_flight; its members share
+        # one bound per connection, however many batches. What it holds is more than
+        # its body: each member it runs costs a task, so each is charged to the budgets.
+        cost = len(body) + BATCH_MEMBER_COST * len(members)
+        self._begin_call(cost)
+        self._calls.start_batch(members, self, self._batch_members, cost)
 
     # -- answers (protocol.calls.Answers) ---------------------------------
 
@@ -438,16 +449,39 @@ class Connection(asyncio.Protocol):
         return self._pending_bytes < self._limits.max_pending_bytes and self._host.may_read(self)
 
     def _admit_frame_in_progress(self) -> None:
-        """Reserve the declared length of the frame being received, if the budgets allow it
-        (otherwise reading pauses in `update_reading` until they do); release the
-        reservation of a frame that has been received."""
-        declared = self._decoder.partial_length
+        """Reserve the declared length of the frame being received once its body starts to
+        arrive, if the budgets allow it (otherwise reading pauses in `update_reading` until
+        they do); release the reservation of a frame that has been received.
+
+        A header alone reserves nothing, and a body that stops coming loses its
+        reservation after `RESERVATION_IDLE` (`_lapse`): nine peers that each sent a
+        16 MiB header, or a header and a byte, held the daemon's whole budget, and every
+        other connection was read once a `frame_timeout`.
+        """
+        decoder = self._decoder
+        declared = decoder.partial_length if decoder.partial_received else 0
         if declared == self._reserved:
             return
         if self._reserved:
             self._reserve(0)
         if declared and self._within_budget():
             self._reserve(declared)
+            if self._lapse_timer is None:
+                self._lapse_timer = self._loop.call_later(RESERVATION_IDLE, self._lapse)
+
+    def _lapse(self) -> None:
+        """A reserved body that sent nothing for `RESERVATION_IDLE` gives its budget back;
+        its next bytes must be admitted again."""
+        self._lapse_timer = None
+        if not self._reserved or self._closed:
+            return
+        idle = self._loop.time() - self.last_active
+        if idle < RESERVATION_IDLE or self._read_paused:
+            self._lapse_timer = self._loop.call_later(RESERVATION_IDLE - idle, self._lapse)
+            return
+        self._log.info("peer %s sent nothing of its frame for %.1fs: its reservation is released",
+                       self.peer, RESERVATION_IDLE)  # fmt: skip
+        self._reserve(0)
 
     def _reserve(self, size: int) -> None:
         if size != self._reserved:

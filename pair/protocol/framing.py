@@ -48,6 +48,12 @@ class FrameDecoder:
         """The declared body length of the frame in progress (0 until its header is in)."""
         return self._need - HEADER_SIZE if self._buffer else 0
 
+    @property
+    def partial_received(self) -> int:
+        """How much of the body of the frame in progress is buffered (0 until its header
+        is in)."""
+        return len(self._buffer) - HEADER_SIZE if self._need > HEADER_SIZE and self._buffer else 0
+
     def feed(self, data: bytes) -> list[bytes]:
         """Add `data`; return every frame body it completes, in order.
 

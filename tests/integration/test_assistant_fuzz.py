@@ -3,7 +3,8 @@
 Statements, scripts and transaction steps are put together from fragments a
 careless or hostile caller would use (triggers, TEMP objects, DDL on the
 daemon's tables, foreign keys to them, functions with bound blobs, rows whose
-text is not UTF-8, comments, stray semicolons).
+text is not UTF-8, comments, stray semicolons), while other peers stall in the
+middle of frames that declare the largest length.
 After each call: the daemon answers `health`, `events` and `idempotency_keys`
 hold exactly what the daemon itself stored, and no TEMP object is left on
 the writer.
@@ -12,6 +13,8 @@ the writer.
 from __future__ import annotations
 
 import base64
+import contextlib
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +41,9 @@ FUNCTIONS = [
 ]
 TAILS = ["", ";", "; -- c", " /* c */", ";;", "; /* x */ ;"]
 INTERNAL = ["events", "idempotency_keys", "EVENTS", '"Idempotency_Keys"']
+# Frames that stall after declaring the largest length: 12 of them are more than the
+# daemon's whole budget of request bodies.
+STALLED_LENGTH = 16 * 1024 * 1024
 
 table = st.sampled_from(TABLES)
 value = st.one_of(
@@ -125,13 +131,29 @@ def scalar(conn: RawConnection, sql: str) -> Any:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(calls=st.lists(call(), min_size=1, max_size=4), emit=st.booleans())
+@given(
+    calls=st.lists(call(), min_size=1, max_size=4),
+    emit=st.booleans(),
+    stalled=st.integers(0, 12),
+)
 def test_generated_sql_never_crashes_the_daemon_or_reaches_its_own_tables(
     live: tuple[RawConnection, Ledger],
     calls: list[tuple[str, dict[str, Any]]],
     emit: bool,
+    stalled: int,
 ) -> None:
     conn, ledger = live
+    with contextlib.ExitStack() as stack:
+        for _ in range(stalled):
+            squatter = stack.enter_context(RawConnection(conn.path))
+            squatter.send_bytes(struct.pack(">I", STALLED_LENGTH))
+        run_calls(conn, ledger, calls, emit)
+    assert_only_the_daemon_wrote(conn, ledger)
+
+
+def run_calls(
+    conn: RawConnection, ledger: Ledger, calls: list[tuple[str, dict[str, Any]]], emit: bool
+) -> None:
     for method, params in calls:
         reply = answer(conn, method, params)
         assert "result" in reply or reply["error"]["data"]["errorCode"] != "INTERNAL_ERROR", reply
@@ -145,6 +167,9 @@ def test_generated_sql_never_crashes_the_daemon_or_reaches_its_own_tables(
             )
             assert emitted["result"] == {"accepted": True, "duplicate": False}
             ledger.events.append(event_id)
+
+
+def assert_only_the_daemon_wrote(conn: RawConnection, ledger: Ledger) -> None:
     assert answer(conn, "health", {})["result"]["status"] == "ok"
     stored = answer(
         conn,

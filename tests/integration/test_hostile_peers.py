@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +262,54 @@ async def test_rows_past_the_frame_limit_are_refused_as_they_come_not_after(
         assert (len(blobs["rows"]), blobs["truncated"]) == (2, True)
     grown = peak_mib(assistant.pid) - before
     assert grown < 150, f"the refused answer took {grown:.0f} MiB at its peak"
+
+
+# Nine frames of 16 MiB declared: more than the daemon's 128 MiB of request bodies.
+SQUATTERS = 9
+DECLARED = 16 * 1024 * 1024
+# A body that stops coming gives its budget back after 1 s; frame_timeout is 10 s.
+SERVED_WITHIN = 3.0
+
+
+@pytest.mark.parametrize("sent", [b"", b"{"], ids=["a header alone", "a header and a byte"])
+async def test_stalled_frames_cannot_squat_the_daemons_byte_budget(
+    assistant: DaemonProcess, sent: bytes
+) -> None:
+    """Each squatter declares a 16 MiB frame and stalls: every other connection was read
+    once a frame_timeout (health 9.3-9.7 s) until the squatters were disconnected."""
+    squatters = [RawConnection(assistant.socket_path) for _ in range(SQUATTERS)]
+    try:
+        for squatter in squatters:
+            squatter.send_bytes(struct.pack(">I", DECLARED) + sent)
+        # One persistent connection, as the gateway's: read again after each call.
+        async with Client(assistant.socket_path) as client:
+            for _ in range(3):
+                started = anyio.current_time()
+                await proxy(client, "SELECT 1", "query")
+                took = anyio.current_time() - started
+                assert took < SERVED_WITHIN, f"a query waited {took:.1f} s behind the squatters"
+    finally:
+        for squatter in squatters:
+            squatter.close()
+
+
+def test_batches_of_tiny_calls_hold_bounded_memory(demo: DaemonProcess, demo_socket: str) -> None:
+    """11.5 MB of batch frames of tiny calls raised the peak from 33 to 270 MiB: every
+    member was given a task up front, and a batch counted only its body's bytes."""
+    member = {"jsonrpc": "2.0", "method": "echo_async", "params": {"text": "x"}}
+    batches = [
+        json.dumps([{**member, "id": batch * 1000 + index} for index in range(1000)]).encode()
+        for batch in range(180)
+    ]
+    assert sum(len(body) for body in batches) > 11_500_000
+    before = peak_mib(demo.pid)
+    with RawConnection(demo_socket, timeout=60) as conn:
+        frames = b"".join(struct.pack(">I", len(body)) + body for body in batches)
+        sender = threading.Thread(target=conn.send_bytes, args=(frames,))
+        sender.start()
+        for _ in batches:
+            (length,) = struct.unpack(">I", conn.recv_exactly(4))
+            assert len(json.loads(conn.recv_exactly(length))) == 1000
+        sender.join()
+    grown = peak_mib(demo.pid) - before
+    assert grown < 100, f"the batches took {grown:.0f} MiB at the peak"

@@ -12,6 +12,7 @@ TIMEOUT = 10.0
 
 class RawConnection:
     def __init__(self, path: str, timeout: float = TIMEOUT) -> None:
+        self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
