@@ -62,6 +62,9 @@ class Answers(Protocol):
     def answer(self, request: Request, response: Response | None) -> None:
         """The answer of a call that finished without being pending (inline, refused)."""
 
+    def waiting_on(self, request: Request, deferred: Deferred[Any]) -> None:
+        """A pending call's answer comes from `deferred` (which `withdraw` can cut short)."""
+
     def finish(self, request: Request, response: Response | None) -> None:
         """The answer of a pending call (`Calls.start` returned True)."""
 
@@ -100,11 +103,12 @@ class Calls:
             return False
         if kind is Kind.DEFERRED:
             try:
-                then = cast("Deferred[Any]", method.handler(params)).then
+                deferred = cast("Deferred[Any]", method.handler(params))
             except Exception as exc:
                 self._answer_now(request, self.error_of(request, exc), to, started, counts)
                 return False
-            then(self._deferred_done, (request, to, started, counts))
+            deferred.then(self._deferred_done, (request, to, started, counts))
+            to.waiting_on(request, deferred)
             return True
         self.spawn(self._run(request, method, params, to, started))
         return True

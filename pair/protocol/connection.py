@@ -14,11 +14,13 @@ import logging
 import socket
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from msgspec import UNSET
 
+from pair.protocol.deferred import Deferred
 from pair.protocol.errors import (
+    AnswersUnread,
     BatchTooLarge,
     FrameError,
     InternalError,
@@ -62,6 +64,9 @@ DEFAULT_MAX_PENDING_BYTES_TOTAL = 128 * 1024 * 1024
 DEFAULT_MAX_UNSENT_BYTES = 4 * 1024 * 1024
 # A frame body that sends nothing for this long loses its reservation of the budgets.
 RESERVATION_IDLE = 1.0
+# Answers written but not read by the peer past which its calls still running in a
+# thread are withdrawn (ANSWERS_UNREAD).
+DEFAULT_MAX_UNREAD_BYTES = 32 * 1024 * 1024
 # What a batch member costs besides its bytes (decoded, a coroutine and a task):
 # charged to the byte budgets with the batch's body.
 BATCH_MEMBER_COST = 2048
@@ -85,6 +90,7 @@ class ServerLimits:
     # wait for them to be written (with the transport's own high-water mark, how a
     # peer that does not read stops being served).
     max_unsent_bytes: int = DEFAULT_MAX_UNSENT_BYTES
+    max_unread_bytes: int = DEFAULT_MAX_UNREAD_BYTES
 
 
 class CallHost(Protocol):
@@ -131,6 +137,8 @@ class Connection(asyncio.Protocol):
         # Body sizes of the calls in flight, by id() of their request (a batch's is
         # passed along with it), and their sum.
         self._sizes: dict[int, int] = {}
+        # The pending calls whose answers a thread is making, by id() of their request.
+        self._deferred: dict[int, Deferred[Any]] = {}
         self._pending_bytes = 0
         self._reserved = 0  # the declared length of the admitted frame being received
         self._backlog: deque[bytes] = deque()
@@ -334,8 +342,13 @@ class Connection(asyncio.Protocol):
         if response is not None and request.id is not UNSET:
             self._send_message(response)
 
+    def waiting_on(self, request: Request, deferred: Deferred[Any]) -> None:
+        self._deferred[id(request)] = deferred
+
     def finish(self, request: Request, response: Response | None) -> None:
-        self._end_call(self._sizes.pop(id(request), 0))
+        key = id(request)
+        self._deferred.pop(key, None)
+        self._end_call(self._sizes.pop(key, 0))
         self.answer(request, response)
 
     def finish_batch(self, responses: list[Response], size: int) -> None:
@@ -365,6 +378,25 @@ class Connection(asyncio.Protocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def _withdraw_if_unread(self) -> None:
+        """Past `max_unread_bytes` of answers the peer has not read, its calls still in a
+        thread are withdrawn (answered ANSWERS_UNREAD, retryable): 40 queries of 8 MB
+        results from a peer that never read held 443 MiB until it closed."""
+        assert self._transport is not None
+        if self._transport.get_write_buffer_size() <= self._limits.max_unread_bytes:
+            return
+        withdrawn = 0
+        for deferred in list(self._deferred.values()):
+            error = AnswersUnread(
+                f"answers of over {self._limits.max_unread_bytes} bytes wait to be read on"
+                " this connection; this call was not run: read them, then send it again"
+            )
+            withdrawn += deferred.withdraw(error)
+        if withdrawn:
+            self._log.warning(
+                "peer %s reads no answers: %d call(s) withdrawn", self.peer, withdrawn
+            )
+
     def _send_too_large(self, message: object) -> None:
         """No peer is sent a frame over the limit: the answer becomes RESULT_TOO_LARGE for
         its id; in a batch, the largest answers do, until the batch fits."""
@@ -391,6 +423,8 @@ class Connection(asyncio.Protocol):
             # bytes: uvloop writes them without a copy of its own.
             self._transport.write(bytes(self._out))
             self._out.clear()
+            if self._deferred and self._write_paused:
+                self._withdraw_if_unread()
             if (
                 self._backlog
                 and not self._write_paused

@@ -21,6 +21,10 @@ class Deferred(Protocol[T_co]):
         self, on_done: Callable[[Any, bool, T_co | BaseException], None], context: Any
     ) -> None: ...
 
+    def withdraw(self, error: BaseException) -> bool:
+        """Answer the caller with `error` now if the work can still be dropped; True if so."""
+        ...
+
 
 async def outcome_of(deferred: Deferred[T]) -> T:
     """Await what a `Job` (any `Deferred`) delivers: its result, or its exception raised."""

@@ -122,6 +122,16 @@ class Forbidden(RpcError):
     default_error_code = "FORBIDDEN"
 
 
+class AnswersUnread(RpcError):
+    """The connection's answers waiting to be read passed its budget: this call, not yet
+    answered, was withdrawn (not run, or its work rolled back). Read, then send it again."""
+
+    code = -32000
+    default_status = 503
+    default_error_code = "ANSWERS_UNREAD"
+    default_retryable = True
+
+
 class ShuttingDown(RpcError):
     """The daemon is draining for shutdown and takes no new calls; retry against the next one."""
 

@@ -17,7 +17,7 @@ from pair.protocol.client import Client
 from pair.protocol.errors import IpcHandlerError
 from pair.testing.daemons import DaemonProcess
 from tests.support.raw import RawConnection
-from tests.support.waiting import until
+from tests.support.waiting import eventually, until
 
 pytestmark = pytest.mark.anyio
 
@@ -313,3 +313,29 @@ def test_batches_of_tiny_calls_hold_bounded_memory(demo: DaemonProcess, demo_soc
         sender.join()
     grown = peak_mib(demo.pid) - before
     assert grown < 100, f"the batches took {grown:.0f} MiB at the peak"
+
+
+async def test_a_peer_that_never_reads_its_answers_has_its_calls_withdrawn(
+    assistant: DaemonProcess,
+) -> None:
+    """40 queries of 8 MB results, never read: they held 443 MiB until the peer closed."""
+    before = peak_mib(assistant.pid)
+    big = {"sql": "SELECT zeroblob(8000000) AS b", "mode": "query", "maxBytes": 12_000_000}
+    with RawConnection(assistant.socket_path, timeout=60) as greedy:
+        greedy.send_bytes(b"".join(request(index, "db_proxy", big) for index in range(40)))
+        async with Client(assistant.socket_path) as client:
+
+            async def all_answered() -> bool:
+                calls = (await client.call("metrics"))["calls"]
+                return sum(int(c["count"]) for c in calls if c["method"] == "db_proxy") == 40
+
+            await eventually(all_answered)
+        grown = peak_mib(assistant.pid) - before
+        outcomes = []
+        for _ in range(40):
+            (length,) = struct.unpack(">I", greedy.recv_exactly(4))
+            answer = json.loads(greedy.recv_exactly(length))
+            outcomes.append("ok" if "result" in answer else answer["error"]["data"]["errorCode"])
+    assert grown < 200, f"{grown:.0f} MiB held for answers nobody read"
+    assert "ok" in outcomes
+    assert set(outcomes) == {"ok", "ANSWERS_UNREAD"}

@@ -60,6 +60,20 @@ class Job(Generic[T]):
                 self.state = EXPIRED
             return self.state == EXPIRED
 
+    def withdraw(self, error: BaseException) -> bool:
+        """On the loop: answer the job's caller with `error` now, unless its thread has
+        kept it (it is being committed). A queued job is then skipped, a running one's
+        result dropped and its writes rolled back. True when withdrawn."""
+        if self.on_done is None or not self.expire():
+            return False
+        on_done, context = self.on_done, self.context
+        self.on_done = self.context = None
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        on_done(context, False, error)
+        return True
+
     def then(self, on_done: Callable[[Any, bool, T | BaseException], None], context: Any) -> None:
         self.on_done = on_done
         self.context = context
