@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import struct
 import threading
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,6 +15,7 @@ import pytest
 from pair.protocol.client import Client
 from pair.protocol.errors import IpcHandlerError
 from pair.testing.daemons import DaemonProcess
+from tests.support.proc import vm_kib
 from tests.support.raw import RawConnection
 from tests.support.waiting import eventually, until
 
@@ -189,13 +189,6 @@ def test_a_method_name_can_neither_forge_a_log_line_nor_flood_the_log(
     assert max(len(line) for line in lines) < 1000
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 def request(request_id: int, method: str, params: dict[str, Any] | None = None) -> bytes:
     message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
     if params is not None:
@@ -221,16 +214,9 @@ async def test_pipelined_discovers_from_a_peer_that_never_reads_stall_no_one(
             assert (await client.call("health"))["status"] == "ok"
             assert anyio.current_time() - started < ANSWERED_WITHIN
         # Its unread answers are bounded, not 1000 documents.
-        assert rss_mib(assistant.pid) < 120
+        assert vm_kib(assistant.pid, "VmRSS") / 1024 < 120
         (length,) = struct.unpack(">I", greedy.recv_exactly(4))
         assert json.loads(greedy.recv_exactly(length))["result"]["openrpc"]
-
-
-def peak_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 MILLION_ROWS = (
@@ -244,7 +230,7 @@ async def test_rows_past_the_frame_limit_are_refused_as_they_come_not_after(
 ) -> None:
     """maxRows 1,000,000 and maxBytes 1 GiB: the answer was built whole (714 MiB) before
     the frame limit refused it."""
-    before = peak_mib(assistant.pid)
+    before = vm_kib(assistant.pid, "VmHWM") / 1024
     async with Client(assistant.socket_path, timeout=60) as client:
         with pytest.raises(IpcHandlerError) as caught:
             await proxy(
@@ -260,7 +246,7 @@ async def test_rows_past_the_frame_limit_are_refused_as_they_come_not_after(
             maxBytes=9100,
         )
         assert (len(blobs["rows"]), blobs["truncated"]) == (2, True)
-    grown = peak_mib(assistant.pid) - before
+    grown = vm_kib(assistant.pid, "VmHWM") / 1024 - before
     assert grown < 150, f"the refused answer took {grown:.0f} MiB at its peak"
 
 
@@ -302,7 +288,7 @@ def test_batches_of_tiny_calls_hold_bounded_memory(demo: DaemonProcess, demo_soc
         for batch in range(180)
     ]
     assert sum(len(body) for body in batches) > 11_500_000
-    before = peak_mib(demo.pid)
+    before = vm_kib(demo.pid, "VmHWM") / 1024
     with RawConnection(demo_socket, timeout=60) as conn:
         frames = b"".join(struct.pack(">I", len(body)) + body for body in batches)
         sender = threading.Thread(target=conn.send_bytes, args=(frames,))
@@ -311,7 +297,7 @@ def test_batches_of_tiny_calls_hold_bounded_memory(demo: DaemonProcess, demo_soc
             (length,) = struct.unpack(">I", conn.recv_exactly(4))
             assert len(json.loads(conn.recv_exactly(length))) == 1000
         sender.join()
-    grown = peak_mib(demo.pid) - before
+    grown = vm_kib(demo.pid, "VmHWM") / 1024 - before
     assert grown < 100, f"the batches took {grown:.0f} MiB at the peak"
 
 
@@ -319,7 +305,7 @@ async def test_a_peer_that_never_reads_its_answers_has_its_calls_withdrawn(
     assistant: DaemonProcess,
 ) -> None:
     """40 queries of 8 MB results, never read: they held 443 MiB until the peer closed."""
-    before = peak_mib(assistant.pid)
+    before = vm_kib(assistant.pid, "VmHWM") / 1024
     big = {"sql": "SELECT zeroblob(8000000) AS b", "mode": "query", "maxBytes": 12_000_000}
     with RawConnection(assistant.socket_path, timeout=60) as greedy:
         greedy.send_bytes(b"".join(request(index, "db_proxy", big) for index in range(40)))
@@ -330,7 +316,7 @@ async def test_a_peer_that_never_reads_its_answers_has_its_calls_withdrawn(
                 return sum(int(c["count"]) for c in calls if c["method"] == "db_proxy") == 40
 
             await eventually(all_answered)
-        grown = peak_mib(assistant.pid) - before
+        grown = vm_kib(assistant.pid, "VmHWM") / 1024 - before
         outcomes = []
         for _ in range(40):
             (length,) = struct.unpack(">I", greedy.recv_exactly(4))

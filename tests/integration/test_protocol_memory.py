@@ -17,6 +17,7 @@ import pytest
 
 from pair.protocol.client import Client
 from pair.testing.daemons import DaemonProcess
+from tests.support.proc import vm_kib
 from tests.support.raw import RawConnection
 
 pytestmark = pytest.mark.anyio
@@ -128,13 +129,6 @@ async def test_past_the_daemons_budget_other_connections_wait_and_are_then_serve
         assert not answered.is_set(), "another connection was read past the daemon's budget"
     async with Client(socket_path) as client:
         assert (await client.call("echo", {"text": "after"}))["text"] == "after"
-
-
-def vm_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
 async def test_a_burst_of_large_calls_is_bounded_and_its_memory_comes_back(

@@ -1,6 +1,7 @@
 """SQLite through apsw, as both daemons use it.
 
 connect.py       open a database: pragmas, the state directory, migrations
+deadline.py      a call's deadline through queue, statement and commit: its one home
 transaction.py   a connection as a job sees it; the job's write transaction
 job.py           a unit of work for a thread, and its way back to the loop
 pool.py          the connection threads (no apsw call runs on the loop)
@@ -15,6 +16,7 @@ from pair.runtime.sqlite.connect import (
     migrate,
     now_ms,
 )
+from pair.runtime.sqlite.deadline import Deadline, watch_deadline
 from pair.runtime.sqlite.errors import (
     DatabaseFailure,
     WriteHealth,
@@ -27,11 +29,9 @@ from pair.runtime.sqlite.pool import STOP_TIMEOUT, ConnectionPool, QueuedPastDea
 from pair.runtime.sqlite.transaction import (
     BUSY_TIMEOUT_MS,
     Conn,
-    Deadline,
     TxMode,
     WriteTransaction,
     ours,
-    watch_deadline,
 )
 
 __all__ = [

@@ -3,69 +3,20 @@
 from __future__ import annotations
 
 import secrets
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import apsw
 
+from pair.runtime.sqlite.deadline import Deadline
 from pair.runtime.sqlite.errors import WriteHealth, timeout_error
-from pair.runtime.sqlite.job import Job
 
 BUSY_TIMEOUT_MS = 5000
-PROGRESS_STEPS = 1000
-# A thread hands results back in one wake-up of the loop when jobs queued up
-# behind each other: at most HOLD_MAX of them (as many as a client keeps in
-# flight: measured with 64 in flight, point queries went from 35k to 42k/s
-# when this went from 16 to 64), none held once HOLD_LIMIT seconds old, and
-# none while the running job has taken longer (checked by the progress handler).
-HOLD_MAX = 64
-HOLD_LIMIT = 0.001
 
 
 class NeedsSavepoint(Exception):
     """A job in an optimistic group pass had to roll back; the group runs again with savepoints."""
-
-
-@dataclass(slots=True)
-class Deadline:
-    """The running job's deadline (monotonic seconds; 0 = none), read by the progress handler.
-
-    Once the running job has taken longer than `HOLD_LIMIT`, the progress
-    handler also calls `on_slow` (`ConnectionPool`), so quick calls never wait
-    out a slow one: the thread hands back the results it holds for a batched
-    wake-up and lets another thread take jobs; or, when `on_slow` says so, the
-    job is interrupted (`demoted`) to run again from the start elsewhere.
-    """
-
-    at: float = 0.0
-    started: float = 0.0
-    on_slow: Callable[[], bool] | None = None
-    job: Job[Any] | None = None
-    demoted: bool = False
-
-    def keep_job(self) -> bool:
-        """Before a commit: False when the loop has already answered the running job's caller
-        with its timeout, so its writes must be rolled back instead (`Job.keep`)."""
-        return self.job is None or self.job.keep()
-
-    def passed(self) -> bool:
-        """True once the job's deadline has passed. Checked between the statements of a
-        job: one that is quick in SQLite's VM steps (a C function doing the work) never
-        reaches the progress handler, and sixty of them would keep the writer for
-        seconds after the caller was answered DB_TIMEOUT."""
-        return bool(self.at) and time.monotonic() >= self.at
-
-    def on_progress(self) -> bool:
-        """SQLite's progress handler: True (interrupt the statement) once the deadline has
-        passed, or once the job is slow and `on_slow` demotes it."""
-        now = time.monotonic()
-        if self.on_slow is not None and now - self.started > HOLD_LIMIT and self.on_slow():
-            self.demoted = True
-            return True
-        return bool(self.at) and now >= self.at
 
 
 class TxMode(Enum):
@@ -194,10 +145,3 @@ class WriteTransaction:
         except BaseException:
             self.rollback()
             raise
-
-
-def watch_deadline(db: apsw.Connection) -> Deadline:
-    """The deadline of the jobs run on `db`, enforced by its progress handler."""
-    deadline = Deadline()
-    db.set_progress_handler(deadline.on_progress, PROGRESS_STEPS)
-    return deadline
