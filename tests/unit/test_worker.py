@@ -239,6 +239,46 @@ async def test_a_group_keeps_exactly_what_each_job_committed(short_tmp: Path) ->
         await asyncio.to_thread(worker.stop)
 
 
+def _insert_handling(conn: Conn, row: int, seen: list[str]) -> str:
+    """Service code that handles any failure of its write, as a careful caller would."""
+    try:
+        _insert(conn, row, fail=ValueError)
+    except Exception as exc:
+        seen.append(type(exc).__name__)
+        return "handled"
+    return "written"
+
+
+async def test_a_jobs_failure_handler_never_sees_the_groups_own_rerun(short_tmp: Path) -> None:
+    """In a group's optimistic pass a job's rollback needs the group run again with
+    savepoints: that is the group's affair, caught at the job's boundary, and the job's
+    own `except Exception` sees only its real failure, once."""
+    worker = _writer(str(short_tmp / "group.db"))
+    seen: list[str] = []
+    try:
+        started, release = threading.Event(), threading.Event()
+
+        def blocker(conn: Conn) -> int:
+            started.set()
+            release.wait(5)
+            return 0
+
+        first = asyncio.ensure_future(worker.run(blocker))
+        await asyncio.to_thread(started.wait, 5)
+        calls = [
+            asyncio.ensure_future(worker.run(functools.partial(_insert, row=1))),
+            asyncio.ensure_future(
+                worker.run(functools.partial(_insert_handling, row=2, seen=seen))
+            ),
+        ]
+        await asyncio.sleep(0)  # each job is queued in its task's first step
+        release.set()
+        assert await asyncio.gather(first, *calls) == [0, 1, "handled"]
+        assert seen == ["ValueError"]
+    finally:
+        await asyncio.to_thread(worker.stop)
+
+
 @pytest.mark.parametrize("slow_fails", [False, True], ids=["slow-commits", "slow-fails"])
 async def test_a_call_held_past_its_deadline_by_its_group_is_answered_and_left_out(
     short_tmp: Path, slow_fails: bool

@@ -2,7 +2,7 @@
 
 One WAL sync for many calls. The group first runs with no savepoints at all,
 which holds while no job needs to roll back its own writes (the common
-case); when one does (`TxMode.RERUN`), the group is rolled back and run again
+case); when one does (`GroupAbort`), the group is rolled back and run again
 with a savepoint per job. If the group's transaction is lost under a job (an
 interrupt or an I/O error rolls all of it back), nothing of it was committed
 and the other jobs run again alone. No result leaves before the commit, and
@@ -20,7 +20,7 @@ import apsw
 
 from pair.runtime.sqlite.errors import timeout_error
 from pair.runtime.sqlite.job import EXPIRED, Job, Outcome, keep_all, release_all
-from pair.runtime.sqlite.transaction import BEGIN, COMMIT, ROLLBACK, Conn, TxMode
+from pair.runtime.sqlite.transaction import BEGIN, COMMIT, ROLLBACK, Conn, GroupAbort, TxMode
 
 GROUP_MAX = 64
 CAREFUL_GROUPS = 8
@@ -64,7 +64,7 @@ class GroupCommit(Generic[C]):
         try:
             for job in jobs:
                 outcomes.append(self._run_one(conn, job))
-                if conn.tx_mode is TxMode.RERUN or not conn.db.in_transaction:
+                if not conn.db.in_transaction:
                     break
             else:
                 if _keep_all(jobs, outcomes):
@@ -72,6 +72,8 @@ class GroupCommit(Generic[C]):
                     conn.note_commit(changes_before)
                     return outcomes
                 expired = True
+        except GroupAbort:
+            pass
         except apsw.Error:
             release_all(jobs)
         finally:

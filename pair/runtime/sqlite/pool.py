@@ -40,7 +40,7 @@ from pair.runtime.sqlite.deadline import HOLD_LIMIT
 from pair.runtime.sqlite.errors import DatabaseFailure
 from pair.runtime.sqlite.group_commit import GROUP_MAX, GroupCommit
 from pair.runtime.sqlite.job import EXPIRED, Job, Outcome, settle_all
-from pair.runtime.sqlite.transaction import Conn
+from pair.runtime.sqlite.transaction import Conn, GroupAbort
 
 T = TypeVar("T")
 C = TypeVar("C", bound=Conn)
@@ -412,6 +412,8 @@ class ConnectionPool(Generic[C]):
             if job.state == EXPIRED or (deadline and watch.started >= deadline):
                 return False, self.late_error()
             return True, fn(conn)
+        except GroupAbort:
+            raise  # the group's, not the job's: `GroupCommit.run` runs it again
         except BaseException as exc:  # the job's failure belongs to its caller
             if watch.demoted:
                 return _DEMOTED

@@ -15,8 +15,12 @@ from pair.runtime.sqlite.errors import WriteHealth, timeout_error
 BUSY_TIMEOUT_MS = 5000
 
 
-class NeedsSavepoint(Exception):
-    """A job in an optimistic group pass had to roll back; the group runs again with savepoints."""
+class GroupAbort(BaseException):
+    """A job of an OPTIMISTIC group pass has to roll back its own writes, which it cannot
+    alone: the group (`GroupCommit`) catches this at the job's boundary, rolls back and
+    runs again with a savepoint per job. A BaseException, like a cancellation: it is the
+    group's own signal, and no `except Exception` in service code may take it for the
+    job's failure."""
 
 
 class TxMode(Enum):
@@ -24,15 +28,12 @@ class TxMode(Enum):
 
     ALONE: its own BEGIN IMMEDIATE ... COMMIT. SAVEPOINT: a savepoint of the
     group commit's transaction. OPTIMISTIC: part of the group's transaction
-    with no savepoint of its own. RERUN: an OPTIMISTIC job had to roll back
-    its own writes, which it cannot alone, so the group is run again with a
-    savepoint per job.
+    with no savepoint of its own (its rollback raises `GroupAbort`).
     """
 
     ALONE = "alone"
     SAVEPOINT = "savepoint"
     OPTIMISTIC = "optimistic"
-    RERUN = "rerun"
 
 
 @dataclass(slots=True)
@@ -124,8 +125,7 @@ class WriteTransaction:
         self.done = True
         conn = self.conn
         if conn.tx_mode is TxMode.OPTIMISTIC:
-            conn.tx_mode = TxMode.RERUN
-            raise NeedsSavepoint("this job's rollback needs the group run with savepoints")
+            raise GroupAbort
         if not conn.db.in_transaction:
             return
         if conn.tx_mode is TxMode.SAVEPOINT:
