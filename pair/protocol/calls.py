@@ -30,11 +30,19 @@ from collections.abc import Coroutine
 from typing import Any, Protocol, cast
 
 import anyio.to_thread
+import msgspec
 from msgspec import UNSET, Raw
 
 from pair.protocol.deferred import Deferred, outcome_of
 from pair.protocol.dispatch import Kind, Method, Router
-from pair.protocol.errors import InternalError, MethodNotFound, RouteError, RpcError, ShuttingDown
+from pair.protocol.errors import (
+    InternalError,
+    MethodNotFound,
+    ResultTooLarge,
+    RouteError,
+    RpcError,
+    ShuttingDown,
+)
 from pair.protocol.messages import (
     ErrorResponse,
     Request,
@@ -68,7 +76,7 @@ class Answers(Protocol):
     def finish(self, request: Request, response: Response | None) -> None:
         """The answer of a pending call (`Calls.start` returned True)."""
 
-    def finish_batch(self, responses: list[Response], size: int) -> None:
+    def finish_batch(self, responses: list[Raw], size: int) -> None:
         """The answers of a batch (`Calls.start_batch` of a `size`-byte body), notifications
         left out."""
 
@@ -182,28 +190,39 @@ class Calls:
     # -- batches ------------------------------------------------------------
 
     def start_batch(
-        self, members: list[Raw], to: Answers, bound: asyncio.Semaphore, size: int
+        self,
+        members: list[Raw],
+        to: Answers,
+        bound: asyncio.Semaphore,
+        size: int,
+        max_bytes: int,
     ) -> None:
         """Run a batch's members; their answers go to `to.finish_batch` in one frame.
 
         `bound` limits how many members run at once, shared by a connection's
-        batches; `size` (the body's) is handed back with the answers.
+        batches; `size` (the body's) is handed back with the answers, which
+        together stay within `max_bytes` (`_Answers`).
         """
-        self.spawn(self._run_batch(members, to, bound, size))
+        self.spawn(self._run_batch(members, to, bound, size, max_bytes))
 
     async def _run_batch(
-        self, members: list[Raw], to: Answers, bound: asyncio.Semaphore, size: int
+        self,
+        members: list[Raw],
+        to: Answers,
+        bound: asyncio.Semaphore,
+        size: int,
+        max_bytes: int,
     ) -> None:
         """Members are taken one by one, each started only once `bound` has a slot for it:
         given a task each up front, 11.5 MB of batches of tiny calls took 240 MiB."""
-        answers: list[Response | None] = [None] * len(members)
+        answers = _Answers(len(members), max_bytes, self.log)
         running: set[asyncio.Task[Response | None]] = set()
         loop = asyncio.get_running_loop()
         try:
             for index, raw in enumerate(members):
                 answer = self._member_answer(raw)
                 if not asyncio.iscoroutine(answer):
-                    answers[index] = answer
+                    answers.keep(index, answer)
                     continue
                 try:
                     await bound.acquire()
@@ -222,7 +241,7 @@ class Calls:
                 task.cancel()
             # Also when cancelled, or on a bug: the batch leaves the in-flight count
             # with the answers it has.
-            to.finish_batch([answer for answer in answers if answer is not None], size)
+            to.finish_batch(answers.kept(), size)
 
     def _member_answer(self, raw: Raw) -> Response | Coroutine[Any, Any, Response | None] | None:
         """One member: its answer now, None (a notification), or a coroutine for it."""
@@ -316,8 +335,56 @@ class Calls:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class _Answers:
+    """A batch's answers, each encoded as it comes: together they stay within one frame.
+
+    Kept whole until the batch's frame was encoded, 1000 members of large results
+    held many frames' worth first. An answer that would pass the frame is replaced
+    at once by RESULT_TOO_LARGE for its id (the others are kept, in order).
+    """
+
+    __slots__ = ("_answers", "_limit", "_log", "_used")
+
+    def __init__(self, count: int, max_bytes: int, log: logging.Logger) -> None:
+        self._answers: list[Raw | None] = [None] * count
+        # Room is kept for every member's RESULT_TOO_LARGE, so the frame always fits.
+        self._limit = max_bytes - REPLACED_ANSWER_BYTES * count
+        self._used = 2  # the array's brackets
+        self._log = log
+
+    def keep(self, index: int, response: Response | None) -> None:
+        if response is None:
+            return
+        body = _encode_answer(response)
+        if self._used + len(body) + 1 > self._limit and len(body) > REPLACED_ANSWER_BYTES:
+            too_large = ResultTooLarge(
+                f"the batch's answers would pass the frame limit of {self._limit} bytes"
+            )
+            body = _encode_answer(error_response(response.id, too_large))
+            self._log.warning("an answer in a batch was replaced: the frame was full")
+        self._used += len(body) + 1
+        self._answers[index] = Raw(body)
+
+    def kept(self) -> list[Raw]:
+        return [answer for answer in self._answers if answer is not None]
+
+
+def _encode_answer(response: Response) -> bytes:
+    try:
+        return _encoder.encode(response)
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        return _encoder.encode(error_response(response.id, InternalError("unencodable result")))
+
+
+_encoder = msgspec.json.Encoder()
+# About what a member's RESULT_TOO_LARGE takes in the batch's frame, its id aside
+# (ids as long as a frame could still overflow it: the whole answer is then one
+# RESULT_TOO_LARGE, `Connection._send_too_large`).
+REPLACED_ANSWER_BYTES = 256
+
+
 def _member_done(
-    answers: list[Response | None],
+    answers: _Answers,
     index: int,
     bound: asyncio.Semaphore,
     running: set[asyncio.Task[Response | None]],
@@ -326,4 +393,4 @@ def _member_done(
     running.discard(task)
     bound.release()
     if not task.cancelled() and task.exception() is None:
-        answers[index] = task.result()
+        answers.keep(index, task.result())

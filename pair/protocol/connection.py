@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from msgspec import UNSET
+from msgspec import UNSET, Raw
 
 from pair.protocol.deferred import Deferred
 from pair.protocol.errors import (
@@ -41,7 +41,6 @@ from pair.protocol.messages import (
     append_frame_of,
     decode_batch,
     decode_request,
-    encode_frame_of,
     error_response,
     is_batch,
     request_id_of,
@@ -332,7 +331,8 @@ class Connection(asyncio.Protocol):
         # its body: each member it runs costs a task, so each is charged to the budgets.
         cost = len(body) + BATCH_MEMBER_COST * len(members)
         self._begin_call(cost)
-        self._calls.start_batch(members, self, self._batch_members, cost)
+        limit = self._limits.max_frame_bytes
+        self._calls.start_batch(members, self, self._batch_members, cost, limit)
 
     # -- answers (protocol.calls.Answers) ---------------------------------
 
@@ -351,7 +351,7 @@ class Connection(asyncio.Protocol):
         self._end_call(self._sizes.pop(key, 0))
         self.answer(request, response)
 
-    def finish_batch(self, responses: list[Response], size: int) -> None:
+    def finish_batch(self, responses: list[Raw], size: int) -> None:
         self._end_call(size)
         if responses:
             self._send_message(responses)
@@ -399,23 +399,12 @@ class Connection(asyncio.Protocol):
 
     def _send_too_large(self, message: object) -> None:
         """No peer is sent a frame over the limit: the answer becomes RESULT_TOO_LARGE for
-        its id; in a batch, the largest answers do, until the batch fits."""
+        its id. (A batch's answers are kept within the limit as they come: `calls._Answers`.)
+        """
         limit = self._limits.max_frame_bytes
         too_large = ResultTooLarge(f"the answer is larger than the frame limit of {limit} bytes")
-        if not isinstance(message, list):
-            self._log.warning("an answer over %d bytes was replaced by an error", limit)
-            append_frame_of(error_response(getattr(message, "id", None), too_large), self._out)
-            return
-        members = list(message)
-        sizes = [len(encode_frame_of(member)) for member in members]
-        total = sum(sizes)
-        for index in sorted(range(len(members)), key=sizes.__getitem__, reverse=True):
-            if total + len(members) + 1 <= limit:
-                break
-            members[index] = error_response(members[index].id, too_large)
-            total -= sizes[index] - len(encode_frame_of(members[index]))
-        self._log.warning("answers in a batch over %d bytes were replaced by errors", limit)
-        append_frame_of(members, self._out)
+        self._log.warning("an answer over %d bytes was replaced by an error", limit)
+        append_frame_of(error_response(getattr(message, "id", None), too_large), self._out)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -12,7 +12,7 @@ import anyio
 import apsw
 import pytest
 
-from pair.protocol.client import Client
+from pair.protocol.client import BatchCall, Client
 from pair.protocol.errors import IpcHandlerError
 from pair.testing.daemons import DaemonProcess
 from tests.support.proc import vm_kib
@@ -325,3 +325,22 @@ async def test_a_peer_that_never_reads_its_answers_has_its_calls_withdrawn(
     assert grown < 200, f"{grown:.0f} MiB held for answers nobody read"
     assert "ok" in outcomes
     assert set(outcomes) == {"ok", "ANSWERS_UNREAD"}
+
+
+async def test_a_batch_of_large_answers_holds_one_frame_of_them_not_all(
+    assistant: DaemonProcess,
+) -> None:
+    """200 members of 1 MB answers: they were all held (and encoded) before the batch's
+    frame was found too large (peak +383 MiB). Now each is encoded as it comes, and past
+    the frame limit the rest are RESULT_TOO_LARGE for their ids; what remains is the
+    readers' results handed back 64 at a time (+210 MiB here)."""
+    before = vm_kib(assistant.pid, "VmHWM") / 1024
+    big = {"sql": "SELECT zeroblob(750000) AS b", "mode": "query", "maxBytes": 2_000_000}
+    async with Client(assistant.socket_path, timeout=60) as client:
+        answers = await client.batch([BatchCall("db_proxy", big) for _ in range(200)])
+    grown = vm_kib(assistant.pid, "VmHWM") / 1024 - before
+    kept = [answer for answer in answers if not isinstance(answer, IpcHandlerError)]
+    refused = [answer for answer in answers if isinstance(answer, IpcHandlerError)]
+    assert 10 <= len(kept) <= 16, len(kept)
+    assert {error.code for error in refused} == {"RESULT_TOO_LARGE"}
+    assert grown < 300, f"the batch took {grown:.0f} MiB at its peak"
