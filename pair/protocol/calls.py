@@ -343,10 +343,11 @@ class _Answers:
     at once by RESULT_TOO_LARGE for its id (the others are kept, in order).
     """
 
-    __slots__ = ("_answers", "_limit", "_log", "_used")
+    __slots__ = ("_answers", "_frame_bytes", "_limit", "_log", "_used")
 
     def __init__(self, count: int, max_bytes: int, log: logging.Logger) -> None:
         self._answers: list[Raw | None] = [None] * count
+        self._frame_bytes = max_bytes
         # Room is kept for every member's RESULT_TOO_LARGE, so the frame always fits.
         self._limit = max_bytes - REPLACED_ANSWER_BYTES * count
         self._used = 2  # the array's brackets
@@ -358,7 +359,7 @@ class _Answers:
         body = _encode_answer(response)
         if self._used + len(body) + 1 > self._limit and len(body) > REPLACED_ANSWER_BYTES:
             too_large = ResultTooLarge(
-                f"the batch's answers would pass the frame limit of {self._limit} bytes"
+                f"the batch's answers would pass the frame limit of {self._frame_bytes} bytes"
             )
             body = _encode_answer(error_response(response.id, too_large))
             self._log.warning("an answer in a batch was replaced: the frame was full")

@@ -385,13 +385,11 @@ class Connection(asyncio.Protocol):
         assert self._transport is not None
         if self._transport.get_write_buffer_size() <= self._limits.max_unread_bytes:
             return
-        withdrawn = 0
-        for deferred in list(self._deferred.values()):
-            error = AnswersUnread(
-                f"answers of over {self._limits.max_unread_bytes} bytes wait to be read on"
-                " this connection; this call was not run: read them, then send it again"
-            )
-            withdrawn += deferred.withdraw(error)
+        error = AnswersUnread(
+            f"answers of over {self._limits.max_unread_bytes} bytes wait to be read on"
+            " this connection; this call was not run: read them, then send it again"
+        )
+        withdrawn = sum(deferred.withdraw(error) for deferred in list(self._deferred.values()))
         if withdrawn:
             self._log.warning(
                 "peer %s reads no answers: %d call(s) withdrawn", self.peer, withdrawn
@@ -414,11 +412,7 @@ class Connection(asyncio.Protocol):
             self._out.clear()
             if self._deferred and self._write_paused:
                 self._withdraw_if_unread()
-            if (
-                self._backlog
-                and not self._write_paused
-                and self._in_flight < (self._limits.max_in_flight)
-            ):
+            if self._backlog and not self._write_paused:
                 # Frames left waiting for these answers to be written: they were.
                 self._loop.call_soon(self._resume_backlog)
 
@@ -499,7 +493,11 @@ class Connection(asyncio.Protocol):
         if not self._reserved or self._closed:
             return
         idle = self._loop.time() - self.last_active
-        if idle < RESERVATION_IDLE or self._read_paused:
+        if self._read_paused:
+            # Not read from by our choice: its silence is ours. Looked at again later.
+            self._lapse_timer = self._loop.call_later(RESERVATION_IDLE, self._lapse)
+            return
+        if idle < RESERVATION_IDLE:
             self._lapse_timer = self._loop.call_later(RESERVATION_IDLE - idle, self._lapse)
             return
         self._log.info("peer %s sent nothing of its frame for %.1fs: its reservation is released",

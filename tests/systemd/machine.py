@@ -20,8 +20,9 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+from tests.support.waiting import until
 
 BOOT_SCRIPT = Path(__file__).with_name("boot.sh")
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -31,15 +32,6 @@ TOOLS = ("unshare", "nsenter", "pivot_root", "findmnt", "runuser")
 BOOT_TIMEOUT = 60.0
 PREFIX = "/opt/pair"
 POLL = 0.05
-
-
-def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Poll `check` until it holds; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(POLL)
 
 
 def why_not() -> str | None:

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
+from tests.support.waiting import until
 from tests.systemd.conftest import install
-from tests.systemd.machine import PREFIX, Machine, until
+from tests.systemd.machine import PREFIX, Machine
 
 pytestmark = pytest.mark.timeout(180)
 
