@@ -22,9 +22,10 @@ from pair.runtime.sqlite import (
     BUSY_TIMEOUT_MS,
     STOP_TIMEOUT,
     Conn,
-    ConnectionPool,
     Job,
+    Readers,
     WriteHealth,
+    Writer,
     connect,
     make_state_dir,
     migrate,
@@ -39,7 +40,7 @@ log = logging.getLogger("assistant.db")
 
 READERS = 2
 # One reader takes queries while the other waits, unless the first runs a slow
-# one (`ConnectionPool` turns): two busy readers cost each other the GIL.
+# one (`Readers` turns): two busy readers cost each other the GIL.
 READER_TURNS = 1
 # The reader with the turn takes the queries queued up, up to this many at a
 # time (one wake-up of the loop for their answers). With 64 point queries in
@@ -47,7 +48,7 @@ READER_TURNS = 1
 READER_BATCH = 64
 # A query still running after HOLD_LIMIT (1 ms) is stopped and run again from
 # the start (a read has no side effects) in the slow lane, whose queries pause
-# half the time while quick ones wait (`ConnectionPool.yields_to`).
+# half the time while quick ones wait (`SlowLane`).
 SLOW_READERS = 2
 
 MIGRATIONS: tuple[str, ...] = (
@@ -165,10 +166,9 @@ class Database:
         self.synchronous = synchronous
         self.max_length = max_length
         self.schema_version = 0
-        self.writer: ConnectionPool[GuardedConn] | None = None
+        self.writer: Writer[GuardedConn] | None = None
         self.write_health = WriteHealth()
-        self.readers: ConnectionPool[GuardedConn] | None = None
-        self.slow_readers: ConnectionPool[GuardedConn] | None = None
+        self.readers: Readers[GuardedConn] | None = None
 
     def open(self) -> None:
         """Open, migrate and start the threads (blocking; call off the loop)."""
@@ -198,38 +198,27 @@ class Database:
             writer.db.close()
             raise DbOpenError(f"cannot migrate database {self.path}: {exc}", EX_CANTCREAT) from exc
         writer.health = self.write_health
-        self.writer = ConnectionPool(
-            "db-writer", [writer], group_commit=True, late_error=timeout_error
-        )
-        self.slow_readers = ConnectionPool(
-            "db-reader-slow",
-            readers[READERS:],
-            batch_max=1,
-            hold_max=1,
-            late_error=timeout_error,
-        )
-        self.readers = ConnectionPool(
+        self.writer = Writer("db-writer", writer, late_error=timeout_error)
+        self.readers = Readers(
             "db-reader",
             readers[:READERS],
-            batch_max=READER_BATCH,
+            readers[READERS:],
             turns=READER_TURNS,
-            slow_lane=self.slow_readers,
+            batch_max=READER_BATCH,
             late_error=timeout_error,
         )
-        self.slow_readers.yields_to = self.readers
 
     def close(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop the threads and close the connections within `timeout` (blocking; call
-        off the loop). The readers first: a query they stop for being slow goes to the
-        slow lane."""
-        pools = [self.readers, self.slow_readers, self.writer]
+        off the loop)."""
+        pools = [self.readers, self.writer]
         stop_pools([pool for pool in pools if pool is not None], timeout)
-        self.readers = self.slow_readers = self.writer = None
+        self.readers = self.writer = None
 
     def failure_counts(self) -> dict[str, int]:
         """Database failures of the calls so far, by errorCode (the `metrics` method)."""
         counts: dict[str, int] = {}
-        for pool in (self.writer, self.readers, self.slow_readers):
+        for pool in (self.writer, self.readers):
             for code, count in (pool.failure_counts() if pool is not None else {}).items():
                 counts[code] = counts.get(code, 0) + count
         return counts

@@ -22,9 +22,9 @@ from pair.runtime.sqlite import (
     BUSY_TIMEOUT_MS,
     STOP_TIMEOUT,
     Conn,
-    ConnectionPool,
     Job,
     WriteHealth,
+    Writer,
     WriteTransaction,
     connect,
     database_failure,
@@ -135,7 +135,7 @@ class Database:
         self.busy_timeout_ms = busy_timeout_ms
         self.schema_version = 0
         self.write_health = WriteHealth()
-        self._worker: ConnectionPool[Conn] | None = None
+        self._worker: Writer[Conn] | None = None
 
     def open(self) -> None:
         """Open, migrate and start the thread (blocking; call off the loop)."""
@@ -157,7 +157,7 @@ class Database:
         except apsw.Error as exc:
             db.close()
             raise DbOpenError(f"cannot migrate database {self.path}: {exc}", EX_CANTCREAT) from exc
-        self._worker = ConnectionPool("gateway-db", [conn], group_commit=True)
+        self._worker = Writer("gateway-db", conn)
 
     def close(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop the thread and close the connection within `timeout` (blocking)."""

@@ -1,4 +1,5 @@
-"""runtime.sqlite.ConnectionPool: every job's result reaches the loop, whatever the timing."""
+"""runtime.sqlite's pools (Readers, Writer): every job's result reaches the loop, whatever the
+timing."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ import pytest
 
 from pair.runtime.sqlite import (
     Conn,
-    ConnectionPool,
     Deadline,
     Job,
     QueuedPastDeadline,
+    Readers,
+    Writer,
     WriteTransaction,
     watch_deadline,
 )
@@ -40,9 +42,14 @@ class _SlowQueue(queue.SimpleQueue[Any]):
         return super().get_nowait()
 
 
-def _readers(count: int) -> ConnectionPool[Conn]:
-    connections = [Conn(apsw.Connection(":memory:"), Deadline()) for _ in range(count)]
-    return ConnectionPool("test-reader", connections, batch_max=1, jobs=_SlowQueue())
+def _memory(count: int) -> list[Conn]:
+    return [Conn(apsw.Connection(":memory:"), Deadline()) for _ in range(count)]
+
+
+def _readers(count: int) -> Readers[Conn]:
+    return Readers(
+        "test-reader", _memory(count), _memory(1), turns=count, batch_max=1, jobs=_SlowQueue()
+    )
 
 
 def _query(conn: Conn) -> int:
@@ -83,8 +90,7 @@ async def test_a_thread_stuck_in_one_step_gives_its_turn_and_its_held_results_aw
     finished_before = _queued(jobs, _answer)
     stuck_call = _queued(jobs, stuck)
     taken_with_it = _queued(jobs, _answer)
-    connections = [Conn(apsw.Connection(":memory:"), Deadline()) for _ in range(2)]
-    worker = ConnectionPool("test-reader", connections, batch_max=batch_max, turns=1, jobs=jobs)
+    worker = Readers("test-reader", _memory(2), _memory(1), turns=1, batch_max=batch_max, jobs=jobs)
     try:
         queued_behind = asyncio.ensure_future(worker.run(_answer))
         with anyio.fail_after(5):
@@ -114,8 +120,7 @@ async def test_results_of_a_batch_are_not_held_past_hold_limit_for_the_rest_of_i
 
     jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
     futures = [_queued(jobs, fn) for fn in (_answer, medium, last)]
-    connections = [Conn(apsw.Connection(":memory:"), Deadline())]
-    worker = ConnectionPool("test-reader", connections, batch_max=64, jobs=jobs)
+    worker = Readers("test-reader", _memory(1), _memory(1), turns=1, batch_max=64, jobs=jobs)
     try:
         with anyio.fail_after(5):
             assert await futures[0] == 42
@@ -129,8 +134,8 @@ async def test_results_of_a_batch_are_not_held_past_hold_limit_for_the_rest_of_i
 
 
 async def test_a_slow_job_runs_again_from_the_start_in_the_slow_lane() -> None:
-    """A job past `HOLD_LIMIT` on a pool with a slow lane is stopped and run again from
-    the start on the lane's thread; its caller gets the second run's result, once."""
+    """A read past `HOLD_LIMIT` is stopped and run again from the start on the slow lane's
+    thread; its caller gets the second run's result, once."""
     runs: list[str] = []
 
     def slow(conn: Conn) -> int:
@@ -142,21 +147,19 @@ async def test_a_slow_job_runs_again_from_the_start_in_the_slow_lane() -> None:
         db = apsw.Connection(":memory:")
         return Conn(db, watch_deadline(db))
 
-    lane = ConnectionPool("test-slow", [watched()], batch_max=1)
-    worker = ConnectionPool("test-fast", [watched()], batch_max=64, slow_lane=lane)
+    worker = Readers("test-reader", [watched()], [watched()], turns=1, batch_max=64)
     try:
         assert await worker.run(_answer) == 42
         assert runs == []
         assert await worker.run(slow) == 300_000
-        assert runs == ["test-fast-0", "test-slow-0"]
-        assert worker.failure_counts() == lane.failure_counts() == {}
+        assert runs == ["test-reader-0", "test-reader-slow-0"]
+        assert worker.failure_counts() == {}
     finally:
         await asyncio.to_thread(worker.stop)
-        await asyncio.to_thread(lane.stop)
 
 
 def _queued(jobs: queue.SimpleQueue[Any], fn: Any) -> asyncio.Future[Any]:
-    """`fn` queued as a job before a pool's threads start (`ConnectionPool(jobs=...)`): its
+    """`fn` queued as a job before a pool's threads start (`Readers(jobs=...)`): its
     result, or its exception's repr."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
@@ -170,11 +173,11 @@ def _answer(conn: Conn) -> int:
     return int(conn.execute("SELECT 41 + 1")[0][0])
 
 
-def _writer(path: str) -> ConnectionPool[Conn]:
+def _writer(path: str) -> Writer[Conn]:
     db = apsw.Connection(path)
     db.execute("PRAGMA journal_mode = WAL").fetchall()
     db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
-    return ConnectionPool("test-writer", [Conn(db, Deadline())], group_commit=True)
+    return Writer("test-writer", Conn(db, Deadline()))
 
 
 def _insert(

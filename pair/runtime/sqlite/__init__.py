@@ -4,8 +4,10 @@ connect.py       open a database: pragmas, the state directory, migrations
 deadline.py      a call's deadline through queue, statement and commit: its one home
 transaction.py   a connection as a job sees it; the job's write transaction
 job.py           a unit of work for a thread, and its way back to the loop
-pool.py          the connection threads (no apsw call runs on the loop)
+pool.py          the connection threads (no apsw call runs on the loop): what all roles share
+writer.py        the writer's thread, with group commit
 group_commit.py  queued write jobs in one transaction
+readers.py       the readers' threads, taking turns, and their slow lane
 errors.py        database failures as callers hear them (SPEC.md section 3)
 """
 
@@ -26,6 +28,7 @@ from pair.runtime.sqlite.errors import (
 )
 from pair.runtime.sqlite.job import Job
 from pair.runtime.sqlite.pool import STOP_TIMEOUT, ConnectionPool, QueuedPastDeadline, stop_pools
+from pair.runtime.sqlite.readers import Readers, SlowLane
 from pair.runtime.sqlite.transaction import (
     BUSY_TIMEOUT_MS,
     Conn,
@@ -33,6 +36,7 @@ from pair.runtime.sqlite.transaction import (
     WriteTransaction,
     ours,
 )
+from pair.runtime.sqlite.writer import Writer
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
@@ -44,9 +48,12 @@ __all__ = [
     "Deadline",
     "Job",
     "QueuedPastDeadline",
+    "Readers",
+    "SlowLane",
     "TxMode",
     "WriteHealth",
     "WriteTransaction",
+    "Writer",
     "connect",
     "database_failure",
     "make_state_dir",

@@ -17,7 +17,8 @@
    expired the job, its writes are rolled back instead, so a caller answered
    DB_TIMEOUT never finds them applied.
 5. Slow, not late: past `HOLD_LIMIT` the handler also calls `on_slow`, so the
-   pool's quick calls never wait behind a slow one (`ConnectionPool`).
+   pool's quick calls never wait behind a slow one (`ConnectionPool._on_slow`,
+   and the readers' `SlowLane`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Deadline:
     """The running job's deadline (monotonic seconds; 0 = none), read by the progress handler.
 
     Once the running job has taken longer than `HOLD_LIMIT`, the progress
-    handler also calls `on_slow` (`ConnectionPool`), so quick calls never wait
+    handler also calls `on_slow` (`ConnectionPool._on_slow`), so quick calls never wait
     out a slow one: the thread hands back the results it holds for a batched
     wake-up and lets another thread take jobs; or, when `on_slow` says so, the
     job is interrupted (`demoted`) to run again from the start elsewhere.

@@ -9,6 +9,11 @@ measured here with uvloop, a `SELECT 1` round trip took 28.8 us through a
 pool thread and 130 us through `to_thread.run_sync`. apsw's async mode was
 not chosen because it gives no pool of readers beside the writer.
 
+`ConnectionPool` is what every role shares: the queue, the threads, the
+results handed back in batches, expiry and stop. The roles are its
+subclasses: `group_commit.Writer` (one thread, jobs in one transaction) and
+`readers.Readers` with its `readers.SlowLane`.
+
 Timeouts: each job carries a deadline, checked by a progress handler on the
 job's own connection; SQLite then stops with SQLITE_INTERRUPT and the
 transaction rolls back. That is `interrupt()` from inside the job, so it can
@@ -38,7 +43,6 @@ import apsw
 from pair.protocol.deferred import outcome_of
 from pair.runtime.sqlite.deadline import HOLD_LIMIT
 from pair.runtime.sqlite.errors import DatabaseFailure
-from pair.runtime.sqlite.group_commit import GROUP_MAX, GroupCommit
 from pair.runtime.sqlite.job import EXPIRED, Job, Outcome, settle_all
 from pair.runtime.sqlite.transaction import Conn, GroupAbort
 
@@ -46,24 +50,17 @@ T = TypeVar("T")
 C = TypeVar("C", bound=Conn)
 
 STOP_TIMEOUT = 2.0
-# A thread hands results back in one wake-up of the loop when jobs queued up
-# behind each other: at most HOLD_MAX of them (as many as a client keeps in
-# flight: measured with 64 in flight, point queries went from 35k to 42k/s
-# when this went from 16 to 64), none held once HOLD_LIMIT seconds old, and
-# none while the running job has taken longer (checked by the progress handler).
+# A thread hands the results of a batch back in one wake-up of the loop: at most
+# HOLD_MAX of them (as many as a client keeps in flight: measured with 64 in
+# flight, point queries went from 35k to 42k/s when this went from 16 to 64), and
+# none held once HOLD_LIMIT seconds old or while the running job has taken longer
+# (checked by the progress handler).
 HOLD_MAX = 64
 INTERRUPT_WAIT = 0.5
 # The progress handler answers a timeout within a few ms of the deadline; the
 # loop steps in only when it could not (SPEC.md: by timeoutMs + 100 ms).
 EXPIRY_SLACK = 0.05
 EXPIRY_RECHECK = 0.01
-# How often the loop looks for a thread of a pool with fewer turns than threads
-# stuck in one long SQLite step, where its progress handler cannot give its
-# turn away (`ConnectionPool._spill_stuck`).
-SPILL_CHECK = 0.005
-# A pool that yields to another runs its slow jobs PAUSE seconds on, PAUSE off while
-# the other has work (`ConnectionPool.yields_to`).
-PAUSE = 0.001
 
 log = logging.getLogger("runtime.sqlite")
 
@@ -72,10 +69,10 @@ class QueuedPastDeadline(Exception):
     """A job's deadline passed while it waited for its connection; it never ran."""
 
 
-class _Worker:
-    """A pool thread's share of the pool: whether it holds a turn, and the finished jobs it
-    holds back for one batched wake-up of the loop (guarded by `lock`: the loop takes
-    them from a thread stuck in SQLite)."""
+class Worker:
+    """A pool thread's share of the pool: whether it holds a turn (`readers.Readers`), and
+    the finished jobs it holds back for one batched wake-up of the loop (guarded by
+    `lock`: the loop takes them from a thread stuck in SQLite)."""
 
     __slots__ = ("conn", "held", "held_since", "holding", "lock", "ran_since", "rest")
 
@@ -93,68 +90,34 @@ class _Worker:
 class ConnectionPool(Generic[C]):
     """Threads that each own one connection and run jobs from a shared queue, in order.
 
-    Jobs that queued up while one ran are taken together (up to `batch_max`)
-    and their results handed back to the loop in one wake-up. With
-    `group_commit` (the writer), such a batch is one `GroupCommit`: one
-    transaction and one WAL sync for many calls.
-
-    A thread taking one job at a time (`batch_max=1`) holds its results
-    while more jobs wait in the queue, up to `hold_max` of them and none
-    longer than about `HOLD_LIMIT` (see `Deadline`), and hands them back
-    together: each hand-back wakes the loop, which then competes for the GIL
-    with the thread's next job.
-
-    With `turns` fewer than its threads (the readers: one), only that many
-    threads take jobs at once; another joins only while one runs a slow job
-    (past `HOLD_LIMIT`: its progress handler gives its turn away, with the
-    jobs of its batch that have not started, or the loop does for a thread
-    stuck in one long SQLite step). Every thread running Python beside the
-    loop competes for the GIL, and apsw hands the GIL over around each SQLite
-    step: measured with 64 point queries in flight, one reader taking them
-    served 50k/s where two took 44k/s.
-
-    With a `slow_lane` (the readers), a job past `HOLD_LIMIT` is stopped by
-    its progress handler and queued again there, to run from the start (only
-    for jobs with no side effects: reads). A pool that `yields_to` another
-    (the slow lane to the readers) pauses its slow jobs for `PAUSE` after each
-    `PAUSE` they run while the other pool has work, so a heavy query takes
-    about half of a core from quick calls, not all of it. Not a lower thread
-    priority: a thread preempted while it holds the GIL would stall the loop.
+    A thread takes the jobs that queued up while it ran (up to `batch_max`)
+    and hands their results back to the loop in one wake-up: each hand-back
+    wakes the loop, which then competes for the GIL with the thread's next
+    job. Within a batch, results are handed back early once `HOLD_MAX` are
+    held or the first has waited `HOLD_LIMIT`, and whenever the running job
+    turns slow (`_on_slow`).
 
     A job whose deadline passed while it waited fails with `late_error()`.
     """
+
+    batch_max = 1
 
     def __init__(
         self,
         name: str,
         connections: list[C],
         *,
-        group_commit: bool = False,
-        batch_max: int = GROUP_MAX,
         late_error: Callable[[], BaseException] | None = None,
-        turns: int | None = None,
-        slow_lane: ConnectionPool[C] | None = None,
-        yields_to: ConnectionPool[C] | None = None,
-        hold_max: int = HOLD_MAX,
         jobs: queue.SimpleQueue[Job[Any] | None] | None = None,
     ) -> None:
         self.name = name
-        self.group = GroupCommit(name, self._run_one) if group_commit else None
-        self.batch_max = batch_max
         self.late_error = late_error or _queued_past_deadline
         # `jobs`: a queue of the caller's, for tests that widen its races.
         self._queue: queue.SimpleQueue[Job[Any] | None] = (
             queue.SimpleQueue() if jobs is None else jobs
         )
-        self._workers = [_Worker(conn) for conn in connections]
-        self._turns_free = len(connections) if turns is None else turns
-        self._turn_freed = threading.Condition()
-        self._spills = self._turns_free < len(connections)
-        self.slow_lane = slow_lane
-        self.yields_to = yields_to
-        self.hold_max = hold_max
+        self._workers = [Worker(conn) for conn in connections]
         self._stopping = False
-        self._watch: asyncio.TimerHandle | None = None
         # Database failures answered by errorCode (metrics); counted by the threads and
         # the loop, read by the loop.
         self._failures: Counter[str] = Counter()
@@ -163,6 +126,7 @@ class ConnectionPool(Generic[C]):
             threading.Thread(target=self._serve, args=(worker,), name=f"{name}-{i}", daemon=True)
             for i, worker in enumerate(self._workers)
         ]
+        # Last: a role sets what its threads read before it calls this.
         for thread in self._threads:
             thread.start()
 
@@ -174,27 +138,38 @@ class ConnectionPool(Generic[C]):
             delay = deadline - time.monotonic() + EXPIRY_SLACK
             job.expiry = loop.call_later(delay, self._expire, job)
         self._queue.put(job)
-        if self._spills and self._watch is None:
-            self._watch = loop.call_later(SPILL_CHECK, self._spill_stuck)
         return job
 
-    def _spill_stuck(self) -> None:
-        """On the loop: a thread that has run one job past `HOLD_LIMIT` without its progress
-        handler noticing (one long SQLite step) gives its turn and the jobs of its batch to
-        another thread, and the results it holds to their callers. Looked at while any
-        thread is busy."""
-        self._watch = None
-        now = time.monotonic()
-        busy = False
-        for worker in self._workers:
-            watch = worker.conn.deadline
-            busy = busy or bool(worker.rest or worker.held) or watch.job is not None
-            if watch.job is not None and now - watch.started > HOLD_LIMIT:
-                self._hand_back(worker)
-                self._hand_back_rest(worker)
-                self._give_up_turn(worker)
-        if (busy or not self._queue.empty()) and not self._stopping:
-            self._watch = asyncio.get_running_loop().call_later(SPILL_CHECK, self._spill_stuck)
+    async def run(self, fn: Callable[[C], T], deadline: float = 0.0) -> T:
+        """`fn(conn)` on one of the threads: its result or its exception.
+
+        Cancelling the caller does not stop a job that has started; its
+        deadline does.
+        """
+        return await outcome_of(self.submit(fn, deadline))
+
+    def busy(self) -> bool:
+        """Whether a job of this pool runs or waits (a racy look, from any thread)."""
+        return not self._queue.empty() or any(
+            worker.rest or worker.conn.deadline.job is not None for worker in self._workers
+        )
+
+    def running(self, job: Job[Any]) -> bool:
+        """Whether one of this pool's threads is running `job` now."""
+        return any(worker.conn.deadline.job is job for worker in self._workers)
+
+    def failure_counts(self) -> dict[str, int]:
+        """Database failures of this pool's jobs so far, by errorCode."""
+        with self._failures_lock:
+            return dict(self._failures)
+
+    def parts(self) -> list[ConnectionPool[Any]]:
+        """The pools that stop with this one, in the order they stop."""
+        return [self]
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Finish the queued jobs, then close the connections (blocking; call off the loop)."""
+        stop_pools([self], timeout)
 
     def _expire(self, job: Job[Any]) -> None:
         """The job's deadline passed while its thread was stuck: answer its caller now."""
@@ -205,8 +180,7 @@ class ConnectionPool(Generic[C]):
             # release it. Looked at again until its outcome arrives (which cancels this).
             job.expiry = job.loop.call_later(EXPIRY_RECHECK, self._expire, job)
             return
-        lanes = [self] if self.slow_lane is None else [self, self.slow_lane]
-        if any(worker.conn.deadline.job is job for lane in lanes for worker in lane._workers):
+        if self.running(job):
             log.warning(
                 "%s: a statement is still running past its deadline (one long SQLite step);"
                 " its caller is answered DB_TIMEOUT and its work will be rolled back",
@@ -225,129 +199,41 @@ class ConnectionPool(Generic[C]):
                 self._failures[exc.error_code] += 1
         return exc
 
-    def failure_counts(self) -> dict[str, int]:
-        """Database failures of this pool's jobs so far, by errorCode."""
-        with self._failures_lock:
-            return dict(self._failures)
-
-    async def run(self, fn: Callable[[C], T], deadline: float = 0.0) -> T:
-        """`fn(conn)` on one of the threads: its result or its exception.
-
-        Cancelling the caller does not stop a job that has started; its
-        deadline does.
-        """
-        return await outcome_of(self.submit(fn, deadline))
-
-    def _serve(self, worker: _Worker) -> None:
+    def _serve(self, worker: Worker) -> None:
         conn = cast("C", worker.conn)
         conn.deadline.on_slow = functools.partial(self._on_slow, worker)
         stop = False
         while not stop:
-            if not worker.holding:
-                self._take_turn(worker)
-            jobs, stop = self._take(worker)
-            if self.group is not None and len(jobs) > 1:
-                try:
-                    outcomes = self.group.run(conn, jobs)
-                except BaseException as exc:
-                    # A failure outside the jobs (the group's ROLLBACK itself failing):
-                    # their callers get it, and the thread keeps serving the queue.
-                    outcomes = [(False, exc)] * len(jobs)
-                self._hold(worker, zip(jobs, outcomes, strict=True))
-                del outcomes
-            else:
-                self._run_each(worker, jobs)
+            self._before_batch(worker)
+            jobs, stop = self._take()
+            self._run_batch(worker, jobs)
             # Not kept while this thread waits for the next jobs: a job holds its
             # call's parameters (a bound blob of up to the frame limit).
             del jobs
-            if self.batch_max > 1:
-                self._hand_back(worker)
-        self._hand_back(worker)
-        self._give_up_turn(worker)
+            self._hand_back(worker)
+        self._after_last(worker)
         conn.db.close()
 
-    def _run_each(self, worker: _Worker, jobs: list[Job[Any]]) -> None:
-        """Run the jobs one by one, each held as it finishes (`_hold`); those a slow one
-        ahead of them sends back to the queue (`_hand_back_rest`) are not run here."""
-        rest = worker.rest
-        rest.extend(jobs)
+    def _before_batch(self, worker: Worker) -> None:
+        """On the thread, before it takes its next jobs."""
+
+    def _after_last(self, worker: Worker) -> None:
+        """On the thread, once it has served its last job."""
+
+    def _run_batch(self, worker: Worker, jobs: list[Job[Any]]) -> None:
         conn = cast("C", worker.conn)
-        while True:
-            try:
-                job = rest.popleft()
-            except IndexError:
-                return
-            outcome = self._run_one(conn, job)
-            if outcome is _DEMOTED:
-                assert self.slow_lane is not None
-                self.slow_lane._queue.put(job)
-            else:
-                self._hold(worker, ((job, outcome),))
+        for job in jobs:
+            self._hold(worker, ((job, self._run_one(conn, job)),))
 
-    def _hand_back_rest(self, worker: _Worker) -> None:
-        """Queue again the jobs of `worker`'s batch that have not started (from its thread,
-        or from the loop): another thread takes them while this one runs a slow job."""
-        rest = worker.rest
-        # Once stopping, the threads' sentinels are queued: a job queued behind them would
-        # never run. The stuck thread runs its batch when it comes out, or the process ends.
-        while rest and not self._stopping:
-            try:
-                job = rest.popleft()
-            except IndexError:
-                return
-            self._queue.put(job)
-
-    def _take_turn(self, worker: _Worker) -> None:
-        """Wait until this thread may take jobs; while it waits, it holds no results back."""
-        with self._turn_freed:
-            if not self._turns_free:
-                self._hand_back(worker)
-                while not self._turns_free:
-                    self._turn_freed.wait()
-            self._turns_free -= 1
-            worker.holding = True
-
-    def _give_up_turn(self, worker: _Worker) -> None:
-        with self._turn_freed:
-            if worker.holding:
-                worker.holding = False
-                self._turns_free += 1
-                self._turn_freed.notify()
-
-    def _on_slow(self, worker: _Worker) -> bool:
-        """The progress handler, once the running job is past `HOLD_LIMIT`: quick calls
-        finished before it, and those queued behind it, do not wait for it. True: stop
-        the job, to run it again from the start in the slow lane."""
-        if self.slow_lane is not None:
-            return True
+    def _on_slow(self, worker: Worker) -> bool:
+        """The progress handler, once the running job is past `HOLD_LIMIT`: the results
+        finished before it do not wait for it. True: stop the job (`Deadline.demoted`)."""
         self._hand_back(worker)
-        if self._spills:
-            self._hand_back_rest(worker)
-            if worker.holding:
-                self._give_up_turn(worker)
-        if self.yields_to is not None:
-            self._pause_if_due(worker, self.yields_to)
         return False
 
-    def _pause_if_due(self, worker: _Worker, other: ConnectionPool[C]) -> None:
-        """Sleep `PAUSE` (without the GIL) after each `PAUSE` of running while `other` has
-        work: on the thread, from the progress handler."""
-        now = time.monotonic()
-        if now - max(worker.ran_since, worker.conn.deadline.started) < PAUSE:
-            return
-        if other.busy():
-            time.sleep(PAUSE)
-        worker.ran_since = time.monotonic()
-
-    def busy(self) -> bool:
-        """Whether a job of this pool runs or waits (a racy look, from any thread)."""
-        return not self._queue.empty() or any(
-            worker.rest or worker.conn.deadline.job is not None for worker in self._workers
-        )
-
-    def _hold(self, worker: _Worker, finished: Iterable[tuple[Job[Any], Outcome]]) -> None:
+    def _hold(self, worker: Worker, finished: Iterable[tuple[Job[Any], Outcome]]) -> None:
         """Keep finished jobs for one batched wake-up of the loop, counting their failures;
-        hand them back once `hold_max` are held or the first has waited `HOLD_LIMIT`."""
+        hand them back once `HOLD_MAX` are held or the first has waited `HOLD_LIMIT`."""
         now = time.monotonic()
         with worker.lock:
             held = worker.held
@@ -359,11 +245,11 @@ class ConnectionPool(Generic[C]):
                 if not outcome[0] and job.state != EXPIRED:
                     self._count(outcome[1])
                 held.append((job, outcome))
-            due = len(held) >= self.hold_max or now - worker.held_since > HOLD_LIMIT
+            due = len(held) >= HOLD_MAX or now - worker.held_since > HOLD_LIMIT
         if due:
             self._hand_back(worker)
 
-    def _hand_back(self, worker: _Worker) -> None:
+    def _hand_back(self, worker: Worker) -> None:
         """Deliver the results `worker` holds (from its thread, or from the loop)."""
         if not worker.held:
             return
@@ -372,21 +258,9 @@ class ConnectionPool(Generic[C]):
         if settled:
             settled[0][0].loop.call_soon_threadsafe(settle_all, settled)
 
-    def _take(self, worker: _Worker) -> tuple[list[Job[Any]], bool]:
-        """The next job and those queued behind it; True once the stop sentinel came.
-
-        With results held, the thread never blocks before handing them back:
-        checking for an empty queue and then blocking would let another thread
-        take the last job in between, and the results would wait for the next.
-        """
-        if not worker.held:
-            first = self._queue.get()
-        else:
-            try:
-                first = self._queue.get_nowait()
-            except queue.Empty:
-                self._hand_back(worker)
-                first = self._queue.get()
+    def _take(self) -> tuple[list[Job[Any]], bool]:
+        """The next job and those queued behind it; True once the stop sentinel came."""
+        first = self._queue.get()
         if first is None:
             return [], True
         jobs = [first]
@@ -416,20 +290,13 @@ class ConnectionPool(Generic[C]):
             raise  # the group's, not the job's: `GroupCommit.run` runs it again
         except BaseException as exc:  # the job's failure belongs to its caller
             if watch.demoted:
-                return _DEMOTED
+                return DEMOTED
             if isinstance(exc, DatabaseFailure):
                 conn.health.failed(exc)
             return False, exc
         finally:
             watch.at = 0.0
             watch.job = None
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """Finish the queued jobs, then close the connections (blocking; call off the loop).
-
-        `stop_pools([self], timeout)`.
-        """
-        stop_pools([self], timeout)
 
     def _begin_stop(self) -> None:
         self._stopping = True
@@ -456,7 +323,8 @@ class ConnectionPool(Generic[C]):
 
 
 def stop_pools(pools: Sequence[ConnectionPool[Any]], timeout: float) -> None:
-    """Stop `pools` within `timeout` seconds in all (blocking; call off the loop).
+    """Stop `pools` (each with its `parts()`) within `timeout` seconds in all (blocking;
+    call off the loop).
 
     Each finishes its queued jobs and closes its connections, all at once, in
     the order given (the stop markers are queued in that order). What still runs
@@ -467,21 +335,22 @@ def stop_pools(pools: Sequence[ConnectionPool[Any]], timeout: float) -> None:
     the daemon's exit never waits past its `--grace` on a statement.
     """
     end = time.monotonic() + timeout
-    for pool in pools:
+    every = [part for pool in pools for part in pool.parts()]
+    for pool in every:
         pool._begin_stop()
     interrupt_at = end - min(INTERRUPT_WAIT, timeout / 2)
-    ended = [pool._join(interrupt_at) for pool in pools]
+    ended = [pool._join(interrupt_at) for pool in every]
     if all(ended):
         return
-    for pool in pools:
+    for pool in every:
         pool._interrupt()
-    for pool in pools:
+    for pool in every:
         pool._join(end)
         pool._left_behind()
 
 
 # A job stopped by its progress handler for being slow, to run again in the slow lane.
-_DEMOTED: Outcome = (False, None)
+DEMOTED: Outcome = (False, None)
 
 
 def _abandoned(conn: Any) -> Any:
