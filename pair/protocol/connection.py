@@ -3,18 +3,15 @@
 The per-frame path lives here: whole chunks from the loop, every complete
 frame split out of each, its call started through `protocol.calls`, and the
 answers of one loop turn encoded into one buffer and written once. What the
-connection needs of its server is the `CallHost` below; it does not import
-the server.
+connection needs of its server is a `host.CallHost`; it does not import the
+server. When it reads is its `flow.ReadGate`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import socket
 from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from msgspec import UNSET, Raw
 
@@ -28,9 +25,8 @@ from pair.protocol.errors import (
     ResultTooLarge,
     RpcError,
 )
+from pair.protocol.flow import ReadGate
 from pair.protocol.framing import (
-    DEFAULT_FRAME_TIMEOUT,
-    DEFAULT_MAX_FRAME_BYTES,
     HEADER_SIZE,
     FrameDecoder,
 )
@@ -47,78 +43,12 @@ from pair.protocol.messages import (
 )
 
 if TYPE_CHECKING:
-    from pair.protocol.calls import Calls
+    from pair.protocol.host import CallHost
 
 
-DEFAULT_IDLE_TIMEOUT = 600.0
-# Request bodies held in memory: those of the calls in flight (their
-# parameters live as long as the call) and of the frames being received (a
-# frame's declared length is reserved when it is admitted). Past these a
-# connection, or every connection, is not read until calls end; a frame
-# already admitted is always read to its end, so nothing waits on itself.
-DEFAULT_MAX_PENDING_BYTES = 32 * 1024 * 1024
-DEFAULT_MAX_PENDING_BYTES_TOTAL = 128 * 1024 * 1024
-
-
-DEFAULT_MAX_UNSENT_BYTES = 4 * 1024 * 1024
-# A frame body that sends nothing for this long loses its reservation of the budgets.
-RESERVATION_IDLE = 1.0
-# Answers written but not read by the peer past which its calls still running in a
-# thread are withdrawn (ANSWERS_UNREAD).
-DEFAULT_MAX_UNREAD_BYTES = 32 * 1024 * 1024
 # What a batch member costs besides its bytes (decoded, a coroutine and a task):
 # charged to the byte budgets with the batch's body.
 BATCH_MEMBER_COST = 2048
-
-
-@dataclass(frozen=True, slots=True)
-class ServerLimits:
-    """Per-server tunables; the defaults are PROTOCOL.md's."""
-
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-    frame_timeout: float = DEFAULT_FRAME_TIMEOUT
-    max_in_flight: int = 256
-    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
-    max_pending_bytes_total: int = DEFAULT_MAX_PENDING_BYTES_TOTAL
-    max_batch: int = 1000
-    max_connections: int = 2048
-    grace: float = 10.0
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    backlog: int = socket.SOMAXCONN
-    # Answers encoded in one turn of the loop past which a connection's other frames
-    # wait for them to be written (with the transport's own high-water mark, how a
-    # peer that does not read stops being served).
-    max_unsent_bytes: int = DEFAULT_MAX_UNSENT_BYTES
-    max_unread_bytes: int = DEFAULT_MAX_UNREAD_BYTES
-
-
-class CallHost(Protocol):
-    """What a connection needs of the server that accepted it."""
-
-    limits: ServerLimits
-    log: logging.Logger
-    calls: Calls
-    pending_bytes: int
-
-    def admit(self, connection: Connection, transport: asyncio.Transport) -> RpcError | None:
-        """Register the connection; the reason to refuse it (then closed), or None."""
-
-    def connection_lost(self, connection: Connection) -> None: ...
-
-    def heard_from(self, connection: Connection) -> None:
-        """The connection's first bytes arrived."""
-
-    def call_started(self, size: int) -> None:
-        """A call whose request body is `size` bytes is in flight."""
-
-    def call_finished(self, size: int) -> None: ...
-
-    def hold(self, size: int) -> None:
-        """`size` more bytes of a frame being received are reserved (fewer, when negative)."""
-
-    def may_read(self, connection: Connection) -> bool:
-        """False while the bodies of the daemon's calls in flight are over its budget; the
-        connection is then resumed (`update_reading`) once they are not."""
 
 
 class Connection(asyncio.Protocol):
@@ -138,29 +68,25 @@ class Connection(asyncio.Protocol):
         self._sizes: dict[int, int] = {}
         # The pending calls whose answers a thread is making, by id() of their request.
         self._deferred: dict[int, Deferred[Any]] = {}
-        self._pending_bytes = 0
-        self._reserved = 0  # the declared length of the admitted frame being received
         self._backlog: deque[bytes] = deque()
         # Answers are encoded straight into one buffer, written once per turn.
         self._out = bytearray()
         self._flush_scheduled = False
-        self._read_paused = False
-        self._write_paused = False
         self._closed = False
-        self._stall_timer: asyncio.TimerHandle | None = None
-        self._lapse_timer: asyncio.TimerHandle | None = None
         self.peer = "?"
         self._peer_done = False
         self._batch_members = asyncio.Semaphore(host.limits.max_in_flight)
         self.last_active = self._loop.time()
         self._bug_logged = False
         self.heard = False
+        self._gate = ReadGate(self, host, host.limits, self._decoder, host.log)
 
     # -- asyncio.Protocol callbacks ---------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = transport = cast("asyncio.Transport", transport)
+        self._gate.attach(transport)
         refusal = self._host.admit(self, transport)
         if refusal is not None:
             self._log.warning("refused connection from %s: %s", self.peer, refusal.message)
@@ -192,16 +118,17 @@ class Connection(asyncio.Protocol):
                     self._handle_frames(frames)
             # Both are no-ops for the usual chunk (whole frames, reading, below
             # the limits); checked here because this runs once per chunk.
-            if self._stall_timer is not None or self._decoder.has_partial:
-                self._watch_stall(bool(frames))
-            if self._reserved or self._decoder.has_partial:
-                self._admit_frame_in_progress()
+            gate = self._gate
+            if gate.stall_watched or self._decoder.has_partial:
+                gate.watch_stall(bool(frames))
+            if gate.reserved or self._decoder.has_partial:
+                gate.admit_frame_in_progress()
             if (
-                self._read_paused
-                or self._write_paused
+                gate.read_paused
+                or gate.write_paused
                 or self._backlog
                 or self._in_flight >= self._limits.max_in_flight
-                or self._pending_bytes >= self._limits.max_pending_bytes
+                or gate.pending_bytes >= self._limits.max_pending_bytes
                 or self._host.pending_bytes >= self._limits.max_pending_bytes_total
             ):
                 self.update_reading()
@@ -225,21 +152,17 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._reserve(0)
-        self._cancel_stall_timer()
-        if self._lapse_timer is not None:
-            self._lapse_timer.cancel()
-            self._lapse_timer = None
+        self._gate.lost()
         self._backlog.clear()
         self._out.clear()
         self._host.connection_lost(self)
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._gate.write_paused = True
         self.update_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self._gate.write_paused = False
         self._resume_backlog()
 
     def _resume_backlog(self) -> None:
@@ -272,7 +195,7 @@ class Connection(asyncio.Protocol):
         while (
             backlog
             and self._in_flight < limit
-            and not self._write_paused
+            and not self._gate.write_paused
             and len(self._out) <= unsent
             and not self._closed
         ):
@@ -410,9 +333,9 @@ class Connection(asyncio.Protocol):
             # bytes: uvloop writes them without a copy of its own.
             self._transport.write(bytes(self._out))
             self._out.clear()
-            if self._deferred and self._write_paused:
+            if self._deferred and self._gate.write_paused:
                 self._withdraw_if_unread()
-            if self._backlog and not self._write_paused:
+            if self._backlog and not self._gate.write_paused:
                 # Frames left waiting for these answers to be written: they were.
                 self._loop.call_soon(self._resume_backlog)
 
@@ -420,117 +343,26 @@ class Connection(asyncio.Protocol):
 
     def _begin_call(self, size: int) -> None:
         self._in_flight += 1
-        self._pending_bytes += size
+        self._gate.pending_bytes += size
         self._host.call_started(size)
 
     def _end_call(self, size: int) -> None:
         self._in_flight -= 1
-        self._pending_bytes -= size
+        self._gate.pending_bytes -= size
         self._host.call_finished(size)
         if self._backlog:
             self._drain_backlog()
-        if self._read_paused:
+        if self._gate.read_paused:
             self.update_reading()
         if self._peer_done:
             # The call's answer is queued right after this returns; close after it.
             self._loop.call_soon(self._close_if_finished)
 
     def update_reading(self) -> None:
-        """Pause or resume reading: paused while answers cannot be written, while frames wait
-        for a slot of `max_in_flight`, or while the bodies in flight are over a budget."""
-        transport = self._transport
-        if transport is None or self._closed:
-            return
-        blocked = (
-            self._write_paused
-            or bool(self._backlog)
-            or self._in_flight >= self._limits.max_in_flight
-            or (not self._reserved and not self._within_budget())
-        )
-        if blocked and not self._read_paused:
-            self._read_paused = True
-            transport.pause_reading()
-            # A sender we are not reading from is not stalling: stop its clock. Unless
-            # it is the one not reading (our answers back up) halfway through a frame
-            # whose length is reserved: that would hold the reservation for ever.
-            if not (self._write_paused and self._reserved):
-                self._cancel_stall_timer()
-        elif not blocked and self._read_paused:
-            self._read_paused = False
-            transport.resume_reading()
-            # Before the next starved connection is looked at: this one's frame counts.
-            self._admit_frame_in_progress()
-            self._watch_stall(True)
-
-    def _within_budget(self) -> bool:
-        return self._pending_bytes < self._limits.max_pending_bytes and self._host.may_read(self)
-
-    def _admit_frame_in_progress(self) -> None:
-        """Reserve the declared length of the frame being received once its body starts to
-        arrive, if the budgets allow it (otherwise reading pauses in `update_reading` until
-        they do); release the reservation of a frame that has been received.
-
-        A header alone reserves nothing, and a body that stops coming loses its
-        reservation after `RESERVATION_IDLE` (`_lapse`): nine peers that each sent a
-        16 MiB header, or a header and a byte, held the daemon's whole budget, and every
-        other connection was read once a `frame_timeout`.
-        """
-        decoder = self._decoder
-        declared = decoder.partial_length if decoder.partial_received else 0
-        if declared == self._reserved:
-            return
-        if self._reserved:
-            self._reserve(0)
-        if declared and self._within_budget():
-            self._reserve(declared)
-            if self._lapse_timer is None:
-                self._lapse_timer = self._loop.call_later(RESERVATION_IDLE, self._lapse)
-
-    def _lapse(self) -> None:
-        """A reserved body that sent nothing for `RESERVATION_IDLE` gives its budget back;
-        its next bytes must be admitted again."""
-        self._lapse_timer = None
-        if not self._reserved or self._closed:
-            return
-        idle = self._loop.time() - self.last_active
-        if self._read_paused:
-            # Not read from by our choice: its silence is ours. Looked at again later.
-            self._lapse_timer = self._loop.call_later(RESERVATION_IDLE, self._lapse)
-            return
-        if idle < RESERVATION_IDLE:
-            self._lapse_timer = self._loop.call_later(RESERVATION_IDLE - idle, self._lapse)
-            return
-        self._log.info("peer %s sent nothing of its frame for %.1fs: its reservation is released",
-                       self.peer, RESERVATION_IDLE)  # fmt: skip
-        self._reserve(0)
-
-    def _reserve(self, size: int) -> None:
-        if size != self._reserved:
-            self._pending_bytes += size - self._reserved
-            self._host.hold(size - self._reserved)
-            self._reserved = size
-
-    def _watch_stall(self, frame_completed: bool) -> None:
-        if not self._decoder.has_partial or self._read_paused:
-            self._cancel_stall_timer()
-            return
-        if self._stall_timer is None or frame_completed:
-            self._cancel_stall_timer()
-            self._stall_timer = self._loop.call_later(self._limits.frame_timeout, self._stalled)
-
-    def _cancel_stall_timer(self) -> None:
-        if self._stall_timer is not None:
-            self._stall_timer.cancel()
-            self._stall_timer = None
-
-    def _stalled(self) -> None:
-        self._stall_timer = None
-        self._log.warning(
-            "peer %s stalled mid-frame for %.1fs; disconnecting",
-            self.peer,
-            self._limits.frame_timeout,
-        )
-        self.close()
+        """Pause or resume reading (`flow.ReadGate`); busy while frames wait for a slot of
+        `max_in_flight`."""
+        if not self._closed:
+            self._gate.update(bool(self._backlog) or self._in_flight >= self._limits.max_in_flight)
 
     def _abort_after_flush(self) -> None:
         self._flush()

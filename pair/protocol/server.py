@@ -25,9 +25,10 @@ import anyio
 from anyio.abc import TaskStatus
 
 from pair.protocol.calls import Calls
-from pair.protocol.connection import Connection, ServerLimits
+from pair.protocol.connection import Connection
 from pair.protocol.dispatch import Router
 from pair.protocol.errors import Forbidden, RpcError, TooManyConnections
+from pair.protocol.host import ServerLimits
 
 __all__ = ["Server", "ServerLimits"]
 

@@ -30,14 +30,15 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from pair.protocol.connection import (
+from pair.protocol.dispatch import Router
+from pair.protocol.framing import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_FRAME_BYTES
+from pair.protocol.host import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_PENDING_BYTES,
     DEFAULT_MAX_PENDING_BYTES_TOTAL,
+    ServerLimits,
 )
-from pair.protocol.dispatch import Router
-from pair.protocol.framing import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_FRAME_BYTES
-from pair.protocol.server import Server, ServerLimits
+from pair.protocol.server import Server
 from pair.runtime.errors import EX_CONFIG, StartupError
 from pair.runtime.journal import JOURNAL_SOCKET, JournalHandler
 from pair.runtime.listener import Listener, open_listener
