@@ -10,10 +10,11 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
-from pair.assistant.db import Database
+from pair.assistant.db import Database, high_water
 from pair.assistant.proxy import sweep_idempotency_keys
 from pair.assistant.routes import AssistantRoutes
 from pair.runtime import daemon
+from pair.runtime.backup import Snapshotter, clear_kept_aside
 from pair.runtime.daemon import DaemonConfig
 from pair.runtime.sqlite import now_ms
 from pair.runtime.upkeep import run_periodically
@@ -34,12 +35,16 @@ class AssistantApp:
             config.synchronous,
             config.limits.max_frame_bytes,
         )
-        self.routes = AssistantRoutes(self.db)
+        self.snapshots = Snapshotter(
+            "assistant", self.db.path, high_water, busy_timeout_ms=config.busy_timeout_ms
+        )
+        self.routes = AssistantRoutes(self.db, self.snapshots)
         self.router = self.routes.router
 
     async def open(self) -> None:
         await anyio.to_thread.run_sync(self.db.open)
         log.info("database %s open at schema version %d", self.db.path, self.db.schema_version)
+        await anyio.to_thread.run_sync(clear_kept_aside, self.db.path)
 
     async def run_background(self, task_group: TaskGroup) -> None:
         task_group.start_soon(

@@ -234,3 +234,9 @@ class Database:
     async def write(self, job: Callable[[GuardedConn], T], deadline: float = 0.0) -> T:
         assert self.writer is not None, "database is not open"
         return await self.writer.run(job, deadline)
+
+
+def high_water(db: apsw.Connection) -> dict[str, int]:
+    """What a snapshot of assistant.db holds, for a backup's manifest: its events."""
+    row: Any = db.execute("SELECT count(*), coalesce(max(rowid), 0) FROM events").fetchall()[0]
+    return {"events": int(row[0]), "lastEventRowid": int(row[1])}

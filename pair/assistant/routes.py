@@ -22,6 +22,7 @@ from pair.protocol.errors import InvalidParams
 from pair.protocol.health import DbInfo, Health, uptime_ms
 from pair.protocol.metrics import ProtocolMetrics
 from pair.protocol.values import WireBind, bind_from_wire
+from pair.runtime.backup import BackupStats, Snapshotter, method_of
 
 MAX_SQL_CHARS = 1024 * 1024
 MAX_STEPS = 1000
@@ -80,13 +81,15 @@ class EmitEventsParams(Struct, forbid_unknown_fields=True):
 
 class AssistantMetrics(ProtocolMetrics, kw_only=True):
     db_errors: dict[str, int]
+    backup: BackupStats
 
 
 class AssistantRoutes:
     """The handlers of assistant.sock over one open `Database`."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, snapshots: Snapshotter) -> None:
         self.db = db
+        self.snapshots = snapshots
         self.started = time.monotonic()
         self.pid = os.getpid()
         self.router = Router("assistantd", __version__)
@@ -96,11 +99,14 @@ class AssistantRoutes:
         self.router.add("emit_event", self.emit_event)
         self.router.add("emit_events", self.emit_events)
         self.router.add("metrics", self.metrics, inline=True)
+        self.router.add("backup", method_of(snapshots), thread=True, admin=True)
 
     def metrics(self, params: NoParams) -> AssistantMetrics:
         """Calls by method and outcome, their durations, connections and database errors
         (`pairctl metrics` prints them for Prometheus)."""
-        return self.router.protocol_metrics(AssistantMetrics, db_errors=self.db.failure_counts())
+        return self.router.protocol_metrics(
+            AssistantMetrics, db_errors=self.db.failure_counts(), backup=self.snapshots.stats
+        )
 
     def health(self, params: NoParams) -> Health:
         """Liveness and identity; never touches the database, so it answers during long queries.

@@ -18,13 +18,18 @@ from typing import Any
 
 import anyio
 
-from pair.ctl import explore, failures, render
+from pair.ctl import backup, explore, failures, render
 from pair.ctl.failures import EX_CANTCREAT, EX_HANDLER, EX_NOPERM, EX_UNAVAILABLE, forbidden
 from pair.ctl.metrics import exposition, write_textfile
 from pair.ctl.up import run_up
 from pair.protocol.client import BatchCall, Client
 from pair.protocol.errors import IpcHandlerError, IpcTransportError
-from pair.runtime.paths import client_runtime_dir, default_runtime_dir, default_state_dir
+from pair.runtime.paths import (
+    client_runtime_dir,
+    client_state_dir,
+    default_runtime_dir,
+    default_state_dir,
+)
 
 EX_OK = 0
 DAEMONS = ("assistant", "gateway")
@@ -81,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="a named parameter (:NAME); VALUE as JSON when it reads as JSON, else text",
     )  # fmt: skip
     sql.add_argument("--max-rows", type=int)
+
+    backup = commands.add_parser(
+        "backup",
+        parents=[common],
+        help="a verified bundle of both databases, taken while they serve, in DIR",
+    )
+    backup.add_argument("dir", type=Path, nargs="?", metavar="DIR")
+    backup.add_argument("--verify", type=Path, metavar="BUNDLE", help="check a bundle; exit 0/1")
+    backup.add_argument("--list", action="store_true", help="the bundles in DIR, whole or not")
+    restore = commands.add_parser(
+        "restore",
+        parents=[common],
+        help="put a bundle's databases in place (both daemons and sockets stopped)",
+    )
+    restore.add_argument("bundle", type=Path, metavar="BUNDLE")
 
     call = commands.add_parser("call", parents=[common], help="call any method")
     call.add_argument("daemon", choices=DAEMONS)
@@ -298,7 +318,24 @@ async def metrics(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def backups(args: argparse.Namespace) -> int:
+    as_json = bool(getattr(args, "json", False))
+    sockets = {daemon: socket_of(args, daemon) for daemon in ("gateway", "assistant")}
+    if args.command == "restore":
+        state = args.state_dir or client_state_dir()[0]
+        return backup.restore(args.bundle, state, sockets, as_json)
+    if args.verify is not None:
+        return backup.check(args.verify, as_json)
+    if args.dir is None:
+        raise UsageError("backup needs a DIR (or --verify BUNDLE)")
+    if args.list:
+        return backup.listing(args.dir, as_json)
+    return backup.take(args.dir, sockets, as_json)
+
+
 def dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("backup", "restore"):
+        return backups(args)
     if args.command == "up":
         runtime = args.runtime_dir or default_runtime_dir()
         state = args.state_dir or default_state_dir()

@@ -1,7 +1,8 @@
 """How pairctl reports a failed call: in its own words, with the daemon's errorCode kept.
 
 Exit codes: 1 the daemon answered an error; 69 (EX_UNAVAILABLE) it could not be
-reached; 73 (EX_CANTCREAT) an output file cannot be written; 77 (EX_NOPERM) this
+reached; 73 (EX_CANTCREAT) an output file cannot be written; 75 (EX_TEMPFAIL) a
+restore was refused while a daemon runs; 77 (EX_NOPERM) this
 user may not use the socket. With `--json` the
 error is also one JSON object on stdout: `code` (JSON-RPC's, null when there was
 no answer), `errorCode`, `message`, `data`.
@@ -22,6 +23,7 @@ EX_HANDLER = 1
 EX_USAGE = 2
 EX_UNAVAILABLE = 69
 EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
 EX_NOPERM = 77
 
 # The flag that sets each param of pairctl's commands.
@@ -91,6 +93,12 @@ def report(exc: IpcHandlerError | IpcTransportError, as_json: bool) -> int:
 def usage(message: str, as_json: bool) -> int:
     emit(_error(None, "USAGE", message, {}), [f"pairctl: {message}"], as_json)
     return EX_USAGE
+
+
+def failed(message: str, error_code: str, code: int, as_json: bool) -> int:
+    """A failure of pairctl's own (no daemon answered it): `error_code` names its kind."""
+    emit(_error(None, error_code, message, {}), [f"pairctl: {message}"], as_json)
+    return code
 
 
 def emit(error: dict[str, Any], lines: list[str], as_json: bool) -> None:

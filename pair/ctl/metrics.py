@@ -47,6 +47,20 @@ class PairCollector(Collector):
         db_errors = CounterMetricFamily(
             "pair_db_errors", "Database failures by errorCode", labels=["daemon", "code"]
         )
+        backups = CounterMetricFamily(
+            "pair_backups", "Snapshots taken by the backup method", labels=["daemon"]
+        )
+        backup_failures = CounterMetricFamily(
+            "pair_backup_failures", "Backup snapshots that failed", labels=["daemon"]
+        )
+        backup_at = GaugeMetricFamily(
+            "pair_backup_last_success_timestamp_seconds",
+            "When the last snapshot was taken (Unix time)",
+            labels=["daemon"],
+        )
+        backup_size = GaugeMetricFamily(
+            "pair_backup_last_size_bytes", "Size of the last snapshot's files", labels=["daemon"]
+        )
         for daemon, answer in self.answers.items():
             up.add_metric([daemon], 0 if answer is None else 1)
             if answer is None:
@@ -66,7 +80,14 @@ class PairCollector(Collector):
                 refused.add_metric([daemon, reason], count)
             for code, count in answer["dbErrors"].items():
                 db_errors.add_metric([daemon, code], count)
+            backup = answer.get("backup") or {}
+            backups.add_metric([daemon], backup.get("count", 0))
+            backup_failures.add_metric([daemon], backup.get("failures", 0))
+            if backup.get("lastAt") is not None:
+                backup_at.add_metric([daemon], backup["lastAt"] / 1000)
+                backup_size.add_metric([daemon], backup["lastBytes"])
         yield from (up, calls, durations, connections, refused, db_errors)
+        yield from (backups, backup_failures, backup_at, backup_size)
         gateway = self.answers.get("gateway")
         if gateway is not None:
             yield from _gateway_families(gateway)

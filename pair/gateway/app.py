@@ -12,7 +12,7 @@ from anyio.abc import TaskGroup
 
 from pair.gateway import invites
 from pair.gateway.codes import CodeHasher, load_or_create_key
-from pair.gateway.db import Database
+from pair.gateway.db import Database, high_water
 from pair.gateway.delivery import Delivery
 from pair.gateway.invites import GuessLimits
 from pair.gateway.link import AssistantLink
@@ -20,6 +20,7 @@ from pair.gateway.one_time_migrations import MigrationRunner
 from pair.gateway.outbox import backlog_bounds, dead_count
 from pair.gateway.routes import GatewayRoutes
 from pair.runtime import daemon
+from pair.runtime.backup import Snapshotter, clear_kept_aside
 from pair.runtime.daemon import DaemonConfig
 from pair.runtime.upkeep import run_periodically
 
@@ -48,8 +49,23 @@ class GatewayApp:
         self.link = AssistantLink(assistant_socket)
         self.delivery = Delivery(self.db, self.link)
         self.migrations = MigrationRunner(self.db, self.link)
+        # The key goes with the database: without it no invite code of the snapshot
+        # can be redeemed.
+        self.snapshots = Snapshotter(
+            "gateway",
+            self.db.path,
+            high_water,
+            extra=[self.key_path],
+            busy_timeout_ms=config.busy_timeout_ms,
+        )
         self.routes = GatewayRoutes(
-            self.db, self._code_hasher, self.limits, self.link, self.delivery, self.migrations
+            self.db,
+            self._code_hasher,
+            self.limits,
+            self.link,
+            self.delivery,
+            self.migrations,
+            self.snapshots,
         )
         self.router = self.routes.router
 
@@ -68,6 +84,7 @@ class GatewayApp:
         self.delivery.backlog.oldest_at = oldest_at
         self.delivery.dead = await self.db.run(dead_count)
         log.info("database %s open at schema version %d", self.db.path, self.db.schema_version)
+        await anyio.to_thread.run_sync(clear_kept_aside, self.db.path)
 
     async def run_background(self, task_group: TaskGroup) -> None:
         task_group.start_soon(self._link_then_migrate)

@@ -215,3 +215,21 @@ class CommitThenRaise(Exception):
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def high_water(db: apsw.Connection) -> dict[str, int]:
+    """What a snapshot of gateway.db holds, for a backup's manifest: the outbox's last
+    sequence number (events up to it not still in the outbox were delivered), its
+    backlog, and the counts an operator checks a restore by."""
+
+    def one(sql: str) -> int:
+        rows = db.execute(sql).fetchall()
+        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
+
+    return {
+        "outboxSeq": one("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"),
+        "outboxPending": one("SELECT count(*) FROM outbox"),
+        "outboxDead": one("SELECT count(*) FROM outbox_dead"),
+        "contacts": one("SELECT count(*) FROM contacts"),
+        "invites": one("SELECT count(*) FROM ingress_invites"),
+    }

@@ -33,6 +33,7 @@ from pair.protocol.dispatch import NoParams, Router
 from pair.protocol.errors import InvalidParams
 from pair.protocol.health import DbInfo, Health, uptime_ms
 from pair.protocol.metrics import ProtocolMetrics
+from pair.runtime.backup import BackupStats, Snapshotter, method_of
 from pair.runtime.sqlite import Conn, Job
 
 T = TypeVar("T")
@@ -160,6 +161,7 @@ class GatewayMetrics(ProtocolMetrics, kw_only=True):
     db_errors: dict[str, int]
     invite_redemptions: dict[str, int]
     outbox: OutboxMetrics
+    backup: BackupStats
 
 
 class HealthResult(Health, kw_only=True):
@@ -179,8 +181,10 @@ class GatewayRoutes:
         link: AssistantLink,
         delivery: Delivery,
         migrations: MigrationRunner,
+        snapshots: Snapshotter,
     ) -> None:
         self.db = db
+        self.snapshots = snapshots
         self._hasher = hasher
         self.limits = limits
         self.link = link
@@ -201,6 +205,7 @@ class GatewayRoutes:
         add("invites_list", self.invites_list)
         add("channel_inbound", self.channel_inbound, observe=self._count_inbound_redemption)
         add("metrics", self.metrics, inline=True)
+        add("backup", method_of(snapshots), thread=True, admin=True)
         # By outcome: the result's "redeemed" / "already_member", else the errorCode.
         self.redemptions: Counter[str] = Counter()
 
@@ -219,6 +224,7 @@ class GatewayRoutes:
                 None if oldest_ms is None else oldest_ms / 1000,
                 delivery.delivered_total,
             ),
+            backup=self.snapshots.stats,
         )
 
     def _count_redemption(self, result: Any, error_code: str | None) -> None:

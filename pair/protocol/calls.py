@@ -36,6 +36,7 @@ from msgspec import UNSET, Raw
 from pair.protocol.deferred import Deferred, outcome_of
 from pair.protocol.dispatch import Kind, Method, Router
 from pair.protocol.errors import (
+    AdminOnly,
     InternalError,
     MethodNotFound,
     ResultTooLarge,
@@ -66,6 +67,9 @@ def loggable(text: object, limit: int = LOGGED_CHARS) -> str:
 
 class Answers(Protocol):
     """Where a call's answer goes: the connection it came on."""
+
+    # Whether the peer may call `admin` methods (its uid is the daemon's own or root).
+    admin: bool
 
     def answer(self, request: Request, response: Response | None) -> None:
         """The answer of a call that finished without being pending (inline, refused)."""
@@ -100,7 +104,7 @@ class Calls:
         method = self.router.get(request.method)
         counts = self.router.unknown_counts if method is None else method.counts
         try:
-            params = self.resolve(request, method)
+            params = self.resolve(request, method, to.admin)
         except RpcError as exc:
             self._answer_now(request, self.error_of(request, exc), to, started, counts)
             return False
@@ -121,13 +125,18 @@ class Calls:
         self.spawn(self._run(request, method, params, to, started))
         return True
 
-    def resolve(self, request: Request, method: Method | None) -> Any:
+    def resolve(self, request: Request, method: Method | None, admin: bool) -> Any:
         """The call's params, or the RpcError that answers it (shutting down, no such
-        method, params invalid)."""
+        method, not for this peer, params invalid)."""
         if self.draining:
             raise ShuttingDown("the daemon is shutting down; retry shortly")
         if method is None:
             raise MethodNotFound(f"method not found: {request.method}")
+        if method.admin and not admin:
+            raise AdminOnly(
+                f"{request.method} is only for the daemon's own uid and root"
+                " (run pairctl as that user or with sudo)"
+            )
         return method.decode_params(request.params)
 
     def _inline(self, request: Request, method: Method, params: Any) -> Response | None:
@@ -220,7 +229,7 @@ class Calls:
         loop = asyncio.get_running_loop()
         try:
             for index, raw in enumerate(members):
-                answer = self._member_answer(raw)
+                answer = self._member_answer(raw, to.admin)
                 if not asyncio.iscoroutine(answer):
                     answers.keep(index, answer)
                     continue
@@ -243,7 +252,9 @@ class Calls:
             # with the answers it has.
             to.finish_batch(answers.kept(), size)
 
-    def _member_answer(self, raw: Raw) -> Response | Coroutine[Any, Any, Response | None] | None:
+    def _member_answer(
+        self, raw: Raw, admin: bool
+    ) -> Response | Coroutine[Any, Any, Response | None] | None:
         """One member: its answer now, None (a notification), or a coroutine for it."""
         try:
             request = decode_request(raw)
@@ -253,7 +264,7 @@ class Calls:
         method = self.router.get(request.method)
         counts = self.router.unknown_counts if method is None else method.counts
         try:
-            params = self.resolve(request, method)
+            params = self.resolve(request, method, admin)
         except RpcError as exc:
             refused = self.error_of(request, exc)
             self.record(request, refused, started, counts)

@@ -79,6 +79,7 @@ class Connection(asyncio.Protocol):
         self.last_active = self._loop.time()
         self._bug_logged = False
         self.heard = False
+        self.admin = False
         self._gate = ReadGate(self, host, host.limits, self._decoder, host.log)
 
     # -- asyncio.Protocol callbacks ---------------------------------------

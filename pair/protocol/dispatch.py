@@ -67,6 +67,8 @@ class Method:
     summary: str
     decoder: msgspec.json.Decoder[Any]
     counts: MethodCounts = field(default_factory=MethodCounts)
+    # Only for a peer of the daemon's own uid or root (`Connection.admin`).
+    admin: bool = False
 
     def decode_params(self, raw: Raw) -> Any:
         """Stage two: the raw params into this method's Struct, or `InvalidParams`."""
@@ -141,6 +143,7 @@ class Router:
         *,
         inline: bool = False,
         thread: bool = False,
+        admin: bool = False,
         observe: Callable[[Any, str | None], None] | None = None,
     ) -> None:
         """Register `handler` under `name`; its annotations give the params and result types.
@@ -150,6 +153,8 @@ class Router:
         function must say how it runs: `inline=True` (it never blocks) or
         `thread=True` (it does), so none takes a thread hop by accident.
         `observe(result, error_code)` sees each answer (`protocol.metrics`).
+        An `admin` method answers FORBIDDEN to any peer but the daemon's own uid and
+        root, whatever `--allow-uid` and `--allow-group` let connect.
         """
         if name in self._methods:
             raise ValueError(f"method {name!r} is registered twice")
@@ -178,6 +183,7 @@ class Router:
             kind=_kind_of(name, is_async=is_async, deferred=deferred, inline=inline, thread=thread),
             summary=inspect.getdoc(handler) or "",
             decoder=msgspec.json.Decoder(params_type),
+            admin=admin,
         )
         self._methods[name].counts.observe = observe
 
@@ -233,6 +239,7 @@ def openrpc_document(router: Router) -> dict[str, Any]:
                 "paramStructure": "either",
                 "params": _params_of(schemas[index], components),
                 "result": {"name": "result", "schema": result},
+                **({"x-admin": True} if method.admin else {}),
             }
         )
     return {

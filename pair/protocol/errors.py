@@ -122,6 +122,14 @@ class Forbidden(RpcError):
     default_error_code = "FORBIDDEN"
 
 
+class AdminOnly(RpcError):
+    """The method is only for the daemon's own uid and root; the connection stays open."""
+
+    code = -32001
+    default_status = 403
+    default_error_code = "FORBIDDEN"
+
+
 class AnswersUnread(RpcError):
     """The connection's answers waiting to be read passed its budget: this call, not yet
     answered, was withdrawn (not run, or its work rolled back). Read, then send it again."""

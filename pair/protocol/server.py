@@ -16,6 +16,7 @@ from __future__ import annotations
 import array
 import asyncio
 import logging
+import os
 import socket
 import struct
 import time
@@ -69,6 +70,9 @@ class Server:
         self.limits = limits or ServerLimits()
         self.allowed_uids = allowed_uids
         self.allowed_gids = allowed_gids
+        # Who may call the `admin` methods: the daemon's own uid and root, never a uid or
+        # group the flags let connect.
+        self.admin_uids = frozenset({os.getuid(), 0})
         self.log = logger or logging.getLogger("protocol.server")
         self.calls = Calls(router, self.log)
         self.in_flight = 0
@@ -241,6 +245,7 @@ class Server:
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
         )
         connection.peer = f"pid={pid} uid={uid}"
+        connection.admin = uid in self.admin_uids
         counts = self.router.server_counts
         counts.open = len(self.connections)
         if not self._allowed(sock, uid, gid):

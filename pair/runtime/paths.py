@@ -43,3 +43,18 @@ def default_state_dir() -> Path:
         if value:
             return Path(value.split(":")[0])
     return Path(".pair/state")
+
+
+# Where deploy/systemd's units keep the databases (StateDirectory=pair).
+INSTALLED_STATE_DIR = Path("/var/lib/pair")
+
+
+def client_state_dir() -> tuple[Path, str]:
+    """Where a client such as `pairctl restore` finds the databases, and what chose it:
+    `$PAIR_STATE_DIR`, then the installed units' directory, then the development default."""
+    value = os.environ.get("PAIR_STATE_DIR")
+    if value:
+        return Path(value), "from $PAIR_STATE_DIR"
+    if INSTALLED_STATE_DIR.is_dir():
+        return INSTALLED_STATE_DIR, "the installed units' directory"
+    return default_state_dir(), "the development default"

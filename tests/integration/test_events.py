@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from pair.protocol.client import Client
 from pair.protocol.errors import IpcHandlerError
 from pair.testing import Pair
 from pair.testing.daemons import DaemonProcess
+from tests.support.disk import disk_full, needs_root, small_disk
 from tests.support.sqlite import count
 from tests.support.waiting import eventually, gateway_health_reaches, outbox_drained
 
@@ -200,42 +199,6 @@ async def test_an_assistant_killed_in_the_middle_of_a_batch_stores_all_of_it_onc
 
 
 # -- full disks ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def small_disk(path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs at `path`: a disk the test can fill up and free again."""
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-@contextlib.contextmanager
-def disk_full(disk: Path, database: Path) -> Iterator[None]:
-    """Fill `disk` to the last byte, with `database`'s WAL emptied first so no write fits."""
-    db = apsw.Connection(str(database))
-    db.set_busy_timeout(5000)
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    db.close()
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (65536, 512, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, bytes(size))
-    finally:
-        os.close(fd)
-    try:
-        yield
-    finally:
-        filler.unlink()
-
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
 
 @needs_root

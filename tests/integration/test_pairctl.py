@@ -16,37 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pair.protocol.errors import IpcHandlerError
 from pair.testing import Pair
+from tests.support.ctl import json_of, pairctl
 from tests.support.raw import RawConnection
-
-
-def pairctl(pair_or_root: Pair | Path, *args: str) -> subprocess.CompletedProcess[str]:
-    if isinstance(pair_or_root, Pair):
-        runtime, state = pair_or_root.runtime, pair_or_root.state
-    else:
-        runtime, state = pair_or_root / "run", pair_or_root / "state"
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pair.ctl",
-            "--runtime-dir",
-            str(runtime),
-            "--state-dir",
-            str(state),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
-def json_of(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
-    assert result.returncode == 0, result.stderr
-    value = json.loads(result.stdout)
-    assert isinstance(value, dict)
-    return value
 
 
 def test_a_contact_an_invite_and_its_redemption_from_the_shell(pair: Pair) -> None:

@@ -10,12 +10,11 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from pair.testing.daemons import DaemonProcess
-from tests.support.raw import RawConnection
+from tests.support.raw import RawConnection, as_nobody
 
 
 def request(method: str, params: object = None, request_id: object = 1) -> dict[str, object]:
@@ -222,37 +221,7 @@ def test_random_and_mutated_frames_never_stop_the_server(demo_socket: str) -> No
         assert conn.call(request("echo", {"text": "alive"}))["result"]["text"] == "alive"
 
 
-NOBODY = 65534
 ALLOWED_GID = 4242
-
-
-def as_nobody(path: str, groups: list[int], message: object) -> tuple[Any, bool]:
-    """Connect as uid `NOBODY` with supplementary `groups` and send `message`, or when it
-    is None, nothing: the first answer, and then whether the daemon closed the connection."""
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        try:
-            os.close(read_end)
-            os.setgroups(groups)
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            with RawConnection(path) as conn:
-                if message is not None:
-                    conn.send_json(message)
-                answer = conn.recv_json()
-                closed = message is None and conn.is_closed_by_peer()
-            os.write(write_end, json.dumps([answer, closed]).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    try:
-        _, status = os.waitpid(child, 0)
-        answer, closed = json.loads(os.read(read_end, 65536))
-    finally:
-        os.close(read_end)
-    assert os.waitstatus_to_exitcode(status) == 0
-    return answer, closed
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 from typing import Any
@@ -62,3 +63,35 @@ class RawConnection:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+NOBODY = 65534
+
+
+def as_nobody(path: str, groups: list[int], message: object) -> tuple[Any, bool]:
+    """Connect as uid `NOBODY` with supplementary `groups` and send `message`, or when it
+    is None, nothing: the first answer, and then whether the daemon closed the connection."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(read_end)
+            os.setgroups(groups)
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            with RawConnection(path) as conn:
+                if message is not None:
+                    conn.send_json(message)
+                answer = conn.recv_json()
+                closed = message is None and conn.is_closed_by_peer()
+            os.write(write_end, json.dumps([answer, closed]).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        _, status = os.waitpid(child, 0)
+        answer, closed = json.loads(os.read(read_end, 65536))
+    finally:
+        os.close(read_end)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return answer, closed

@@ -308,3 +308,45 @@ def test_systemd_analyze_security_rates_each_service_at_most_1(
     match = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", out)
     assert match, out
     assert float(match[1]) <= 1.0, out
+
+
+def test_backup_and_restore_with_the_units_as_installed(machine: Machine) -> None:
+    """Root takes a bundle while the pair serves (each daemon, as user pair under
+    ProtectSystem=strict, writes its snapshot in its StateDirectory); a member of group
+    pair may not; the restore is refused until the sockets are stopped too, puts files
+    owned by pair in place, and the daemons started by their sockets serve the bundle."""
+    pairctl_json(machine, "contact", "create", "in the bundle")
+    if machine.run("id", "pairop", check=False).returncode != 0:
+        machine.run("useradd", "--no-create-home", "-G", "pair", "pairop")
+    machine.run("install", "-d", "-o", "pairop", "/var/backups/pairop")
+    denied = machine.pairctl("backup", "/var/backups/pairop", user="pairop")
+    assert denied.returncode == 77, denied.stderr
+    assert "only for the daemon's own uid and root" in denied.stderr
+    assert not list(machine.path("/var/backups/pairop").iterdir())
+    machine.run("mkdir", "-p", "/var/backups/pair")
+    taken = pairctl_json(machine, "backup", "/var/backups/pair")
+    assert taken["verified"] is True
+    bundle = taken["bundle"]
+    assert not list(machine.path("/var/lib/pair/backup").iterdir())
+    pairctl_json(machine, "contact", "create", "after the cut")
+
+    refused = machine.pairctl("restore", bundle)
+    assert refused.returncode == 75, refused.stderr
+    units = [f"pair-{daemon}.{kind}" for daemon in DAEMONS for kind in ("socket", "service")]
+    machine.run("systemctl", "stop", *units)
+    try:
+        restored = machine.pairctl("restore", bundle)
+        assert restored.returncode == 0, restored.stderr
+        owner = machine.run("stat", "-c", "%U %a", "/var/lib/pair/gateway.db").stdout.split()
+        assert owner == ["pair", "600"]
+    finally:
+        machine.run("systemctl", "start", "pair-assistant.socket", "pair-gateway.socket")
+    names = [c["displayName"] for c in pairctl_json(machine, "contact", "list")["contacts"]]
+    assert "in the bundle" in names
+    assert "after the cut" not in names
+    assert pairctl_json(machine, "status")["assistant"]["status"] == "ok"
+    until(
+        lambda: not machine.path("/var/lib/pair/gateway.db.pre-restore").exists(),
+        "the gateway removes what the restore kept aside",
+    )
+    assert not machine.path("/var/lib/pair/assistant.db.pre-restore").exists()

@@ -29,6 +29,7 @@ def test_the_ops_cli_loads_the_default_paths_and_no_database_code() -> None:
     assert loaded_after("pair.ctl.cli") == [
         "pair.runtime",
         "pair.runtime.errors",
+        "pair.runtime.failpoints",
         "pair.runtime.paths",
     ]
 

@@ -1,0 +1,265 @@
+"""A daemon's online snapshot of its database: the `backup` method's work.
+
+The snapshot is `VACUUM INTO` from a connection of its own, opened read-only
+for the one call: one read transaction, so the copy is one committed state
+of the database, and in WAL mode it blocks no writer and no reader (the
+daemon's callers never wait on it; the GIL is released inside the one
+SQLite step). It is written to a temporary name beside its final one in
+`<state>/backup/`, fsynced, renamed, and the directory fsynced: a file of
+that directory without the temporary suffix is whole. The daemon writes
+there because its unit lets it write nowhere else (ProtectSystem=strict);
+`pairctl backup` copies the files into its bundle and removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import apsw
+from msgspec import Struct
+
+from pair.protocol import __version__
+from pair.protocol.dispatch import NoParams
+from pair.protocol.errors import RouteError
+from pair.runtime.failpoints import failpoint
+
+log = logging.getLogger("runtime.backup")
+
+SNAPSHOT_DIR = "backup"
+TEMPORARY = ".partial"
+# Snapshots a `pairctl backup` did not collect (it was killed) are removed by the next
+# backup once this old.
+UNCOLLECTED_AFTER = 3600.0
+# What a restore keeps aside until the daemon has opened the restored files.
+KEPT_ASIDE = ".pre-restore"
+
+Marks = Callable[[apsw.Connection], dict[str, int]]
+
+
+class SnapshotFile(Struct, rename="camel", kw_only=True):
+    """One file of a daemon's snapshot, to be copied by its path."""
+
+    name: str
+    path: str
+    bytes: int
+    sha256: str
+
+
+class BackupResult(Struct, rename="camel", kw_only=True):
+    """What the `backup` method answers."""
+
+    daemon: str
+    version: str
+    sqlite_version: str
+    schema_version: int
+    taken_at: int
+    high_water: dict[str, int]
+    files: list[SnapshotFile]
+
+
+class BackupStats(Struct, rename="camel", kw_only=True):
+    """The daemon's backups so far (the `metrics` method)."""
+
+    count: int = 0
+    failures: int = 0
+    last_at: int | None = None
+    last_bytes: int | None = None
+
+
+class BackupBusy(RouteError):
+    def __init__(self, daemon: str) -> None:
+        super().__init__(
+            f"{daemon}: a backup is already being taken; retry when it ends",
+            409,
+            "BACKUP_IN_PROGRESS",
+            retryable=True,
+        )
+
+
+class BackupFailed(RouteError):
+    def __init__(self, message: str, *, no_space: bool) -> None:
+        super().__init__(
+            message,
+            507 if no_space else 500,
+            "BACKUP_NO_SPACE" if no_space else "BACKUP_FAILED",
+            retryable=no_space,
+        )
+
+
+class Snapshotter:
+    """Takes one daemon's snapshots, one at a time, and counts them."""
+
+    def __init__(
+        self,
+        daemon: str,
+        db_path: str,
+        marks: Marks,
+        *,
+        extra: Sequence[str] = (),
+        busy_timeout_ms: int = 5000,
+    ) -> None:
+        self.daemon = daemon
+        self.db_path = db_path
+        self.marks = marks
+        self.extra = tuple(extra)
+        self.busy_timeout_ms = busy_timeout_ms
+        self.into = Path(db_path).parent / SNAPSHOT_DIR
+        self.stats = BackupStats()
+        self._lock = threading.Lock()
+
+    def take(self) -> BackupResult:
+        """Snapshot the database and the `extra` files (blocking; call off the loop)."""
+        if not self._lock.acquire(blocking=False):
+            raise BackupBusy(self.daemon)
+        try:
+            started = time.monotonic()
+            try:
+                result = self._take()
+            except OSError as exc:
+                self.stats.failures += 1
+                raise _failure(self.daemon, self.into, exc) from exc
+            except apsw.Error as exc:
+                self.stats.failures += 1
+                raise _failure(self.daemon, self.into, exc) from exc
+            size = sum(file.bytes for file in result.files)
+            self.stats.count += 1
+            self.stats.last_at = result.taken_at
+            self.stats.last_bytes = size
+            log.info(
+                "backup: %s snapshot of %d bytes in %s (%.2fs)",
+                self.daemon, size, self.into, time.monotonic() - started,
+            )  # fmt: skip
+            return result
+        finally:
+            self._lock.release()
+
+    def _take(self) -> BackupResult:
+        self.into.mkdir(mode=0o700, exist_ok=True)
+        self._remove_leftovers()
+        stamp = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}"
+        name = Path(self.db_path).name
+        final = self.into / f"{stamp}.{name}"
+        partial = final.with_name(final.name + TEMPORARY)
+        taken_at = int(time.time() * 1000)
+        source = apsw.Connection(self.db_path, flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            source.set_busy_timeout(self.busy_timeout_ms)
+            source.execute("VACUUM INTO ?", (str(partial),))
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        finally:
+            source.close()
+        failpoint("backup.snapshot_written")
+        try:
+            copy = apsw.Connection(str(partial), flags=apsw.SQLITE_OPEN_READONLY)
+            try:
+                schema_version = schema_version_of(copy)
+                high_water = self.marks(copy)
+            finally:
+                copy.close()
+            files = [_seal(partial, final, name)]
+            for path in self.extra:
+                extra = self.into / f"{stamp}.{Path(path).name}"
+                extra_partial = extra.with_name(extra.name + TEMPORARY)
+                shutil.copyfile(path, extra_partial)
+                files.append(_seal(extra_partial, extra, Path(path).name))
+        except BaseException:
+            for leftover in self.into.glob(f"{stamp}.*"):
+                leftover.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.into)
+        return BackupResult(
+            daemon=self.daemon,
+            version=__version__,
+            sqlite_version=apsw.sqlite_lib_version(),
+            schema_version=schema_version,
+            taken_at=taken_at,
+            high_water=high_water,
+            files=files,
+        )
+
+    def _remove_leftovers(self) -> None:
+        """Files of a snapshot cut short (the daemon was killed), and snapshots nobody
+        collected within `UNCOLLECTED_AFTER`."""
+        now = time.time()
+        for path in self.into.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if path.name.endswith(TEMPORARY) or now - path.stat().st_mtime > UNCOLLECTED_AFTER:
+                    path.unlink()
+
+
+def _seal(partial: Path, final: Path, name: str) -> SnapshotFile:
+    """fsync `partial`, hash it, and give it its final name."""
+    digest = hashlib.sha256()
+    with open(partial, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+        os.fsync(file.fileno())
+        size = file.tell()
+    os.replace(partial, final)
+    return SnapshotFile(name=name, path=str(final), bytes=size, sha256=digest.hexdigest())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _failure(daemon: str, into: Path, exc: BaseException) -> BackupFailed:
+    no_space = isinstance(exc, apsw.FullError) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    )
+    if no_space:
+        message = f"{daemon}: no space left for the snapshot in {into}; nothing was kept"
+    else:
+        message = f"{daemon}: the snapshot in {into} failed ({exc}); nothing was kept"
+    log.error("backup: %s", message)
+    return BackupFailed(message, no_space=no_space)
+
+
+def clear_kept_aside(db_path: str) -> None:
+    """Once the daemon has opened a restored database: the files the restore kept aside
+    (`pairctl restore`) are no longer needed."""
+    aside = Path(db_path).with_name(Path(db_path).name + KEPT_ASIDE)
+    if not aside.is_dir():
+        return
+    try:
+        shutil.rmtree(aside)
+    except OSError as exc:
+        log.warning("restore: cannot remove %s, kept aside by a restore: %s", aside, exc)
+        return
+    log.info("restore: the daemon opened the restored database; removed %s", aside)
+
+
+def method_of(snapshots: Snapshotter) -> Callable[[NoParams], BackupResult]:
+    """The `backup` method's handler (admin only; runs in a thread)."""
+
+    def backup(params: NoParams) -> BackupResult:
+        """Snapshot this daemon's database (and its key, for the gateway) into its state
+        directory's backup/ and name the files: one committed state, taken through a
+        connection of its own, so no caller waits on it. For `pairctl backup`, which
+        copies the files into its bundle and removes them. Only for the daemon's own uid
+        and root."""
+        return snapshots.take()
+
+    return backup
+
+
+def schema_version_of(db: apsw.Connection) -> int:
+    value: Any = db.execute("PRAGMA user_version").fetchall()[0][0]
+    return int(value)
