@@ -31,7 +31,7 @@ from typing import Any
 
 import uvloop
 
-from bench.fairness import Fairness, run_fairness
+from bench.fairness import Fairness, backups, run_fairness
 from bench.floor import FloorClient
 from bench.sustained import QUEUED, Sustained, delivery_alone, queue_events, run_sustained
 from pair.protocol.client import BatchCall, Client
@@ -67,6 +67,7 @@ class Report:
     rss_kib: dict[str, dict[str, int]] = field(default_factory=dict)
     sustained: Sustained | None = None
     fairness: Fairness | None = None
+    backup: Fairness | None = None
 
 
 class Daemon:
@@ -279,6 +280,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
             report.cases.append(result)
     print("fairness: point queries and health beside a 2 s query ...", flush=True)
     report.fairness = await run_fairness(str(workdir / "assistant.sock"), point_query)
+    print("fairness: point queries and health beside backups ...", flush=True)
+    report.backup = await run_fairness(str(workdir / "assistant.sock"), point_query, backups)
     async with Client(str(workdir / "normal" / "assistant.sock")) as client:
         await prepare_assistant(client)
         steps = [{"sql": "INSERT INTO log (v) VALUES (?)", "bind": [f"s{i}"]} for i in range(5)]
@@ -444,8 +447,9 @@ def print_table(report: Report) -> None:
             f"{name}: RSS {rss.get('VmRSS', 0) / 1024:.1f} MiB,"
             f" peak {rss.get('VmHWM', 0) / 1024:.1f} MiB"
         )
-    if report.fairness is not None:
-        print("\n" + "\n".join(report.fairness.lines()))
+    for fairness in (report.fairness, report.backup):
+        if fairness is not None:
+            print("\n" + "\n".join(fairness.lines()))
     if report.sustained is not None:
         print("\n" + "\n".join(report.sustained.lines()))
 

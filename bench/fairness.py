@@ -1,12 +1,12 @@
-"""Fairness (issue 14): does one slow query hold back anybody else?
+"""Fairness (issue 14): does one slow query, or a backup, hold back anybody else?
 
 Three connections to one assistant. While the first runs a query that takes
-`SLOW_SECONDS` (a recursive CTE stopped by its own `timeoutMs`), a separate
-process calls `health` on the second, one call a millisecond (its latencies,
-free of this process's own scheduling), and this process keeps `IN_FLIGHT` point
-queries in flight on the third. The same point-query load and probe run
-just before, with nothing slow: the point queries' rate during the slow query
-is given as a ratio to that.
+`SLOW_SECONDS` (a recursive CTE stopped by its own `timeoutMs`), or takes
+backups back to back (issue 23), a separate process calls `health` on the
+second, one call a millisecond (its latencies, free of this process's own
+scheduling), and this process keeps `IN_FLIGHT` point queries in flight on the
+third. The same point-query load and probe run just before, with nothing
+beside them: the point queries' rate is given as a ratio to that.
 
 `python -m bench.fairness --probe SOCKET SECONDS` is the health prober.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,7 @@ SLOW_SQL = "WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s) SELE
 
 @dataclass
 class Fairness:
+    beside: str
     slow_seconds: float
     health_p50_ms_alone: float
     health_p99_ms_alone: float
@@ -50,11 +52,11 @@ class Fairness:
 
     def lines(self) -> list[str]:
         return [
-            f"fairness: one connection runs a {self.slow_seconds:.0f} s query"
-            f" ({self.slow_answer}); meanwhile:",
+            f"fairness: one connection {self.beside} ({self.slow_answer}); meanwhile:",
             f"  health p99 on a 2nd connection   {self.health_p99_ms:6.2f} ms"
             f"  (p50 {self.health_p50_ms:.2f}, max {self.health_max_ms:.2f};"
-            f" {self.health_p99_ms_alone:.2f} ms p99 without the slow query)",
+            f" {self.health_p99_ms_alone:.2f} ms p99 and p50"
+            f" {self.health_p50_ms_alone:.2f} without it)",
             f"  point queries/s on a 3rd         {self.point_per_s:9,.0f}"
             f"  ({self.point_per_s / self.point_per_s_alone:.2f}x the"
             f" {self.point_per_s_alone:,.0f}/s without it)",
@@ -62,18 +64,23 @@ class Fairness:
 
 
 async def run_fairness(
-    socket_path: str, point_query: Callable[[Client], Awaitable[Any]]
+    socket_path: str,
+    point_query: Callable[[Client], Awaitable[Any]],
+    beside: Callable[[Client], Awaitable[str]] | None = None,
 ) -> Fairness:
-    """The load and the probe alone, then beside the slow query."""
+    """The load and the probe alone, then beside the slow query (or `beside`, which runs
+    `SLOW_SECONDS` and says what it did)."""
     window = SLOW_SECONDS - 2 * MARGIN
     async with Client(socket_path) as load:
         alone_rate, alone_probe = await _load_beside_probe(load, point_query, socket_path, window)
-        async with Client(socket_path) as slow_client:
-            slow = asyncio.ensure_future(_slow_query(slow_client))
+        async with Client(socket_path, timeout=60) as slow_client:
+            slow = asyncio.ensure_future((beside or _slow_query)(slow_client))
             await asyncio.sleep(MARGIN)
             rate, probe = await _load_beside_probe(load, point_query, socket_path, window)
             slow_answer = await slow
+    what = f"runs a {SLOW_SECONDS:.0f} s query" if beside is None else "takes backups back to back"
     return Fairness(
+        beside=what,
         slow_seconds=SLOW_SECONDS,
         health_p50_ms_alone=_percentile(alone_probe, 0.5),
         health_p99_ms_alone=_percentile(alone_probe, 0.99),
@@ -84,6 +91,19 @@ async def run_fairness(
         point_per_s=rate,
         slow_answer=slow_answer,
     )
+
+
+async def backups(client: Client) -> str:
+    """`backup` back to back for `SLOW_SECONDS`, each snapshot removed once taken."""
+    taken, size, started = 0, 0, time.perf_counter()
+    while time.perf_counter() - started < SLOW_SECONDS:
+        answer = await client.call("backup")
+        for file in answer["files"]:
+            size = file["bytes"]
+            os.unlink(file["path"])
+        taken += 1
+    each = (time.perf_counter() - started) / taken * 1000
+    return f"{taken} snapshots of {size / 1e6:.1f} MB, {each:.0f} ms each"
 
 
 async def _slow_query(client: Client) -> str:

@@ -194,7 +194,12 @@ class Snapshotter:
         """Files of a snapshot cut short (the daemon was killed), and snapshots nobody
         collected within `UNCOLLECTED_AFTER`."""
         now = time.time()
+        # Only this daemon's: both daemons' units share one state directory.
+        own = {Path(self.db_path).name, *(Path(path).name for path in self.extra)}
         for path in self.into.iterdir():
+            name = path.name.removesuffix(TEMPORARY)
+            if name.partition(".")[2] not in own:
+                continue
             with contextlib.suppress(FileNotFoundError):
                 if path.name.endswith(TEMPORARY) or now - path.stat().st_mtime > UNCOLLECTED_AFTER:
                     path.unlink()
