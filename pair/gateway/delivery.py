@@ -165,9 +165,12 @@ class Delivery:
         are delivered (and removed) on the way.
         """
         try:
-            await self._link.call_assistant(
-                "emit_events", {"events": [_wire(e) for e in events]}, timeout=DELIVERY_TIMEOUT
-            )
+            if await self._link.can("emit_events"):
+                await self._link.call_assistant(
+                    "emit_events", {"events": [_wire(e) for e in events]}, timeout=DELIVERY_TIMEOUT
+                )
+            else:
+                return await self._one_at_a_time(events)
         except IpcError as exc:
             self.last_error = str(exc)
             if not _outright(exc):
@@ -178,6 +181,22 @@ class Delivery:
             return await self._refused(events[0], exc)
         failpoint("after_emit_events")
         await self._delivered(events)
+        return True
+
+    async def _one_at_a_time(self, events: list[PendingEvent]) -> bool:
+        """For an assistant without `emit_events`: `emit_event` for each, in order, each
+        marked delivered as it is stored; one refused outright is set aside alone."""
+        for event in events:
+            try:
+                await self._link.call_assistant(
+                    "emit_event", _wire(event), timeout=DELIVERY_TIMEOUT
+                )
+            except IpcError as exc:
+                self.last_error = str(exc)
+                if not _outright(exc) or not await self._refused(event, exc):
+                    return False
+                continue
+            await self._delivered([event])
         return True
 
     async def _delivered(self, events: list[PendingEvent]) -> None:

@@ -3,8 +3,10 @@
 `call_assistant` returns a result or raises `IpcHandlerError` (the assistant
 answered an error: a SQL failure is that, never "not ready") or
 `IpcTransportError` (no answer). There is no lenient variant. The link's
-state (connected / down / unknown, since when, last error) is what `health`
-reports, updated by every call without extra traffic.
+state (connected / down / incompatible / unknown, since when, last error) and
+what the assistant said of itself (`pair.hello` on every connect: its
+release, protocol range and capabilities) are what `health` reports, updated
+by every call without extra traffic.
 """
 
 from __future__ import annotations
@@ -15,8 +17,18 @@ from typing import Any
 
 import anyio
 
-from pair.protocol.client import Client
-from pair.protocol.errors import IpcHandlerError, IpcTransportError
+from pair.protocol import __version__
+from pair.protocol.client import Client, Handshake
+from pair.protocol.errors import IncompatiblePeer, IpcHandlerError, IpcTransportError
+from pair.protocol.hello import (
+    PRODUCT,
+    PROTOCOL,
+    Peer,
+    peer_before_hello,
+    peer_of,
+    peer_refusing,
+    refusal,
+)
 
 log = logging.getLogger("gateway.link")
 
@@ -25,6 +37,11 @@ DB_TIMEOUT = 10.0
 CALL_TIMEOUT = 10.0
 WAIT_BACKOFF_START = 0.05
 WAIT_BACKOFF_CAP = 2.0
+HELLO = {
+    "product": PRODUCT,
+    "version": __version__,
+    "protocol": {"min": PROTOCOL.min, "max": PROTOCOL.max},
+}
 
 
 class LinkState:
@@ -39,8 +56,8 @@ class LinkState:
         if state != self.state:
             self.state = state
             self.since = int(time.time() * 1000)
-            if state == "down":
-                log.warning("assistant link down: %s", error)
+            if state in ("down", "incompatible"):
+                log.warning("assistant link %s: %s", state, error)
             else:
                 log.info("assistant link %s", state)
 
@@ -50,8 +67,50 @@ class AssistantLink:
 
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
-        self.client = Client(socket_path, timeout=CALL_TIMEOUT, connect_timeout=HEALTH_TIMEOUT)
+        self.client = Client(
+            socket_path,
+            timeout=CALL_TIMEOUT,
+            connect_timeout=HEALTH_TIMEOUT,
+            on_connect=self._hello,
+        )
         self.status = LinkState()
+        # What the assistant said of itself on the current connection.
+        self.peer: Peer | None = None
+
+    async def _hello(self, call: Handshake) -> None:
+        """The handshake of each new connection: who the assistant is and what it can do.
+        An assistant before `pair.hello` (0.1.0) is read from its `rpc.discover`."""
+        try:
+            peer = peer_of(await call("pair.hello", HELLO, HEALTH_TIMEOUT))
+        except IpcHandlerError as exc:
+            if exc.code == "METHOD_NOT_FOUND":
+                peer = peer_before_hello(await call("rpc.discover", None, HEALTH_TIMEOUT))
+            elif exc.code == "PROTOCOL_UNSUPPORTED":
+                peer = peer_refusing(exc.data)
+            else:
+                # Never a handler error to the caller: delivery would take it for a
+                # refusal of its events.
+                raise IncompatiblePeer(f"pair.hello answered {exc.code}: {exc.message}") from exc
+        problem = refusal(PROTOCOL, peer, "gateway")
+        if problem is not None:
+            raise IncompatiblePeer(problem)
+        if self.peer != peer:
+            log.info(
+                "assistant is %s; capabilities: %s", peer, ", ".join(sorted(peer.capabilities))
+            )
+        self.peer = peer
+
+    async def can(self, capability: str) -> bool:
+        """Whether the assistant has `capability` (connecting first to learn it)."""
+        try:
+            await self.client.connect()
+        except IncompatiblePeer as exc:
+            self.status.update("incompatible", exc.message)
+            raise
+        except IpcTransportError as exc:
+            self.status.update("down", exc.message)
+            raise
+        return self.peer is not None and self.peer.has(capability)
 
     async def call_assistant(
         self, method: str, params: object = None, *, timeout: float = CALL_TIMEOUT
@@ -59,6 +118,9 @@ class AssistantLink:
         """A result, or `IpcHandlerError`, or `IpcTransportError(sent=...)`."""
         try:
             result = await self.client.call(method, params, timeout=timeout)
+        except IncompatiblePeer as exc:
+            self.status.update("incompatible", exc.message)
+            raise
         except IpcTransportError as exc:
             self.status.update("down", exc.message)
             raise

@@ -32,6 +32,7 @@ from pair.protocol.deferred import Deferred
 from pair.protocol.dispatch import NoParams, Router
 from pair.protocol.errors import InvalidParams
 from pair.protocol.health import DbInfo, Health, uptime_ms
+from pair.protocol.hello import ProtocolRange
 from pair.protocol.metrics import ProtocolMetrics
 from pair.runtime.backup import BackupStats, Snapshotter, method_of
 from pair.runtime.sqlite import Conn, Job
@@ -130,9 +131,16 @@ class InviteList(Struct, rename="camel"):
 
 
 class LinkInfo(Struct, rename="camel"):
+    """The link to the assistant; `state` "incompatible" when the assistant's release is
+    outside the skew window (`lastError` says why and which side to upgrade)."""
+
     state: str
     since: int
     last_error: str | None
+    # What the assistant said of itself on the current connection (`pair.hello`).
+    version: str | None = None
+    protocol: ProtocolRange | None = None
+    capabilities: list[str] | None = None
 
 
 class OutboxInfo(Struct, rename="camel"):
@@ -260,7 +268,6 @@ class GatewayRoutes:
 
         `status` is "degraded" while gateway.db's writes fail for its own reason
         (full, unreachable, corrupt): `db.lastError` says which."""
-        status = self.link.status
         migrations = self.migrations.state
         delivery = self.delivery
         db_error = self.db.write_health.last_error
@@ -270,7 +277,7 @@ class GatewayRoutes:
             pid=self.pid,
             uptime_ms=uptime_ms(self.started),
             db=DbInfo(self.db.path, self.db.schema_version, db_error),
-            assistant=LinkInfo(status.state, status.since, status.last_error),
+            assistant=_link_info(self.link),
             outbox=OutboxInfo(
                 delivery.pending,
                 delivery.dead,
@@ -372,3 +379,17 @@ class GatewayRoutes:
 
 def _and_queued_through(conn: Conn, job: Callable[[Conn], T]) -> tuple[T, int]:
     return job(conn), queued_through(conn)
+
+
+def _link_info(link: AssistantLink) -> LinkInfo:
+    status, peer = link.status, link.peer
+    if peer is None:
+        return LinkInfo(status.state, status.since, status.last_error)
+    return LinkInfo(
+        status.state,
+        status.since,
+        status.last_error,
+        peer.version,
+        peer.protocol,
+        sorted(peer.capabilities),
+    )

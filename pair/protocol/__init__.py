@@ -1,3 +1,3 @@
 """The wire protocol shared by both daemons: framing, messages, values, errors, server, client."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

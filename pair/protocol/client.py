@@ -11,10 +11,11 @@ When it drops, every pending call fails at once with `sent=True`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast, overload
 
@@ -104,6 +105,10 @@ class _ClientProtocol(asyncio.Protocol):
         self.can_write.set()
 
 
+# What `Client.on_connect` is given: `call(method, params, timeout)` on the new connection.
+Handshake = Callable[..., Awaitable[Any]]
+
+
 class Client:
     """A strict JSON-RPC client for one Unix socket path."""
 
@@ -114,8 +119,13 @@ class Client:
         timeout: float = DEFAULT_CALL_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        on_connect: Callable[[Handshake], Awaitable[None]] | None = None,
     ) -> None:
         self.path = path
+        # Run on each new connection before any other call goes out on it (a handshake:
+        # `pair.hello`), with a way to call on that connection only; what it raises
+        # fails the calls waiting for the connection, and the connection is closed.
+        self.on_connect = on_connect
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_frame_bytes = max_frame_bytes
@@ -304,6 +314,10 @@ class Client:
             # within the current one would fire again at once, and again.
             self._expire_at(max(earliest, now + 0.001), loop)
 
+    async def connect(self) -> None:
+        """Connect now (and run `on_connect`) unless connected."""
+        await self._writable_protocol()
+
     async def _connect(self) -> _ClientProtocol:
         async with self._connect_lock:
             if self._protocol is not None:
@@ -316,8 +330,38 @@ class Client:
                 raise IpcTransportError(
                     f"cannot connect to {self.path}: {_describe(exc)}", sent=False, path=self.path
                 ) from exc
+            if self.on_connect is not None:
+                try:
+                    await self.on_connect(functools.partial(self._call_on, protocol))
+                except BaseException:
+                    if protocol.transport is not None:
+                        protocol.transport.close()
+                    raise
             self._protocol = protocol
             return protocol
+
+    async def _call_on(
+        self, protocol: _ClientProtocol, method: str, params: object = None, timeout: float = 5.0
+    ) -> Any:
+        """`call` on `protocol` alone, never another connection (the handshake's)."""
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            raise IpcTransportError(f"{self.path}: closed during the handshake", sent=False)
+        request_id = next(self._ids)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        deadline = loop.time() + timeout
+        self._pending[request_id] = (future, protocol, deadline, method, timeout)
+        self._expire_at(deadline, loop)
+        try:
+            await self._write(
+                protocol, encode_frame_of(_Call("2.0", method, request_id, params)), timeout
+            )
+            response = await future
+        finally:
+            del self._pending[request_id]
+            _settled(future)
+        return result_of(response, None)
 
     def _new_protocol(self) -> _ClientProtocol:
         return _ClientProtocol(self.max_frame_bytes, self._on_frame, self._fail_connection)

@@ -20,7 +20,8 @@ import msgspec
 from msgspec import Raw, Struct
 
 from pair.protocol.deferred import Deferred
-from pair.protocol.errors import InvalidParams, MethodNotFound, ParseError
+from pair.protocol.errors import InvalidParams, MethodNotFound, ParseError, ProtocolUnsupported
+from pair.protocol.hello import PRODUCT, PROTOCOL, Hello, HelloParams, ProtocolRange
 from pair.protocol.metrics import (
     UNKNOWN_METHOD,
     M,
@@ -124,9 +125,12 @@ def invalid_params(exc: msgspec.ValidationError) -> InvalidParams:
 class Router:
     """The dispatch table of one server."""
 
-    def __init__(self, name: str, version: str) -> None:
+    def __init__(self, name: str, version: str, protocol: ProtocolRange = PROTOCOL) -> None:
         self.name = name
         self.version = version
+        # The wire protocol versions this server speaks (another range only in tests of
+        # version skew).
+        self.protocol = protocol
         self._methods: dict[str, Method] = {}
         # Calls naming no registered method, and the server's connections (protocol.metrics).
         self.unknown_counts = MethodCounts()
@@ -134,7 +138,10 @@ class Router:
         # rpc.discover's answer, encoded once: building it took 4.3 ms of the loop
         # per call, and pipelined calls stalled every other connection.
         self._document: msgspec.Raw | None = None
+        # Named features beside the methods, for `pair.hello` (protocol.hello).
+        self.features: list[str] = []
         self.add("rpc.discover", self._discover, inline=True)
+        self.add("pair.hello", self._hello, inline=True)
 
     def add(
         self,
@@ -206,6 +213,31 @@ class Router:
         counts = {method.name: method.counts for method in self._methods.values()}
         counts[UNKNOWN_METHOD] = self.unknown_counts
         return snapshot(counts, self.server_counts, kind, **extra)
+
+    def _hello(self, params: HelloParams) -> Hello:
+        """Who this daemon is, its release, the wire protocol versions it speaks and its
+        capabilities (its methods and named features). A client calls it on every
+        (re)connect and uses a feature only when named here; a caller whose `protocol`
+        range misses this daemon's is answered PROTOCOL_UNSUPPORTED (426), with this
+        daemon's name, release and range in `data` (`daemon`, `version`, `protocol`)."""
+        ours = self.protocol
+        if params.protocol is not None and not params.protocol.meets(ours):
+            raise ProtocolUnsupported(
+                f"this {self.name} {self.version} speaks protocol {ours}; the caller"
+                f" speaks {params.protocol}",
+                data={
+                    "daemon": self.name,
+                    "version": self.version,
+                    "protocol": {"min": ours.min, "max": ours.max},
+                },
+            )
+        return Hello(
+            product=PRODUCT,
+            daemon=self.name,
+            version=self.version,
+            protocol=ours,
+            capabilities=sorted({*self._methods, *self.features}),
+        )
 
     def _discover(self, params: NoParams) -> msgspec.Raw:
         """An OpenRPC document of every method, its params and result as JSON Schema."""

@@ -130,6 +130,14 @@ class AdminOnly(RpcError):
     default_error_code = "FORBIDDEN"
 
 
+class ProtocolUnsupported(RpcError):
+    """`pair.hello`: the caller's protocol range misses this daemon's (`data.protocol`)."""
+
+    code = -32000
+    default_status = 426
+    default_error_code = "PROTOCOL_UNSUPPORTED"
+
+
 class AnswersUnread(RpcError):
     """The connection's answers waiting to be read passed its budget: this call, not yet
     answered, was withdrawn (not run, or its work rolled back). Read, then send it again."""
@@ -241,3 +249,12 @@ class IpcTransportError(IpcError):
         self.message = message
         self.sent = sent
         self.path = path
+
+
+class IncompatiblePeer(IpcTransportError):
+    """The peer's handshake (`pair.hello`) says it cannot be talked to: its protocol range
+    misses ours. Nothing was sent; the connection is closed, and a later call tries again
+    (the peer may have been upgraded meanwhile)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, sent=False)

@@ -275,7 +275,8 @@ async def test_a_full_gateway_disk_refuses_a_redemption_whole_then_it_succeeds(
 async def test_an_assistant_that_refuses_every_batch_alike_sets_no_event_aside(
     short_tmp: Path,
 ) -> None:
-    """A gateway whose assistant lacks emit_events (METHOD_NOT_FOUND): its events wait."""
+    """A gateway whose assistant has neither emit_events nor emit_event (its capabilities
+    name neither; each call is METHOD_NOT_FOUND): its events wait, none set aside."""
     demo = DaemonProcess(
         "tests.support.demo_server", short_tmp, short_tmp, "--log-level", "DEBUG"
     ).start()
@@ -292,7 +293,7 @@ async def test_an_assistant_that_refuses_every_batch_alike_sets_no_event_aside(
 
             async def refused_often() -> bool:
                 # One event: each attempt is one call, refused whole.
-                return demo.stderr().count("method='emit_events'") > DEAD_AFTER + 1
+                return demo.stderr().count("method='emit_event'") > DEAD_AFTER + 1
 
             await eventually(refused_often)
             outbox = (await gw.call("health"))["outbox"]

@@ -107,7 +107,8 @@ def test_a_deferred_method_is_described_by_the_result_it_defers() -> None:
     method = router.lookup("tx")
     assert method.kind is Kind.DEFERRED
     assert method.result_type is TxResult
-    result = openrpc_document(router)["methods"][1]["result"]["schema"]
+    described = {m["name"]: m for m in openrpc_document(router)["methods"]}
+    result = described["tx"]["result"]["schema"]
     assert result == {"$ref": "#/components/schemas/TxResult"}
 
 
