@@ -9,6 +9,7 @@ releases is tests/skew.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from pair.protocol import __version__
 from pair.protocol.client import Client
 from pair.protocol.errors import IpcHandlerError
+from pair.protocol.evolution import breaking_changes
 from pair.testing import Pair
 from pair.testing.daemons import DaemonProcess
 from tests.support.waiting import eventually, gateway_health_reaches, outbox_drained
@@ -135,3 +137,28 @@ async def test_an_assistant_without_emit_events_gets_the_events_one_at_a_time_in
 async def gateway_health(pair: Pair) -> Any:
     async with Client(pair.gateway_socket) as gw:
         return await gw.call("health")
+
+
+COMPAT = Path(__file__).resolve().parents[2] / "compat"
+
+
+def last_release() -> Path:
+    """The newest release in compat/ below this one."""
+    ours = _version(__version__)
+    older = [path for path in COMPAT.iterdir() if path.is_dir() and _version(path.name) < ours]
+    return max(older, key=lambda path: _version(path.name))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+async def test_nothing_the_last_release_offered_is_broken(pair: Pair) -> None:
+    """Methods, params and results only grow (`pair.protocol.evolution`): a caller or a
+    reader written against the last release works against this one."""
+    release = last_release()
+    for daemon, socket in (("assistant", pair.assistant_socket), ("gateway", pair.gateway_socket)):
+        async with Client(socket) as client:
+            today = await client.call("rpc.discover")
+        before = json.loads((release / f"{daemon}.json").read_text())
+        assert breaking_changes(before, today) == [], f"{daemon} breaks {release.name}"
