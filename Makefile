@@ -6,7 +6,7 @@ LOCK := requirements.lock
 LATEST := .venv-latest
 N ?= 10
 
-.PHONY: test check lint types unit test-systemd run bench bench-rss soak lock test-latest test-repeat clean
+.PHONY: test check lint types unit test-skew test-systemd run bench bench-rss soak lock test-latest test-repeat clean
 
 # Every install of ours takes the exact versions (and hashes) of the lock; the
 # project itself goes in last, editable, built by the locked setuptools.
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP) check test-systemd
+test: $(STAMP) check test-skew test-systemd
 
 check: lint types unit
 
@@ -29,6 +29,11 @@ types: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest
+
+# The previous release (its git tag, in a venv of its own under .pair/) and this tree
+# mixed under load, by a seeded random plan it prints (PAIR_SKEW_SEED=N replays one).
+test-skew: $(STAMP)
+	$(BIN)/pytest tests/skew -p no:randomly -s
 
 # The pair under the real systemd, booted in namespaces of its own (root; see
 # tests/systemd/machine.py): installed by deploy/install.sh, driven with systemctl.

@@ -291,7 +291,10 @@ async def status(args: argparse.Namespace) -> int:
               " PAIR_RUNTIME_DIR=DIR looks elsewhere", file=sys.stderr)  # fmt: skip
     if "forbidden" in states:
         return EX_NOPERM
-    return EX_OK if states == {"ok"} else EX_UNAVAILABLE
+    if "down" in states:
+        return EX_UNAVAILABLE
+    # Answered, but not ok (degraded: its writes fail; or a status a later release adds).
+    return EX_OK if states == {"ok"} else EX_HANDLER
 
 
 async def metrics(args: argparse.Namespace) -> int:

@@ -95,7 +95,7 @@ def status_table(healths: dict[str, Any]) -> str:
         if health.get("status") == "forbidden":
             rows.append([name, "forbidden", "-", "-", health["error"]])
             continue
-        if health.get("status") != "ok":
+        if health.get("status") == "down":
             rows.append([name, "down", "-", "-", f"no answer on {health['socket']}"])
             continue
         details = f"db schema {health['db']['schemaVersion']}"
@@ -105,6 +105,10 @@ def status_table(healths: dict[str, Any]) -> str:
                 f"assistant link {link['state']}, outbox {outbox['pending']},"
                 f" migrations pending {migrations['pending']} failed {migrations['failed']}"
             )
+        if health["db"].get("lastError"):
+            details += f"; db: {health['db']['lastError']}"
         uptime = duration(health["uptimeMs"])
-        rows.append([name, "up", str(health["pid"]), uptime, details])
+        # "degraded", or a status a later release adds: shown as the daemon says it.
+        state = "up" if health.get("status") == "ok" else str(health.get("status"))
+        rows.append([name, state, str(health["pid"]), uptime, details])
     return table(["DAEMON", "STATE", "PID", "UPTIME", "DETAILS"], rows)

@@ -45,6 +45,7 @@ class DaemonProcess:
         inherit: tuple[int, str] | None = None,
         launcher: tuple[str, ...] = (),
         socket_name: str | None = None,
+        python: tuple[str, ...] = (sys.executable,),
     ) -> None:
         self.module = module_of(module)
         self.name = module.rsplit(".", 1)[-1]
@@ -58,6 +59,8 @@ class DaemonProcess:
         self.inherit = inherit
         # A program that runs the daemon for us (systemd-socket-activate ...).
         self.launcher = launcher
+        # The interpreter (and its flags) that runs the module: another release's venv.
+        self.python = python
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify_path = str(runtime_dir / f".{module.rsplit('.', 1)[-1]}-notify")
         self.notify_sock: socket.socket | None = None
@@ -85,7 +88,7 @@ class DaemonProcess:
         }
         args = [
             *self.launcher,
-            sys.executable,
+            *self.python,
             "-m",
             self.module,
             "--runtime-dir",

@@ -1,0 +1,67 @@
+"""The previous release, installed into a venv of its own from its git tag.
+
+Built once per release commit under `.pair/release-<version>/` (reused by later runs;
+`make clean` removes it): the release's own `deploy/requirements-runtime.lock`, then the
+release itself, built offline by the locked setuptools, as `deploy/install.sh` does.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The release before this one: its tag, and its commit for a clone made without tags.
+PREVIOUS = "0.1.0"
+PREVIOUS_COMMIT = "1c6e6c7153b046be308c215e650a70b34cd68a0c"
+
+
+def previous_python() -> tuple[str, ...]:
+    """The interpreter of the previous release's venv, with -P: the checkout in the
+    current directory must not shadow the release's own package."""
+    home = ROOT / ".pair" / f"release-{PREVIOUS}"
+    python = home / "venv" / "bin" / "python"
+    marker = home / "installed"
+    if not (marker.exists() and marker.read_text() == PREVIOUS_COMMIT):
+        _install(home)
+        marker.write_text(PREVIOUS_COMMIT)
+    return (str(python), "-P")
+
+
+def _install(home: Path) -> None:
+    commit = _commit()
+    home.mkdir(parents=True, exist_ok=True)
+    venv = home / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
+    with tempfile.TemporaryDirectory(prefix="release-") as source:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", "--format=tar", commit],
+            capture_output=True,
+            check=True,
+        ).stdout
+        with tempfile.TemporaryFile() as tar:
+            tar.write(archive)
+            tar.seek(0)
+            with tarfile.open(fileobj=tar) as release:
+                release.extractall(source, filter="data")
+        lock = Path(source) / "deploy" / "requirements-runtime.lock"
+        subprocess.run([*pip, "--require-hashes", "--no-deps", "-r", str(lock)], check=True)
+        subprocess.run(
+            [*pip, "--no-deps", "--no-build-isolation", "--no-index", source], check=True
+        )
+
+
+def _commit() -> str:
+    """The tag's commit when the clone has the tag, else the recorded one."""
+    tagged = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"v{PREVIOUS}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return tagged or PREVIOUS_COMMIT
