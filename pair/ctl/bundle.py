@@ -28,6 +28,8 @@ from typing import Any, Literal
 import msgspec
 from msgspec import Struct
 
+from pair.runtime.paths import fsync_dir
+
 MANIFEST = "manifest.json"
 PREFIX = "pair-backup-"
 PARTIAL = ".partial"
@@ -138,14 +140,6 @@ def seal(staging: Path, snapshots: dict[str, dict[str, Any]], files: list[Bundle
     os.rename(staging, final)
     fsync_dir(final.parent)
     return final
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def bundles(into: Path) -> Iterator[tuple[Path, bool]]:

@@ -104,13 +104,14 @@ class AssistantLink:
         """Whether the assistant has `capability` (connecting first to learn it)."""
         try:
             await self.client.connect()
-        except IncompatiblePeer as exc:
-            self.status.update("incompatible", exc.message)
-            raise
         except IpcTransportError as exc:
-            self.status.update("down", exc.message)
+            self._lost(exc)
             raise
         return self.peer is not None and self.peer.has(capability)
+
+    def _lost(self, exc: IpcTransportError) -> None:
+        state = "incompatible" if isinstance(exc, IncompatiblePeer) else "down"
+        self.status.update(state, exc.message)
 
     async def call_assistant(
         self, method: str, params: object = None, *, timeout: float = CALL_TIMEOUT
@@ -118,11 +119,8 @@ class AssistantLink:
         """A result, or `IpcHandlerError`, or `IpcTransportError(sent=...)`."""
         try:
             result = await self.client.call(method, params, timeout=timeout)
-        except IncompatiblePeer as exc:
-            self.status.update("incompatible", exc.message)
-            raise
         except IpcTransportError as exc:
-            self.status.update("down", exc.message)
+            self._lost(exc)
             raise
         except IpcHandlerError:
             self.status.update("connected")

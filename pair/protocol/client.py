@@ -17,15 +17,16 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast, overload
+from typing import Any, TypeVar, overload
 
 import anyio
 import msgspec
 from msgspec import UNSET
 
 from pair.protocol.answers import handler_error, result_of
-from pair.protocol.errors import FrameError, IpcHandlerError, IpcTransportError
-from pair.protocol.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder
+from pair.protocol.client_connection import ClientConnection
+from pair.protocol.errors import IpcHandlerError, IpcTransportError
+from pair.protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from pair.protocol.messages import ClientResponse, encode_frame_of, is_batch
 
 T = TypeVar("T")
@@ -42,7 +43,7 @@ _batch_response_decoder = msgspec.json.Decoder(list[ClientResponse])
 # A call waiting for its answer: its future, the connection it was sent on, its
 # deadline (loop time), and the method and timeout its expiry message names. A
 # tuple, unpacked by name where read: a class cost the client 0.13 us a call.
-_Pending = tuple[asyncio.Future[ClientResponse], "_ClientProtocol", float, str, float | None]
+_Pending = tuple[asyncio.Future[ClientResponse], "ClientConnection", float, str, float | None]
 
 
 class _Call(msgspec.Struct, omit_defaults=True, gc=False):
@@ -59,50 +60,6 @@ class BatchCall:
     method: str
     params: object = None
     notify: bool = False
-
-
-class _ClientProtocol(asyncio.Protocol):
-    """One connection of a `Client`: frames in to `on_frame`, its end to `on_failure`."""
-
-    def __init__(
-        self,
-        max_frame_bytes: int,
-        on_frame: Callable[[_ClientProtocol, bytes], None],
-        on_failure: Callable[[_ClientProtocol, str], None],
-    ) -> None:
-        self._on_frame = on_frame
-        self._on_failure = on_failure
-        self._decoder = FrameDecoder(max_frame_bytes)
-        self.transport: asyncio.Transport | None = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.can_write = asyncio.Event()
-        self.can_write.set()
-        # The ids of each batch sent on this connection, newest last.
-        self.batches: list[list[int]] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast("asyncio.Transport", transport)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            for body in self._decoder.feed(data):
-                self._on_frame(self, body)
-        except (FrameError, msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-            self._on_failure(self, f"protocol violation by the peer: {exc!r}")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        reason = f"connection lost: {exc}" if exc else "connection closed by the peer"
-        self._on_failure(self, reason)
-        if not self.lost.done():
-            self.lost.set_result(None)
-        self.can_write.set()
-
-    def pause_writing(self) -> None:
-        self.can_write.clear()
-
-    def resume_writing(self) -> None:
-        self.can_write.set()
 
 
 # What `Client.on_connect` is given: `call(method, params, timeout)` on the new connection.
@@ -129,7 +86,7 @@ class Client:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_frame_bytes = max_frame_bytes
-        self._protocol: _ClientProtocol | None = None
+        self._protocol: ClientConnection | None = None
         self._connect_lock = anyio.Lock()
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
@@ -251,7 +208,7 @@ class Client:
 
     # -- internals --------------------------------------------------------
 
-    async def _writable_protocol(self) -> _ClientProtocol:
+    async def _writable_protocol(self) -> ClientConnection:
         """The connection to write on, opened (again) when there is none or it is closing."""
         protocol = self._protocol or await self._connect()
         transport = protocol.transport
@@ -266,7 +223,7 @@ class Client:
             raise IpcTransportError(f"connection to {self.path} is closed", sent=False)
         return protocol
 
-    async def _write(self, protocol: _ClientProtocol, frame: bytes, timeout: float | None) -> None:
+    async def _write(self, protocol: ClientConnection, frame: bytes, timeout: float | None) -> None:
         """Write `frame`, then wait while the peer is not reading, up to the timeout."""
         assert protocol.transport is not None
         protocol.transport.write(frame)
@@ -318,7 +275,7 @@ class Client:
         """Connect now (and run `on_connect`) unless connected."""
         await self._writable_protocol()
 
-    async def _connect(self) -> _ClientProtocol:
+    async def _connect(self) -> ClientConnection:
         async with self._connect_lock:
             if self._protocol is not None:
                 return self._protocol
@@ -341,7 +298,7 @@ class Client:
             return protocol
 
     async def _call_on(
-        self, protocol: _ClientProtocol, method: str, params: object = None, timeout: float = 5.0
+        self, protocol: ClientConnection, method: str, params: object = None, timeout: float = 5.0
     ) -> Any:
         """`call` on `protocol` alone, never another connection (the handshake's)."""
         transport = protocol.transport
@@ -363,17 +320,17 @@ class Client:
             _settled(future)
         return result_of(response, None)
 
-    def _new_protocol(self) -> _ClientProtocol:
-        return _ClientProtocol(self.max_frame_bytes, self._on_frame, self._fail_connection)
+    def _new_protocol(self) -> ClientConnection:
+        return ClientConnection(self.max_frame_bytes, self._on_frame, self._fail_connection)
 
-    def _on_frame(self, protocol: _ClientProtocol, body: bytes) -> None:
+    def _on_frame(self, protocol: ClientConnection, body: bytes) -> None:
         if is_batch(body):
             for response in _batch_response_decoder.decode(body):
                 self._resolve(protocol, response)
         else:
             self._resolve(protocol, _response_decoder.decode(body))
 
-    def _resolve(self, protocol: _ClientProtocol, response: ClientResponse) -> None:
+    def _resolve(self, protocol: ClientConnection, response: ClientResponse) -> None:
         if isinstance(response.id, int):
             pending = self._pending.get(response.id)
             if pending is not None:
@@ -393,7 +350,7 @@ class Client:
         else:
             self._fail(self._ids_on(protocol), handler_error(response.error))
 
-    def _ids_on(self, protocol: _ClientProtocol) -> list[int]:
+    def _ids_on(self, protocol: ClientConnection) -> list[int]:
         return [key for key, (_, on, *_) in self._pending.items() if on is protocol]
 
     def _fail(self, ids: list[int], error: Exception) -> None:
@@ -402,7 +359,7 @@ class Client:
             if pending is not None and not pending[0].done():
                 pending[0].set_exception(error)
 
-    def _fail_connection(self, protocol: _ClientProtocol, reason: str) -> None:
+    def _fail_connection(self, protocol: ClientConnection, reason: str) -> None:
         if protocol.transport is not None:
             protocol.transport.abort()
         if self._protocol is protocol:

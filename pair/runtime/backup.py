@@ -33,6 +33,7 @@ from pair.protocol import __version__
 from pair.protocol.dispatch import NoParams
 from pair.protocol.errors import RouteError
 from pair.runtime.failpoints import failpoint
+from pair.runtime.paths import fsync_dir
 
 log = logging.getLogger("runtime.backup")
 
@@ -179,7 +180,7 @@ class Snapshotter:
             for leftover in self.into.glob(f"{stamp}.*"):
                 leftover.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.into)
+        fsync_dir(self.into)
         return BackupResult(
             daemon=self.daemon,
             version=__version__,
@@ -215,14 +216,6 @@ def _seal(partial: Path, final: Path, name: str) -> SnapshotFile:
         size = file.tell()
     os.replace(partial, final)
     return SnapshotFile(name=name, path=str(final), bytes=size, sha256=digest.hexdigest())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _failure(daemon: str, into: Path, exc: BaseException) -> BackupFailed:

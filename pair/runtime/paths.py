@@ -6,6 +6,7 @@ Its own module so the ops CLI learns the defaults without loading the daemon.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -29,12 +30,7 @@ def client_runtime_dir() -> tuple[Path, str]:
     after `$PAIR_RUNTIME_DIR` the installed units' directory wins over the
     development default, whatever the current directory.
     """
-    value = os.environ.get("PAIR_RUNTIME_DIR")
-    if value:
-        return Path(value), "from $PAIR_RUNTIME_DIR"
-    if INSTALLED_RUNTIME_DIR.is_dir():
-        return INSTALLED_RUNTIME_DIR, "the installed units' directory"
-    return default_runtime_dir(), "the development default"
+    return _client_dir("PAIR_RUNTIME_DIR", INSTALLED_RUNTIME_DIR, default_runtime_dir)
 
 
 def default_state_dir() -> Path:
@@ -50,11 +46,24 @@ INSTALLED_STATE_DIR = Path("/var/lib/pair")
 
 
 def client_state_dir() -> tuple[Path, str]:
-    """Where a client such as `pairctl restore` finds the databases, and what chose it:
-    `$PAIR_STATE_DIR`, then the installed units' directory, then the development default."""
-    value = os.environ.get("PAIR_STATE_DIR")
+    """Where a client such as `pairctl restore` finds the databases, and what chose it,
+    in the order `client_runtime_dir` looks."""
+    return _client_dir("PAIR_STATE_DIR", INSTALLED_STATE_DIR, default_state_dir)
+
+
+def _client_dir(variable: str, installed: Path, default: Callable[[], Path]) -> tuple[Path, str]:
+    value = os.environ.get(variable)
     if value:
-        return Path(value), "from $PAIR_STATE_DIR"
-    if INSTALLED_STATE_DIR.is_dir():
-        return INSTALLED_STATE_DIR, "the installed units' directory"
-    return default_state_dir(), "the development default"
+        return Path(value), f"from ${variable}"
+    if installed.is_dir():
+        return installed, "the installed units' directory"
+    return default(), "the development default"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in `path` (a rename, a new file) survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
