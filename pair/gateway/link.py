@@ -84,7 +84,7 @@ class AssistantLink:
             peer = peer_of(await call("pair.hello", HELLO, HEALTH_TIMEOUT))
         except IpcHandlerError as exc:
             if exc.code == "METHOD_NOT_FOUND":
-                peer = peer_before_hello(await call("rpc.discover", None, HEALTH_TIMEOUT))
+                peer = await self._before_hello(call)
             elif exc.code == "PROTOCOL_UNSUPPORTED":
                 peer = peer_refusing(exc.data)
             else:
@@ -99,6 +99,13 @@ class AssistantLink:
                 "assistant is %s; capabilities: %s", peer, ", ".join(sorted(peer.capabilities))
             )
         self.peer = peer
+
+    async def _before_hello(self, call: Handshake) -> Peer:
+        """A release before `pair.hello` (0.1.0), read from its `rpc.discover`."""
+        try:
+            return peer_before_hello(await call("rpc.discover", None, HEALTH_TIMEOUT))
+        except IpcHandlerError as exc:
+            raise IncompatiblePeer(f"rpc.discover answered {exc.code}: {exc.message}") from exc
 
     async def can(self, capability: str) -> bool:
         """Whether the assistant has `capability` (connecting first to learn it)."""

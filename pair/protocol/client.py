@@ -312,7 +312,9 @@ class Client:
         self._expire_at(deadline, loop)
         try:
             await self._write(
-                protocol, encode_frame_of(_Call("2.0", method, request_id, params)), timeout
+                protocol,
+                encode_frame_of(_Call("2.0", method, request_id, _params(params))),
+                timeout,
             )
             response = await future
         finally:

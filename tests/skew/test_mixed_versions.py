@@ -28,7 +28,7 @@ from pair.protocol.errors import IpcHandlerError, IpcTransportError
 from pair.testing.daemons import DaemonProcess
 from tests.skew.plan import Plan, Release, Side, Step, make_plan
 from tests.skew.release import PREVIOUS, previous_python
-from tests.support.waiting import gateway_health_reaches, outbox_drained
+from tests.support.waiting import eventually, gateway_health_reaches, outbox_drained
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 
@@ -148,6 +148,36 @@ class Sides:
             daemon.close()
 
 
+async def delivering(sides: Sides, when: str) -> int:
+    """The assistant's count of stored redemption events once it has grown during this
+    combination of releases (from right after the step to `STEP_LOAD` later, or longer):
+    every combination keeps delivering, not only the one the plan ends in."""
+    socket = str(sides.runtime / "assistant.sock")
+    count = "SELECT count(*) AS n FROM events WHERE kind = 'invite_redeemed'"
+
+    async def stored() -> int:
+        async with Client(socket, timeout=5, connect_timeout=1) as assistant:
+            answer = await assistant.call("db_proxy", {"sql": count, "mode": "query"})
+        return int(answer["rows"][0]["n"])
+
+    before = await stored()
+    await anyio.sleep(STEP_LOAD)
+    latest = before
+
+    async def grew() -> bool:
+        nonlocal latest
+        latest = await stored()
+        return latest > before
+
+    try:
+        await eventually(grew)
+    except TimeoutError:
+        async with Client(str(sides.runtime / "gateway.sock")) as gw:
+            health = await gw.call("health")
+        raise AssertionError(f"no event stored after {when}: {health}") from None
+    return latest
+
+
 def stored_redemptions(state: Path) -> list[str]:
     db = apsw.Connection(str(state / "assistant.db"), flags=apsw.SQLITE_OPEN_READONLY)
     try:
@@ -178,22 +208,32 @@ async def test_the_previous_release_and_this_one_mixed_under_redemption_load(
     sides = Sides(short_tmp, plan)
     load = Load(str(sides.runtime / "gateway.sock"))
     lines = [f"the previous release {PREVIOUS} (old) and this tree (new)", *plan.lines()]
+    print("\n" + "\n".join(lines), flush=True)
     try:
         sides.start()
         done = anyio.Event()
         async with anyio.create_task_group() as group:
             group.start_soon(load.run, done)
-            await anyio.sleep(STEP_LOAD)
-            lines.append(f"  after 0: {len(load.acknowledged)} redemptions acknowledged")
+            events = await delivering(sides, "the start")
+            lines.append(f"  after 0: {len(load.acknowledged)} redemptions acknowledged,"
+                         f" {events} events stored")  # fmt: skip
             for number, step in enumerate(plan.steps, 1):
                 started = time.monotonic()
                 await anyio.to_thread.run_sync(sides.apply, step)
                 took = time.monotonic() - started
-                await anyio.sleep(STEP_LOAD)
+                events = await delivering(sides, f"step {number} ({step})")
                 lines.append(f"  after {number} ({took:.1f} s): {len(load.acknowledged)}"
-                             " redemptions acknowledged")  # fmt: skip
+                             f" redemptions acknowledged, {events} events stored")  # fmt: skip
             done.set()
-        await gateway_health_reaches(str(sides.runtime / "gateway.sock"), outbox_drained)
+        gateway = str(sides.runtime / "gateway.sock")
+        try:
+            await gateway_health_reaches(gateway, outbox_drained)
+        except TimeoutError:
+            async with Client(gateway) as gw:
+                health = await gw.call("health")
+            raise AssertionError(
+                f"the outbox never drained: {health}\n{sides.daemons['gateway'].log_tail()}"
+            ) from None
         await anyio.to_thread.run_sync(sides.stop)
     finally:
         sides.close()
@@ -207,9 +247,9 @@ async def test_the_previous_release_and_this_one_mixed_under_redemption_load(
         f" {dict(load.refusals) or 'none'}",
     ]
     report = "\n".join(lines)
+    print("\n".join(lines[len(plan.lines()) + 1 :]))
     (Path(__file__).resolve().parents[2] / ".pair").mkdir(exist_ok=True)
     (Path(__file__).resolve().parents[2] / ".pair" / "skew-last.txt").write_text(report + "\n")
-    print("\n" + report)
     assert sides.exits == [], sides.exits
     assert load.internal_errors == []
     assert len(load.acknowledged) > 0
