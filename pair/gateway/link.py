@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
+import msgspec
 
 from pair.protocol import __version__
 from pair.protocol.client import Client, Handshake
@@ -81,12 +83,13 @@ class AssistantLink:
         """The handshake of each new connection: who the assistant is and what it can do.
         An assistant before `pair.hello` (0.1.0) is read from its `rpc.discover`."""
         try:
-            peer = peer_of(await call("pair.hello", HELLO, HEALTH_TIMEOUT))
+            answer = await call("pair.hello", HELLO, HEALTH_TIMEOUT)
+            peer = _read(peer_of, answer, "its pair.hello answer")
         except IpcHandlerError as exc:
             if exc.code == "METHOD_NOT_FOUND":
                 peer = await self._before_hello(call)
             elif exc.code == "PROTOCOL_UNSUPPORTED":
-                peer = peer_refusing(exc.data)
+                peer = _read(peer_refusing, exc.data, "PROTOCOL_UNSUPPORTED's data")
             else:
                 # Never a handler error to the caller: delivery would take it for a
                 # refusal of its events.
@@ -103,9 +106,10 @@ class AssistantLink:
     async def _before_hello(self, call: Handshake) -> Peer:
         """A release before `pair.hello` (0.1.0), read from its `rpc.discover`."""
         try:
-            return peer_before_hello(await call("rpc.discover", None, HEALTH_TIMEOUT))
+            document = await call("rpc.discover", None, HEALTH_TIMEOUT)
         except IpcHandlerError as exc:
             raise IncompatiblePeer(f"rpc.discover answered {exc.code}: {exc.message}") from exc
+        return _read(peer_before_hello, document, "its rpc.discover answer")
 
     async def can(self, capability: str) -> bool:
         """Whether the assistant has `capability` (connecting first to learn it)."""
@@ -179,3 +183,12 @@ class AssistantLink:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _read(reader: Callable[[Any], Peer], answer: Any, what: str) -> Peer:
+    """The peer `answer` describes; an answer no release of ours gives is an
+    `IncompatiblePeer`, never an error that would end delivery."""
+    try:
+        return reader(answer)
+    except (msgspec.ValidationError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise IncompatiblePeer(f"the assistant's {what} cannot be read: {exc}") from exc
