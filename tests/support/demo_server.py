@@ -11,12 +11,12 @@ import sys
 
 import anyio
 import msgspec
-from anyio.abc import TaskGroup
 
 from pair.protocol.dispatch import NoParams, Router
 from pair.protocol.errors import RouteError
 from pair.protocol.values import WireValue
 from pair.runtime.daemon import DaemonConfig, main
+from tests.support.stateless import Stateless
 
 
 class EchoParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -43,7 +43,7 @@ class BuggyParams(msgspec.Struct, forbid_unknown_fields=True):
             raise RuntimeError("a bug in a params type")
 
 
-class DemoApp:
+class DemoApp(Stateless):
     def __init__(self, config: DaemonConfig, args: argparse.Namespace) -> None:
         self.router = Router("demo", "0.1.0")
         self.router.add("echo", self.echo, inline=True)
@@ -82,15 +82,6 @@ class DemoApp:
 
     def pid(self, params: NoParams) -> int:
         return os.getpid()
-
-    async def open(self) -> None:
-        pass
-
-    async def run_background(self, task_group: TaskGroup) -> None:
-        pass
-
-    async def close(self, timeout: float) -> None:
-        pass
 
     def status(self) -> str:
         return "demo ready"

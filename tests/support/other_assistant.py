@@ -14,11 +14,11 @@ import sys
 from typing import Any
 
 import msgspec
-from anyio.abc import TaskGroup
 
 from pair.protocol.dispatch import NoParams, Router
 from pair.protocol.hello import ProtocolRange
 from pair.runtime.daemon import DaemonConfig, main
+from tests.support.stateless import Stateless
 
 
 class Event(msgspec.Struct):
@@ -31,7 +31,7 @@ class Events(msgspec.Struct):
     events: list[Event]
 
 
-class OtherAssistant:
+class OtherAssistant(Stateless):
     def __init__(self, config: DaemonConfig, args: argparse.Namespace) -> None:
         low, _, high = args.protocol.partition("-")
         protocol = ProtocolRange(int(low), int(high or low))
@@ -58,15 +58,6 @@ class OtherAssistant:
 
     def stored(self, params: NoParams) -> list[Event]:
         return self.events
-
-    async def open(self) -> None:
-        pass
-
-    async def run_background(self, task_group: TaskGroup) -> None:
-        pass
-
-    async def close(self, timeout: float) -> None:
-        pass
 
     def status(self) -> str:
         return "another release's assistant"
