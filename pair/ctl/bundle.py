@@ -28,12 +28,11 @@ from typing import Any, Literal
 import msgspec
 from msgspec import Struct
 
-from pair.runtime.paths import fsync_dir
+from pair.runtime.paths import fsync_dir, kept_aside
 
 MANIFEST = "manifest.json"
 PREFIX = "pair-backup-"
 PARTIAL = ".partial"
-KEPT_ASIDE = ".pre-restore"  # runtime.backup.KEPT_ASIDE: the daemon removes it once open
 CUT = "gateway, then assistant"
 # What each daemon's snapshot holds: its database, then its other files.
 FILES = {"gateway": ("gateway.db", "gateway.key"), "assistant": ("assistant.db",)}
@@ -264,7 +263,7 @@ def restore(bundle: Path, state: Path) -> list[str]:
     files they replace (with their -wal and -shm) are kept in `<name>.db.pre-restore/`
     until the daemon opens the restored database. Lines saying what was done."""
     for database in ("gateway.db", "assistant.db"):
-        aside = state / (database + KEPT_ASIDE)
+        aside = kept_aside(state / database)
         if aside.exists():
             raise BundleError(
                 f"{aside} holds the files an earlier restore replaced, and its daemon has not"
@@ -275,7 +274,7 @@ def restore(bundle: Path, state: Path) -> list[str]:
     done = []
     for names in FILES.values():
         database = names[0]
-        aside = state / (database + KEPT_ASIDE)
+        aside = kept_aside(state / database)
         incoming = []
         for name in names:
             restoring = state / (name + ".restoring")

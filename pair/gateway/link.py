@@ -39,11 +39,7 @@ DB_TIMEOUT = 10.0
 CALL_TIMEOUT = 10.0
 WAIT_BACKOFF_START = 0.05
 WAIT_BACKOFF_CAP = 2.0
-HELLO = {
-    "product": PRODUCT,
-    "version": __version__,
-    "protocol": {"min": PROTOCOL.min, "max": PROTOCOL.max},
-}
+HELLO = {"product": PRODUCT, "version": __version__, "protocol": PROTOCOL}
 
 
 class LinkState:
@@ -76,7 +72,7 @@ class AssistantLink:
             on_connect=self._hello,
         )
         self.status = LinkState()
-        # What the assistant said of itself on the current connection.
+        # What the assistant said of itself on the last connection the gateway kept.
         self.peer: Peer | None = None
 
     async def _hello(self, call: Handshake) -> None:

@@ -300,7 +300,8 @@ class Client:
     async def _call_on(
         self, protocol: ClientConnection, method: str, params: object = None, timeout: float = 5.0
     ) -> Any:
-        """`call` on `protocol` alone, never another connection (the handshake's)."""
+        """`call` on `protocol` alone, never another connection (the handshake's). Kept
+        apart from `call`, whose fast path would pay a coroutine a call to share it."""
         transport = protocol.transport
         if transport is None or transport.is_closing():
             raise IpcTransportError(f"{self.path}: closed during the handshake", sent=False)

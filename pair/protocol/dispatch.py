@@ -138,8 +138,6 @@ class Router:
         # rpc.discover's answer, encoded once: building it took 4.3 ms of the loop
         # per call, and pipelined calls stalled every other connection.
         self._document: msgspec.Raw | None = None
-        # Named features beside the methods, for `pair.hello` (protocol.hello).
-        self.features: list[str] = []
         self.add("rpc.discover", self._discover, inline=True)
         self.add("pair.hello", self._hello, inline=True)
 
@@ -216,7 +214,7 @@ class Router:
 
     def _hello(self, params: HelloParams) -> Hello:
         """Who this daemon is, its release, the wire protocol versions it speaks and its
-        capabilities (its methods and named features). A client calls it on every
+        capabilities (its methods). A client calls it on every
         (re)connect and uses a feature only when named here; a caller whose `protocol`
         range misses this daemon's is answered PROTOCOL_UNSUPPORTED (426), with this
         daemon's name, release and range in `data` (`daemon`, `version`, `protocol`)."""
@@ -228,7 +226,7 @@ class Router:
                 data={
                     "daemon": self.name,
                     "version": self.version,
-                    "protocol": {"min": ours.min, "max": ours.max},
+                    "protocol": msgspec.to_builtins(ours),
                 },
             )
         return Hello(
@@ -236,7 +234,7 @@ class Router:
             daemon=self.name,
             version=self.version,
             protocol=ours,
-            capabilities=sorted({*self._methods, *self.features}),
+            capabilities=sorted(self._methods),
         )
 
     def _discover(self, params: NoParams) -> msgspec.Raw:

@@ -29,7 +29,7 @@ from msgspec import Struct
 PRODUCT = "pair"
 
 
-class ProtocolRange(Struct, forbid_unknown_fields=False):
+class ProtocolRange(Struct):
     """The wire protocol versions a peer speaks, both ends included."""
 
     min: int

@@ -33,7 +33,7 @@ from pair.protocol import __version__
 from pair.protocol.dispatch import NoParams
 from pair.protocol.errors import RouteError
 from pair.runtime.failpoints import failpoint
-from pair.runtime.paths import fsync_dir
+from pair.runtime.paths import fsync_dir, kept_aside
 
 log = logging.getLogger("runtime.backup")
 
@@ -42,8 +42,6 @@ TEMPORARY = ".partial"
 # Snapshots a `pairctl backup` did not collect (it was killed) are removed by the next
 # backup once this old.
 UNCOLLECTED_AFTER = 3600.0
-# What a restore keeps aside until the daemon has opened the restored files.
-KEPT_ASIDE = ".pre-restore"
 
 Marks = Callable[[apsw.Connection], dict[str, int]]
 
@@ -127,10 +125,7 @@ class Snapshotter:
             started = time.monotonic()
             try:
                 result = self._take()
-            except OSError as exc:
-                self.stats.failures += 1
-                raise _failure(self.daemon, self.into, exc) from exc
-            except apsw.Error as exc:
+            except (OSError, apsw.Error) as exc:
                 self.stats.failures += 1
                 raise _failure(self.daemon, self.into, exc) from exc
             size = sum(file.bytes for file in result.files)
@@ -233,7 +228,7 @@ def _failure(daemon: str, into: Path, exc: BaseException) -> BackupFailed:
 def clear_kept_aside(db_path: str) -> None:
     """Once the daemon has opened a restored database: the files the restore kept aside
     (`pairctl restore`) are no longer needed."""
-    aside = Path(db_path).with_name(Path(db_path).name + KEPT_ASIDE)
+    aside = kept_aside(Path(db_path))
     if not aside.is_dir():
         return
     try:

@@ -11,7 +11,7 @@ not chosen because it gives no pool of readers beside the writer.
 
 `ConnectionPool` is what every role shares: the queue, the threads, the
 results handed back in batches, expiry and stop. The roles are its
-subclasses: `group_commit.Writer` (one thread, jobs in one transaction) and
+subclasses: `writer.Writer` (one thread, jobs in one transaction) and
 `readers.Readers` with its `readers.SlowLane`.
 
 Timeouts: each job carries a deadline, checked by a progress handler on the
