@@ -14,7 +14,7 @@ from pair.assistant.db import Database, high_water
 from pair.assistant.proxy import sweep_idempotency_keys
 from pair.assistant.routes import AssistantRoutes
 from pair.runtime import daemon
-from pair.runtime.backup import Snapshotter, clear_kept_aside
+from pair.runtime.backup import Snapshotter
 from pair.runtime.daemon import DaemonConfig
 from pair.runtime.sqlite import now_ms
 from pair.runtime.upkeep import run_periodically
@@ -44,7 +44,6 @@ class AssistantApp:
     async def open(self) -> None:
         await anyio.to_thread.run_sync(self.db.open)
         log.info("database %s open at schema version %d", self.db.path, self.db.schema_version)
-        await anyio.to_thread.run_sync(clear_kept_aside, self.db.path)
 
     async def run_background(self, task_group: TaskGroup) -> None:
         task_group.start_soon(

@@ -1,82 +1,118 @@
-"""pairctl backup, backup --verify, backup --list and restore (the bundle itself: `bundle`)."""
+"""pairctl backup, backup --verify, backup --list and restore [--resume | --finish].
+
+The bundle is `bundle`, its checks `checks`, the restore `restore`. Here: the
+command line's side, each failure one message with absolute paths.
+"""
 
 from __future__ import annotations
 
 import errno
-import shutil
 import socket
 from pathlib import Path
-from typing import Any
 
 import anyio
 import msgspec
 
 from pair.ctl import bundle, render
+from pair.ctl.checks import Check, verify
 from pair.ctl.failures import EX_CANTCREAT, EX_HANDLER, EX_TEMPFAIL, failed
+from pair.ctl.restore import Refused, discard_kept, restore, resume
+from pair.ctl.trust import check_owner, check_socket, trusted_owners
 from pair.protocol.client import Client
 from pair.runtime.failpoints import failpoint
+from pair.runtime.files import Dir, UnsafePath
+from pair.runtime.restore import RestoreError
 
+EX_NOINPUT = 66
 # A snapshot's time grows with the database: minutes for gigabytes.
 BACKUP_TIMEOUT = 3600.0
 
 
 def take(into: Path, sockets: dict[str, str], as_json: bool) -> int:
-    """A bundle in `into`: the gateway's snapshot, then the assistant's (`bundle`'s cut),
-    sealed, then verified."""
-    if not into.is_dir():
-        return _fail(f"{into} is not a directory", as_json, EX_CANTCREAT)
+    """A bundle in `into` (made, 0700, when missing): the gateway's snapshot, then the
+    assistant's (`bundle`'s cut), checked, then named."""
+    into = into.absolute()
     try:
-        staging = bundle.staging_dir(into)
-    except (OSError, bundle.BundleError) as exc:
+        for address in sockets.values():
+            check_socket(address)
+        directory = Dir.open(into, trusted=trusted_owners(), create=True)
+    except UnsafePath as exc:
+        return _fail(str(exc), as_json, EX_CANTCREAT)
+    except OSError as exc:
         return _fail(f"cannot write in {into}: {_reason(exc)}", as_json, EX_CANTCREAT)
-    return anyio.run(_take, into, staging, sockets, as_json)
+    with directory:
+        if directory.created:
+            print(f"pairctl: made {into} (mode 0700) for the bundles", flush=True)
+        return anyio.run(_take, directory, sockets, as_json)
 
 
-async def _take(into: Path, staging: Path, sockets: dict[str, str], as_json: bool) -> int:
+async def _take(into: Dir, sockets: dict[str, str], as_json: bool) -> int:
+    staging = bundle.staging_dir(into)
     try:
-        answers: dict[str, Any] = {}
+        snapshots: dict[str, bundle.Snapshot] = {}
         files: list[bundle.BundleFile] = []
         for daemon in ("gateway", "assistant"):
-            async with Client(sockets[daemon], timeout=BACKUP_TIMEOUT) as client:
-                answers[daemon] = await client.call("backup")
-            files += await anyio.to_thread.run_sync(bundle.collect, answers[daemon], staging)
+            snapshots[daemon], collected = await _snapshot(daemon, sockets[daemon], staging)
+            files += collected
             failpoint(f"pairctl.backup_collected_{daemon}")
-        final = await anyio.to_thread.run_sync(bundle.seal, staging, answers, files)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            message = f"no space left in {into} for the bundle; nothing was kept"
-        else:
-            message = f"cannot write the bundle in {into}: {_reason(exc)}; nothing was kept"
-        return _fail(message, as_json, EX_CANTCREAT)
+        await anyio.to_thread.run_sync(bundle.write_manifest, staging, snapshots, files)
+    except (OSError, UnsafePath, bundle.BundleError) as exc:
+        into.remove_tree(staging.path.name)
+        return _fail(_unwritten(into.path, exc), as_json, EX_CANTCREAT)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        into.remove_tree(staging.path.name)
         raise
-    manifest, checks = await anyio.to_thread.run_sync(bundle.verify, final)
+    finally:
+        staging.close()
+    return await anyio.to_thread.run_sync(_check_and_name, into, staging, snapshots, as_json)
+
+
+async def _snapshot(
+    daemon: str, address: str, staging: Dir
+) -> tuple[bundle.Snapshot, list[bundle.BundleFile]]:
+    """The daemon's snapshot, copied into `staging` from its own backup/ only."""
+    async with Client(address, timeout=BACKUP_TIMEOUT) as client:
+        answer = await client.call("backup")
+        peer = client.peer_uid()
+    check_owner(peer, f"the {daemon} on {address}, which runs as that user")
+    snapshot = bundle.snapshot_of(answer, daemon)
+    with bundle.open_snapshot_dir(snapshot, peer, trusted_owners()) as source:
+        files = await anyio.to_thread.run_sync(bundle.collect, snapshot, source, staging, peer)
+    return snapshot, files
+
+
+def _check_and_name(
+    into: Dir, staging: Dir, snapshots: dict[str, bundle.Snapshot], as_json: bool
+) -> int:
+    _, checks = verify(staging.path, named=False)
     good = all(check.ok for check in checks)
+    final = bundle.seal(into, staging, good=good)
     if as_json:
-        print(render.as_json({"bundle": str(final), "verified": good,
-                              "checks": [{"ok": c.ok, "check": c.line} for c in checks],
-                              "manifest": msgspec.to_builtins(manifest)}))  # fmt: skip
-    else:
-        _print_checks(checks)
-        gateway = answers["gateway"]["highWater"]
-        events = answers["assistant"]["highWater"]["events"]
-        state = "saved and verified" if good else "saved, but FAILED verification:"
-        print(f"{state} bundle {final} (gateway outbox seq {gateway['outboxSeq']},"
-              f" {gateway['outboxPending']} pending; assistant {events} events)")  # fmt: skip
-    return 0 if good else EX_HANDLER
+        results = [{"ok": c.ok, "check": c.line} for c in checks]
+        print(render.as_json({"bundle": str(final), "verified": good, "checks": results}))
+        return 0 if good else EX_HANDLER
+    _print_checks(checks)
+    if not good:
+        print(f"FAILED verification: kept as {final} for a look; it is not a bundle")
+        return EX_HANDLER
+    gateway = snapshots["gateway"].high_water
+    events = snapshots["assistant"].high_water.get("events")
+    print(f"saved and verified bundle {final} (gateway outbox seq {gateway.get('outboxSeq')},"
+          f" {gateway.get('outboxPending')} pending; assistant {events} events)")  # fmt: skip
+    return 0
 
 
 def check(path: Path, as_json: bool) -> int:
     """`backup --verify`: every check, printed; 0 when all pass."""
+    path = path.absolute()
     if not path.is_dir():
-        return _fail(f"{path} is not a bundle directory", as_json, EX_HANDLER)
-    _, checks = bundle.verify(path)
+        return _fail(f"{path} is not a bundle directory", as_json, EX_NOINPUT)
+    manifest, checks = verify(path)
     good = all(check.ok for check in checks)
     if as_json:
         results = [{"ok": c.ok, "check": c.line} for c in checks]
-        print(render.as_json({"bundle": str(path), "verified": good, "checks": results}))
+        print(render.as_json({"bundle": str(path), "verified": good, "checks": results,
+                              "manifest": msgspec.to_builtins(manifest)}))  # fmt: skip
     else:
         _print_checks(checks)
         print(f"{path}: {'verified' if good else 'FAILED verification'}")
@@ -84,53 +120,88 @@ def check(path: Path, as_json: bool) -> int:
 
 
 def listing(into: Path, as_json: bool) -> int:
-    """`backup --list`: the bundles in a directory; one cut short is never listed as good."""
-    if not into.is_dir():
-        return _fail(f"{into} is not a directory", as_json, EX_HANDLER)
-    found = list(bundle.bundles(into))
+    """`backup --list`: the bundles in a directory; one cut short, failed or damaged is
+    never listed as a bundle, one that cannot be read says so."""
+    into = into.absolute()
+    try:
+        with Dir.open(into) as directory:
+            found = list(bundle.bundles(directory))
+    except (OSError, UnsafePath) as exc:
+        return _fail(f"cannot list {into}: {_reason(exc)}", as_json, EX_NOINPUT)
     if as_json:
-        print(render.as_json([{"bundle": str(path), "whole": whole} for path, whole in found]))
+        entries = [
+            {"bundle": str(path), "whole": state.startswith("bundle"), "state": state}
+            for path, state in found
+        ]
+        print(render.as_json(entries))
     else:
-        for path, whole in found:
-            print(f"{path}  {'bundle' if whole else 'INCOMPLETE: not a bundle (cut short)'}")
+        for path, state in found:
+            print(f"{path}  {state}")
     return 0
 
 
-def restore(path: Path, state: Path, sockets: dict[str, str], as_json: bool) -> int:
-    """`restore`: refused while a daemon's socket answers; verified first; then each file
-    swapped in by a rename."""
+def restore_bundle(
+    path: Path, state_dir: Path, sockets: dict[str, str], as_json: bool, *, named: bool
+) -> int:
+    """`restore`: refused while a daemon runs (its lock or its socket); checked as copied;
+    then swapped in, all or nothing. A state directory is made only when it was `named`
+    (--state-dir, $PAIR_STATE_DIR), never a default's in the current directory."""
+    running = _running(sockets)
+    if running is not None:
+        return _fail(f"{running}: stop both daemons and their sockets first (systemctl stop"
+                     " pair-gateway.socket pair-gateway pair-assistant.socket pair-assistant,"
+                     " or stop `make run`)", as_json, EX_TEMPFAIL)  # fmt: skip
+    path = path.absolute()
+    if not path.is_dir():
+        return _fail(f"{path} is not a bundle directory", as_json, EX_NOINPUT)
+    state_dir = state_dir.absolute()
+    if not named and not state_dir.is_dir():
+        return _fail(f"{state_dir} does not exist (the default state directory, from the"
+                     " current directory): name the pair's with --state-dir DIR", as_json,
+                     EX_NOINPUT, "NO_STATE_DIR")  # fmt: skip
+    try:
+        with Dir.open(state_dir, trusted=trusted_owners(), create=named) as state:
+            checks, done = restore(path, state, lambda: _running(sockets))
+    except Refused as refused:
+        if not as_json:
+            _print_checks(refused.checks)
+        return _fail(f"{path} failed verification; nothing was restored", as_json, EX_HANDLER)
+    except RestoreError as exc:
+        return _fail(str(exc), as_json, EX_TEMPFAIL, "RESTORE_REFUSED")
+    except bundle.BundleError as exc:
+        return _fail(f"{exc}; nothing was restored", as_json, EX_HANDLER)
+    except (OSError, UnsafePath) as exc:
+        return _fail(f"cannot restore into {state_dir}: {_reason(exc)}", as_json, EX_CANTCREAT)
+    if as_json:
+        print(render.as_json({"bundle": str(path), "state": str(state_dir), "done": [done]}))
+        return 0
+    _print_checks(checks)
+    print(done)
+    print("start the pair (systemctl start pair-gateway.socket pair-assistant.socket, or"
+          " make run); once it is right, `pairctl restore --finish` removes the replaced"
+          " files")  # fmt: skip
+    return 0
+
+
+def after_restore(state_dir: Path, *, finish: bool, as_json: bool) -> int:
+    """`restore --resume` (finish a swap cut short) or `restore --finish` (remove the
+    files the last restore replaced)."""
+    try:
+        with Dir.open(state_dir, trusted=trusted_owners()) as state:
+            line = discard_kept(state) if finish else resume(state)
+    except RestoreError as exc:
+        return _fail(str(exc), as_json, EX_TEMPFAIL, "RESTORE_REFUSED")
+    except (OSError, UnsafePath) as exc:
+        return _fail(f"cannot change {state_dir}: {_reason(exc)}", as_json, EX_CANTCREAT)
+    print(render.as_json({"state": str(state_dir), "done": line}) if as_json else line)
+    return 0
+
+
+def _running(sockets: dict[str, str]) -> str | None:
     for daemon, address in sockets.items():
         if _answers(address):
-            return _fail(
-                f"the {daemon} answers on {address}: stop both daemons and their sockets first"
-                " (systemctl stop pair-gateway.socket pair-gateway pair-assistant.socket"
-                " pair-assistant, or stop `make run`)",
-                as_json,
-                EX_TEMPFAIL,
-            )
-    if not path.is_dir():
-        return _fail(f"{path} is not a bundle directory", as_json, EX_HANDLER)
-    _, checks = bundle.verify(path)
-    if not all(check.ok for check in checks):
-        if not as_json:
-            _print_checks(checks)
-        return _fail(f"{path} failed verification; nothing was restored", as_json, EX_HANDLER)
-    try:
-        done = bundle.restore(path, state)
-    except bundle.BundleError as exc:
-        return _fail(str(exc), as_json, EX_HANDLER)
-    except OSError as exc:
-        return _fail(f"cannot restore into {state}: {_reason(exc)}", as_json, EX_CANTCREAT)
-    if as_json:
-        print(render.as_json({"bundle": str(path), "state": str(state), "done": done}))
-    else:
-        _print_checks(checks)
-        for line in done:
-            print(line)
-        print("start the pair (systemctl start pair-gateway.socket pair-assistant.socket, or"
-              " make run): each daemon removes the files kept aside once it has opened"
-              " the restored database")  # fmt: skip
-    return 0
+            return f"the {daemon} answers on {Path(address).absolute()}"
+    return None
 
 
 def _answers(address: str) -> bool:
@@ -149,15 +220,22 @@ def _answers(address: str) -> bool:
     return True
 
 
-def _print_checks(checks: list[bundle.Check]) -> None:
+def _print_checks(checks: list[Check]) -> None:
     for item in checks:
         print(f"  {'ok  ' if item.ok else 'FAIL'}  {item.line}")
+
+
+def _unwritten(into: Path, exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left in {into} for the bundle; nothing was kept"
+    return f"cannot write the bundle in {into}: {_reason(exc)}; nothing was kept"
 
 
 def _reason(exc: BaseException) -> str:
     return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
-def _fail(message: str, as_json: bool, code: int) -> int:
-    kinds = {EX_CANTCREAT: "CANNOT_WRITE", EX_TEMPFAIL: "DAEMON_RUNNING", EX_HANDLER: "BACKUP"}
-    return failed(message, kinds[code], code, as_json)
+def _fail(message: str, as_json: bool, code: int, kind: str | None = None) -> int:
+    kinds = {EX_CANTCREAT: "CANNOT_WRITE", EX_TEMPFAIL: "DAEMON_RUNNING", EX_HANDLER: "BACKUP",
+             EX_NOINPUT: "NO_BUNDLE"}  # fmt: skip
+    return failed(message, kind or kinds[code], code, as_json)

@@ -1,9 +1,14 @@
 """A backup bundle of the pair: both databases, the gateway's key, and a manifest.
 
-    DIR/pair-backup-<UTC time>/   a bundle; `manifest.json` is written last
+    DIR/pair-backup-<UTC time>[.N]/   a bundle; `manifest.json` is written last
         manifest.json
         gateway.db  gateway.key  assistant.db
-    DIR/.pair-backup-<UTC time>.partial/   one being written, or cut short: never a bundle
+    DIR/.pair-backup-<UTC time>-<random>.partial/   one being written, or cut short
+    DIR/.pair-backup-<UTC time>-<random>.failed/    one that failed its checks
+
+Only a bundle that passed every check gets a `pair-backup-` name. Every file of
+it is written through `pair.runtime.files` relative to the directory's
+descriptor: pairctl often runs as root, in a directory others may have touched.
 
 The cut: the gateway's snapshot is taken first, then the assistant's. An event
 the gateway's snapshot counts as delivered (its outbox sequence number is at or
@@ -15,27 +20,34 @@ gateway delivers them again and the assistant stores each event id once.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
-import shutil
+import re
+import secrets
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 from msgspec import Struct
 
-from pair.runtime.paths import fsync_dir, kept_aside
+from pair.runtime.files import (
+    Dir,
+    UnsafePath,
+    copy_hashed,
+    owner_name,
+    replace_atomically,
+)
+from pair.runtime.restore import ALL_FILES, FILES
 
 MANIFEST = "manifest.json"
+MANIFEST_LIMIT = 1 << 20
 PREFIX = "pair-backup-"
 PARTIAL = ".partial"
+FAILED = ".failed"
 CUT = "gateway, then assistant"
-# What each daemon's snapshot holds: its database, then its other files.
-FILES = {"gateway": ("gateway.db", "gateway.key"), "assistant": ("assistant.db",)}
+SNAPSHOT_DIR = "backup"
+# A snapshot file's name in the daemon's backup/: `<stamp>-<random>.<name>`.
+SNAPSHOT_NAME = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}\.(?P<name>[a-z]+\.(?:db|key))")
 
 
 class BundleFile(Struct, rename="camel", kw_only=True):
@@ -63,244 +75,194 @@ class Manifest(Struct, rename="camel", kw_only=True):
     files: list[BundleFile]
 
 
+class SnapshotFile(Struct, rename="camel", kw_only=True):
+    name: str
+    path: str
+    bytes: int
+    sha256: str
+
+
+class Snapshot(Struct, rename="camel", kw_only=True):
+    """A daemon's `backup` answer, as pairctl reads it: nothing else is taken from it."""
+
+    daemon: str
+    version: str
+    sqlite_version: str
+    schema_version: int
+    taken_at: int
+    high_water: dict[str, int]
+    files: list[SnapshotFile]
+
+
 class BundleError(Exception):
     """A bundle that cannot be written, read or restored; the message says why."""
 
 
-def staging_dir(into: Path) -> Path:
-    """A new `.partial` directory in `into` (made, mode 0700: the key goes in it)."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    for attempt in range(100):
-        name = f".{PREFIX}{stamp}{f'.{attempt}' if attempt else ''}{PARTIAL}"
-        with contextlib.suppress(FileExistsError):
-            path = into / name
-            path.mkdir(mode=0o700)
-            return path
-    raise BundleError(f"cannot name a new bundle in {into}")
+def stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
-def collect(snapshot: dict[str, Any], staging: Path) -> list[BundleFile]:
-    """Copy a daemon's snapshot files (its `backup` answer) into `staging`, checking each
-    one's sha256 on the way, then remove them from the daemon's state directory."""
+def staging_dir(into: Dir) -> Dir:
+    """A new `.partial` directory in `into` (mode 0700: the key goes in it)."""
+    name = f".{PREFIX}{stamp()}-{secrets.token_hex(4)}{PARTIAL}"
+    into.subdir(name, create=True)
+    return into.subdir(name)
+
+
+def snapshot_of(answer: Any, daemon: str) -> Snapshot:
+    """The daemon's `backup` answer, refused unless it names exactly its files."""
+    try:
+        snapshot = msgspec.convert(answer, Snapshot)
+    except msgspec.ValidationError as exc:
+        raise BundleError(f"the {daemon}'s backup answer cannot be read: {exc}") from exc
+    names = [file.name for file in snapshot.files]
+    if snapshot.daemon != daemon or sorted(names) != sorted(FILES[daemon]):
+        raise BundleError(
+            f"the {daemon}'s backup answer names {names!r} of {snapshot.daemon!r}, not the"
+            f" {daemon}'s files {list(FILES[daemon])}: nothing of it was copied"
+        )
+    return snapshot
+
+
+def open_snapshot_dir(snapshot: Snapshot, peer_uid: int, trusted: Collection[int]) -> Dir:
+    """The one directory the daemon's snapshot files may be in: a `backup/` every
+    directory above which is trusted, owned by the daemon that answered (its uid, from
+    the socket), all the snapshot's files named in it."""
+    parents = {str(Path(file.path).parent) for file in snapshot.files}
+    if len(parents) != 1 or Path(parents.pop()).name != SNAPSHOT_DIR:
+        paths = [file.path for file in snapshot.files]
+        raise BundleError(f"the {snapshot.daemon}'s snapshot is not in one backup/: {paths!r}")
+    directory = Dir.open(Path(snapshot.files[0].path).parent, trusted=trusted)
+    if directory.stat().st_uid != peer_uid:
+        owner = owner_name(directory.stat().st_uid)
+        directory.close()
+        raise UnsafePath(
+            f"refusing {directory.path}: it belongs to {owner}, not to the {snapshot.daemon}"
+            f" that answered ({owner_name(peer_uid)})"
+        )
+    return directory
+
+
+def collect(snapshot: Snapshot, source: Dir, staging: Dir, peer_uid: int) -> list[BundleFile]:
+    """Copy a daemon's snapshot files from its `source` backup/ into `staging`, each read
+    once and checked against the answer's size and sha256, then remove them there."""
     collected = []
-    for file in snapshot["files"]:
-        target = staging / file["name"]
-        digest = hashlib.sha256()
-        with open(file["path"], "rb") as source, open(target, "xb", opener=_private) as out:
-            while chunk := source.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-            size = out.tell()
-        if digest.hexdigest() != file["sha256"] or size != file["bytes"]:
-            raise BundleError(f"{file['path']} changed while it was copied")
-        collected.append(BundleFile(name=file["name"], bytes=size, sha256=file["sha256"]))
-        # The daemon removes it itself after an hour when this user may not.
-        with contextlib.suppress(OSError):
-            os.unlink(file["path"])
+    for file in snapshot.files:
+        basename = Path(file.path).name
+        named = SNAPSHOT_NAME.fullmatch(basename)
+        if named is None or named["name"] != file.name:
+            raise BundleError(f"{file.path!r} is not a snapshot file of {file.name!r}")
+        with (
+            source.open_regular(basename, owner=peer_uid) as reader,
+            staging.create(file.name) as out,
+        ):
+            size, digest = copy_hashed(reader, out)
+        if digest != file.sha256 or size != file.bytes:
+            raise BundleError(f"{source.path / basename} changed while it was copied")
+        collected.append(BundleFile(name=file.name, bytes=size, sha256=digest))
+        source.unlink(basename, missing_ok=True)
+    source.sync()
     return collected
 
 
-def _private(path: str, flags: int) -> int:
-    return os.open(path, flags, 0o600)
-
-
-def seal(staging: Path, snapshots: dict[str, dict[str, Any]], files: list[BundleFile]) -> Path:
-    """Write the manifest, then give the bundle its name: a directory named
-    `pair-backup-*` holds a whole bundle."""
+def write_manifest(staging: Dir, snapshots: dict[str, Snapshot], files: list[BundleFile]) -> None:
     manifest = Manifest(
         format="pair-backup/1",
         product="pair",
-        version=snapshots["gateway"]["version"],
+        version=snapshots["gateway"].version,
         created_at=int(time.time() * 1000),
         cut=CUT,
         databases={
             daemon: BundleDatabase(
                 file=FILES[daemon][0],
-                version=answer["version"],
-                sqlite_version=answer["sqliteVersion"],
-                schema_version=answer["schemaVersion"],
-                taken_at=answer["takenAt"],
-                high_water=answer["highWater"],
+                version=answer.version,
+                sqlite_version=answer.sqlite_version,
+                schema_version=answer.schema_version,
+                taken_at=answer.taken_at,
+                high_water=answer.high_water,
             )
             for daemon, answer in snapshots.items()
         },
         files=files,
     )
-    partial = staging / (MANIFEST + PARTIAL)
-    with open(partial, "wb", opener=_private) as out:
-        out.write(msgspec.json.format(msgspec.json.encode(manifest)) + b"\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(partial, staging / MANIFEST)
-    fsync_dir(staging)
-    final = staging.with_name(staging.name[1 : -len(PARTIAL)])
-    os.rename(staging, final)
-    fsync_dir(final.parent)
-    return final
+    encoded = msgspec.json.format(msgspec.json.encode(manifest)) + b"\n"
+    replace_atomically(staging, MANIFEST, encoded)
 
 
-def bundles(into: Path) -> Iterator[tuple[Path, bool]]:
-    """The bundles in `into`, oldest first, each with whether it is whole (named as one,
-    with a manifest); `.partial` directories are listed as not whole."""
-    for path in sorted(into.iterdir()):
-        if path.is_dir() and path.name.lstrip(".").startswith(PREFIX):
-            whole = path.name.startswith(PREFIX) and (path / MANIFEST).is_file()
-            yield path, whole
+def seal(into: Dir, staging: Dir, *, good: bool) -> Path:
+    """Name the staging directory: `pair-backup-<stamp>` (`.1`, `.2`, ... when taken) if
+    `good`, else `.pair-backup-<...>.failed`; the directory entry fsynced."""
+    partial = staging.path.name
+    if not good:
+        failed = partial.removesuffix(PARTIAL) + FAILED
+        into.rename(partial, failed)
+        into.sync()
+        return into.path / failed
+    base = partial[1:].removesuffix(PARTIAL).rsplit("-", 1)[0]
+    for attempt in range(1000):
+        final = base if attempt == 0 else f"{base}.{attempt}"
+        # `into` is writable by no one else (checked when it was opened).
+        if into.lstat(final) is None:
+            into.rename(partial, final)
+            into.sync()
+            return into.path / final
+    raise BundleError(f"cannot name a new bundle in {into.path}")
 
 
-@dataclass(slots=True)
-class Check:
-    ok: bool
-    line: str
-
-
-def verify(bundle: Path) -> tuple[Manifest | None, list[Check]]:
-    """Every check of a bundle, each a line to print; the manifest when it could be read."""
-    checks: list[Check] = []
-    if bundle.name.endswith(PARTIAL) or not bundle.name.startswith(PREFIX):
-        checks.append(Check(False, f"{bundle.name}: not a finished bundle (cut short?)"))
+def read_manifest(bundle: Dir) -> Manifest:
+    """The manifest, refused unless it names exactly the format's files."""
     try:
-        manifest = msgspec.json.decode((bundle / MANIFEST).read_bytes(), type=Manifest)
+        raw = bundle.read_small(MANIFEST, MANIFEST_LIMIT)
+        manifest = msgspec.json.decode(raw, type=Manifest)
     except FileNotFoundError:
-        checks.append(Check(False, f"manifest: {bundle / MANIFEST} is missing"))
-        return None, checks
-    except (OSError, msgspec.DecodeError) as exc:
-        checks.append(Check(False, f"manifest: unreadable ({exc})"))
-        return None, checks
-    taken = _when(manifest.created_at)
-    checks.append(Check(True, f"manifest: {manifest.format} of pair {manifest.version}, {taken}"))
-    expected = {name for names in FILES.values() for name in names}
-    listed = {file.name for file in manifest.files}
-    if listed != expected or set(manifest.databases) != set(FILES):
-        checks.append(
-            Check(False, f"manifest: lists {sorted(listed)}, expected {sorted(expected)}")
+        raise BundleError(f"{bundle.path / MANIFEST} is missing") from None
+    except (OSError, UnsafePath, msgspec.DecodeError) as exc:
+        raise BundleError(f"{bundle.path / MANIFEST} is unreadable: {_reason(exc)}") from exc
+    listed = [file.name for file in manifest.files]
+    named = {daemon: database.file for daemon, database in manifest.databases.items()}
+    wanted = {daemon: names[0] for daemon, names in FILES.items()}
+    if sorted(listed) != sorted(ALL_FILES) or named != wanted:
+        raise BundleError(
+            f"{bundle.path / MANIFEST} lists files {listed!r} and databases {named!r};"
+            f" a bundle holds exactly {list(ALL_FILES)} and databases {wanted!r}"
         )
-        return manifest, checks
-    for file in manifest.files:
-        checks.append(_check_file(bundle / file.name, file))
-    for daemon, database in manifest.databases.items():
-        checks.extend(_check_database(bundle / database.file, daemon, database))
-    gateway, assistant = manifest.databases["gateway"], manifest.databases["assistant"]
-    in_order = gateway.taken_at <= assistant.taken_at
-    cut = f"cut: gateway's snapshot at {_when(gateway.taken_at)}, then assistant's at"
-    cut += f" {_when(assistant.taken_at)}" + ("" if in_order else ": out of order")
-    checks.append(Check(in_order, cut))
-    return manifest, checks
+    return manifest
 
 
-def _check_file(path: Path, file: BundleFile) -> Check:
-    digest = hashlib.sha256()
+def bundles(into: Dir) -> Iterator[tuple[Path, str]]:
+    """The bundles in `into`, oldest first, each with what it is: `bundle` (named as
+    one, its manifest readable and every file of the manifest's size), `DAMAGED: why`,
+    `INCOMPLETE` (cut short) or `FAILED` (failed its checks when taken)."""
+    for name in into.names():
+        if not name.lstrip(".").startswith(PREFIX):
+            continue
+        found = into.lstat(name)
+        if found is None or not found.st_mode & 0o040000:
+            continue
+        if name.endswith(PARTIAL):
+            yield into.path / name, "INCOMPLETE: cut short, not a bundle"
+        elif name.endswith(FAILED):
+            yield into.path / name, "FAILED: failed its checks when it was taken"
+        elif name.startswith(PREFIX):
+            yield into.path / name, _listed_state(into, name)
+
+
+def _listed_state(into: Dir, name: str) -> str:
     try:
-        with open(path, "rb") as source:
-            while chunk := source.read(1 << 20):
-                digest.update(chunk)
-            size = source.tell()
-    except OSError as exc:
-        return Check(False, f"{file.name}: cannot be read ({exc.strerror or exc})")
-    found = digest.hexdigest()
-    if size != file.bytes or found != file.sha256:
-        wrong = f"{file.name}: {size} bytes, sha256 {found[:12]}..., but the manifest says"
-        return Check(False, f"{wrong} {file.bytes} bytes, {file.sha256[:12]}...")
-    return Check(True, f"{file.name}: {size} bytes, sha256 {file.sha256[:12]}... matches")
+        with into.subdir(name) as bundle:
+            manifest = read_manifest(bundle)
+            for file in manifest.files:
+                found = bundle.lstat(file.name)
+                if found is None or found.st_size != file.bytes:
+                    return f"DAMAGED: {file.name} is not the manifest's {file.bytes} bytes"
+    except (OSError, UnsafePath, BundleError) as exc:
+        return f"DAMAGED: unreadable ({_reason(exc)})"
+    return f"bundle of pair {manifest.version}, taken {when(manifest.created_at)}"
 
 
-def _check_database(path: Path, daemon: str, database: BundleDatabase) -> list[Check]:
-    import apsw  # only the commands that open a database pay for it
-
-    from pair.assistant.db import MIGRATIONS as ASSISTANT
-    from pair.assistant.db import high_water as assistant_marks
-    from pair.gateway.db import MIGRATIONS as GATEWAY
-    from pair.gateway.db import high_water as gateway_marks
-    from pair.runtime.backup import schema_version_of
-
-    newest = len(GATEWAY if daemon == "gateway" else ASSISTANT)
-    marks = gateway_marks if daemon == "gateway" else assistant_marks
-    name = database.file
-    try:
-        # immutable: nothing is written beside a bundle's file, not even a -shm.
-        db = apsw.Connection(
-            f"file:{path}?immutable=1", flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
-        )
-    except apsw.Error as exc:
-        return [Check(False, f"{name}: cannot be opened ({exc})")]
-    checks = []
-    try:
-        version = schema_version_of(db)
-        if version > newest:
-            newer = f"{name}: schema version {version} is newer than this build of pair opens"
-            later = f"({newest}); restore it with pair {database.version} or later"
-            return [Check(False, f"{newer} {later}")]
-        problems = [str(row[0]) for row in db.execute("PRAGMA integrity_check(10)")]
-        intact = problems == ["ok"]
-        integrity = "ok" if intact else "; ".join(problems)
-        checks.append(Check(intact, f"{name}: integrity_check {integrity}"))
-        said = database.schema_version
-        schema = f"{name}: schema version {version} (this build opens up to {newest}"
-        checks.append(Check(version == said, f"{schema}; the manifest says {said})"))
-        found = marks(db)
-        same = found == database.high_water
-        differs = f"; the manifest says {_marks(database.high_water)}"
-        checks.append(Check(same, f"{name}: {_marks(found)}{'' if same else differs}"))
-    except apsw.Error as exc:
-        checks.append(Check(False, f"{name}: unreadable ({exc})"))
-    finally:
-        db.close()
-    return checks
-
-
-def _marks(marks: dict[str, int]) -> str:
-    return ", ".join(f"{key} {value}" for key, value in marks.items())
-
-
-def _when(ms: int) -> str:
+def when(ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
 
 
-def restore(bundle: Path, state: Path) -> list[str]:
-    """Put the bundle's files in place of those in `state`, each by an atomic rename; the
-    files they replace (with their -wal and -shm) are kept in `<name>.db.pre-restore/`
-    until the daemon opens the restored database. Lines saying what was done."""
-    for database in ("gateway.db", "assistant.db"):
-        aside = kept_aside(state / database)
-        if aside.exists():
-            raise BundleError(
-                f"{aside} holds the files an earlier restore replaced, and its daemon has not"
-                " started since: start the pair once, or move that directory away"
-            )
-    state.mkdir(mode=0o700, parents=True, exist_ok=True)
-    owner = state.stat()
-    done = []
-    for names in FILES.values():
-        database = names[0]
-        aside = kept_aside(state / database)
-        incoming = []
-        for name in names:
-            restoring = state / (name + ".restoring")
-            shutil.copyfile(bundle / name, restoring)
-            with open(restoring, "rb") as file:
-                os.fsync(file.fileno())
-            os.chmod(restoring, 0o600)
-            if os.geteuid() == 0:
-                os.chown(restoring, owner.st_uid, owner.st_gid)
-            incoming.append((restoring, state / name))
-        kept = []
-        for name in [database + "-wal", database + "-shm", *names]:
-            current = state / name
-            if current.exists():
-                if not aside.exists():
-                    aside.mkdir(mode=0o700)
-                    # The daemon removes it once it has opened the restored file.
-                    if os.geteuid() == 0:
-                        os.chown(aside, owner.st_uid, owner.st_gid)
-                os.rename(current, aside / name)
-                kept.append(name)
-        for restoring, final in incoming:
-            os.rename(restoring, final)
-        fsync_dir(state)
-        line = f"restored {', '.join(names)} into {state}"
-        if kept:
-            line += f"; kept the replaced {', '.join(kept)} in {aside}"
-        done.append(line)
-    return done
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)

@@ -21,9 +21,11 @@ import anyio
 from pair.ctl import backup, explore, failures, render
 from pair.ctl.failures import EX_CANTCREAT, EX_HANDLER, EX_NOPERM, EX_UNAVAILABLE, forbidden
 from pair.ctl.metrics import exposition, write_textfile
+from pair.ctl.trust import refuse_relative_as_root
 from pair.ctl.up import run_up
 from pair.protocol.client import BatchCall, Client
 from pair.protocol.errors import IpcHandlerError, IpcTransportError
+from pair.runtime.files import UnsafePath
 from pair.runtime.paths import (
     client_runtime_dir,
     client_state_dir,
@@ -100,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="put a bundle's databases in place (both daemons and sockets stopped)",
     )
-    restore.add_argument("bundle", type=Path, metavar="BUNDLE")
+    restore.add_argument("bundle", type=Path, nargs="?", metavar="BUNDLE")
+    after = restore.add_mutually_exclusive_group()
+    after.add_argument("--resume", action="store_true", help="finish a restore that was cut short")
+    after.add_argument(
+        "--finish", action="store_true", help="remove the files the last restore replaced"
+    )
 
     call = commands.add_parser("call", parents=[common], help="call any method")
     call.add_argument("daemon", choices=DAEMONS)
@@ -145,7 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
 def runtime_dir_of(args: argparse.Namespace) -> tuple[Path, str]:
     if args.runtime_dir is not None:
         return args.runtime_dir, "from --runtime-dir"
-    return client_runtime_dir()
+    found = client_runtime_dir()
+    refuse_relative_as_root(found[0], "--runtime-dir", "PAIR_RUNTIME_DIR")
+    return found
+
+
+def state_dir_of(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The state directory, and whether the operator named it (flag or environment)."""
+    if args.state_dir is not None:
+        return args.state_dir, True
+    found, why = client_state_dir()
+    refuse_relative_as_root(found, "--state-dir", "PAIR_STATE_DIR")
+    return found, why.startswith("from $")
 
 
 def socket_of(args: argparse.Namespace, daemon: str) -> str:
@@ -311,10 +329,11 @@ async def metrics(args: argparse.Namespace) -> int:
         print(render.as_json(answers))
     elif args.textfile is not None:
         try:
-            write_textfile(str(args.textfile), answers)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            print(f"pairctl: cannot write {args.textfile}: {reason}", file=sys.stderr)
+            write_textfile(args.textfile, answers)
+        except (OSError, UnsafePath) as exc:
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+            where = args.textfile.absolute()
+            print(f"pairctl: cannot write {where}: {reason}", file=sys.stderr)
             return EX_CANTCREAT
     else:
         sys.stdout.write(exposition(answers).decode())
@@ -325,8 +344,14 @@ def backups(args: argparse.Namespace) -> int:
     as_json = bool(getattr(args, "json", False))
     sockets = {daemon: socket_of(args, daemon) for daemon in ("gateway", "assistant")}
     if args.command == "restore":
-        state = args.state_dir or client_state_dir()[0]
-        return backup.restore(args.bundle, state, sockets, as_json)
+        state, named = state_dir_of(args)
+        if args.resume or args.finish:
+            if args.bundle is not None:
+                raise UsageError("restore --resume and --finish take no BUNDLE")
+            return backup.after_restore(state, finish=args.finish, as_json=as_json)
+        if args.bundle is None:
+            raise UsageError("restore needs a BUNDLE (or --resume, or --finish)")
+        return backup.restore_bundle(args.bundle, state, sockets, as_json, named=named)
     if args.verify is not None:
         return backup.check(args.verify, as_json)
     if args.dir is None:
@@ -361,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     as_json = bool(getattr(args, "json", False))
     try:
         return dispatch(args)
-    except UsageError as exc:
+    except (UsageError, UnsafePath) as exc:
         return failures.usage(str(exc), as_json)
     except (IpcHandlerError, IpcTransportError) as exc:
         return failures.report(exc, as_json)

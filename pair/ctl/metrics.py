@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import accumulate
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -21,6 +22,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from pair.runtime.files import Dir, replace_atomically
 
 
 class PairCollector(Collector):
@@ -122,9 +125,12 @@ def exposition(answers: dict[str, dict[str, Any] | None]) -> bytes:
     return generate_latest(_registry(answers))
 
 
-def write_textfile(path: str, answers: dict[str, dict[str, Any] | None]) -> None:
-    """Write the exposition to `path` atomically (node_exporter never reads half a file)."""
-    write_to_textfile(path, _registry(answers))
+def write_textfile(path: Path, answers: dict[str, dict[str, Any] | None]) -> None:
+    """Write the exposition to `path` atomically (node_exporter never reads half a file,
+    and after a power cut it finds the old or the new one whole). 0644: node_exporter
+    runs as a user of its own; nothing in it is secret."""
+    with Dir.open(path.parent) as directory:
+        replace_atomically(directory, path.name, exposition(answers), mode=0o644)
 
 
 def _registry(answers: dict[str, dict[str, Any] | None]) -> CollectorRegistry:

@@ -11,7 +11,7 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from pair.gateway import invites
-from pair.gateway.codes import CodeHasher, load_or_create_key
+from pair.gateway.codes import CodeHasher, keyed_invite_count, load_or_create_key
 from pair.gateway.db import Database, high_water
 from pair.gateway.delivery import Delivery
 from pair.gateway.invites import GuessLimits
@@ -20,7 +20,7 @@ from pair.gateway.one_time_migrations import MigrationRunner
 from pair.gateway.outbox import backlog_bounds, dead_count
 from pair.gateway.routes import GatewayRoutes
 from pair.runtime import daemon
-from pair.runtime.backup import Snapshotter, clear_kept_aside
+from pair.runtime.backup import Snapshotter
 from pair.runtime.daemon import DaemonConfig
 from pair.runtime.upkeep import run_periodically
 
@@ -55,7 +55,7 @@ class GatewayApp:
             "gateway",
             self.db.path,
             high_water,
-            extra=[self.key_path],
+            extra=[(self.key_path, "gateway.key")],
             busy_timeout_ms=config.busy_timeout_ms,
         )
         self.routes = GatewayRoutes(
@@ -75,7 +75,8 @@ class GatewayApp:
 
     async def open(self) -> None:
         await anyio.to_thread.run_sync(self.db.open)
-        key = await anyio.to_thread.run_sync(load_or_create_key, self.key_path)
+        keyed = await self.db.run(keyed_invite_count)
+        key = await anyio.to_thread.run_sync(load_or_create_key, self.key_path, lambda: keyed)
         self.hasher = CodeHasher(key)
         await self.migrations.load()
         done_through, queued_through, oldest_at = await self.db.run(backlog_bounds)
@@ -84,7 +85,6 @@ class GatewayApp:
         self.delivery.backlog.oldest_at = oldest_at
         self.delivery.dead = await self.db.run(dead_count)
         log.info("database %s open at schema version %d", self.db.path, self.db.schema_version)
-        await anyio.to_thread.run_sync(clear_kept_aside, self.db.path)
 
     async def run_background(self, task_group: TaskGroup) -> None:
         task_group.start_soon(self._link_then_migrate)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
+from collections.abc import Callable
+from pathlib import Path
 
 from pair.runtime.errors import EX_CANTCREAT, EX_CONFIG, DbOpenError
+from pair.runtime.files import Dir, UnsafePath, replace_atomically
+from pair.runtime.sqlite import Conn
 
 CODE_DIGITS = 6
 KEY_BYTES = 32
@@ -47,37 +50,55 @@ def legacy_hash(code: str) -> str:
     return LEGACY_PREFIX + hashlib.sha256(code.encode("ascii")).hexdigest()
 
 
-def load_or_create_key(path: str) -> bytes:
-    """Read `gateway.key`, creating it (0600, 32 random bytes) on first start.
+def keyed_invite_count(conn: Conn) -> int:
+    """How many invites hold a code hashed with the key (`h1:`), up to the first few."""
+    rows = conn.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM ingress_invites"
+        " WHERE invite_code_hash >= ? AND invite_code_hash < ? LIMIT 1000)",
+        (HMAC_PREFIX, HMAC_PREFIX[:-1] + chr(ord(HMAC_PREFIX[-1]) + 1)),
+    )
+    return int(rows[0][0])
 
-    Written to a temporary file and renamed, so a crash never leaves a short key.
+
+def load_or_create_key(path: str, keyed_invites: Callable[[], int]) -> bytes:
+    """Read `gateway.key`, creating it (0600, 32 random bytes) on first start: written
+    whole under a temporary name, renamed, and the directory fsynced, so neither a crash
+    nor a power cut leaves a short key or loses a key invites were hashed with.
+
+    Never minted beside a database whose invites were hashed with a key (`keyed_invites`
+    counts them): a new key would silently kill every one of their codes.
     """
-    if os.path.exists(path):
-        return _read_key(path)
-    key = secrets.token_bytes(KEY_BYTES)
-    temporary = f"{path}.tmp"
+    where = Path(path)
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, key)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except OSError as exc:
+        with Dir.open(where.parent) as directory:
+            if directory.lstat(where.name) is not None:
+                return _read_key(directory, where)
+            keyed = keyed_invites()
+            if keyed:
+                raise DbOpenError(
+                    f"key file {path} is missing, but the database holds {keyed} invite(s)"
+                    " whose codes were hashed with it; refusing to make a new key (none of"
+                    " them would redeem): put back the gateway.key that goes with this"
+                    " database (a backup bundle holds both)",
+                    EX_CONFIG,
+                )
+            key = secrets.token_bytes(KEY_BYTES)
+            replace_atomically(directory, where.name, key)
+    except (OSError, UnsafePath) as exc:
         raise DbOpenError(f"cannot create key file {path}: {exc}", EX_CANTCREAT) from exc
     return key
 
 
-def _read_key(path: str) -> bytes:
+def _read_key(directory: Dir, where: Path) -> bytes:
     try:
-        with open(path, "rb") as file:
-            key = file.read()
-    except OSError as exc:
-        raise DbOpenError(f"cannot read key file {path}: {exc}", EX_CANTCREAT) from exc
+        with directory.open_regular(where.name) as file:
+            key = file.read(KEY_BYTES + 1)
+    except (OSError, UnsafePath) as exc:
+        raise DbOpenError(f"cannot read key file {where}: {exc}", EX_CANTCREAT) from exc
     if len(key) != KEY_BYTES:
         raise DbOpenError(
-            f"key file {path} holds {len(key)} bytes, expected {KEY_BYTES}; refusing to start "
+            f"key file {where} holds {len(key) if len(key) <= KEY_BYTES else 'more than 32'}"
+            f" bytes, expected {KEY_BYTES}; refusing to start "
             "(restore it from backup: without it no open invite can be redeemed)",
             EX_CONFIG,
         )

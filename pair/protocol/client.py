@@ -198,6 +198,14 @@ class Client:
             if ids in protocol.batches:
                 protocol.batches.remove(ids)
 
+    def peer_uid(self) -> int:
+        """The uid of the process at the other end of the open connection, as the kernel
+        says (SO_PEERCRED): who answered, whatever owns the socket's path."""
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None or protocol.transport.is_closing():
+            raise IpcTransportError(f"{self.path}: not connected", sent=False, path=self.path)
+        return protocol.peer_uid()
+
     async def aclose(self) -> None:
         """Close the connection; pending calls fail with `IpcTransportError`."""
         protocol = self._protocol

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Callable
 from typing import cast
 
@@ -10,6 +12,8 @@ import msgspec
 
 from pair.protocol.errors import FrameError
 from pair.protocol.framing import FrameDecoder
+
+_UCRED = struct.Struct("3i")
 
 
 class ClientConnection(asyncio.Protocol):
@@ -34,6 +38,15 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast("asyncio.Transport", transport)
+
+    def peer_uid(self) -> int:
+        """The uid of the process at the other end, as the kernel says (SO_PEERCRED)."""
+        assert self.transport is not None, "asked once connected"
+        sock = self.transport.get_extra_info("socket")
+        _, uid, _ = _UCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+        return int(uid)
 
     def data_received(self, data: bytes) -> None:
         try:

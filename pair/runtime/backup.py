@@ -13,13 +13,10 @@ there because its unit lets it write nowhere else (ProtectSystem=strict);
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import hashlib
 import logging
 import os
 import secrets
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,7 +30,7 @@ from pair.protocol import __version__
 from pair.protocol.dispatch import NoParams
 from pair.protocol.errors import RouteError
 from pair.runtime.failpoints import failpoint
-from pair.runtime.paths import fsync_dir, kept_aside
+from pair.runtime.files import Dir, UnsafePath, copy_hashed, hash_of
 
 log = logging.getLogger("runtime.backup")
 
@@ -105,13 +102,14 @@ class Snapshotter:
         db_path: str,
         marks: Marks,
         *,
-        extra: Sequence[str] = (),
+        extra: Sequence[tuple[str, str]] = (),
         busy_timeout_ms: int = 5000,
     ) -> None:
         self.daemon = daemon
         self.db_path = db_path
         self.marks = marks
-        self.extra = tuple(extra)
+        # Each extra file: where it is, and its name in a bundle.
+        self.extra = tuple((Path(path), name) for path, name in extra)
         self.busy_timeout_ms = busy_timeout_ms
         self.into = Path(db_path).parent / SNAPSHOT_DIR
         self.stats = BackupStats()
@@ -125,7 +123,7 @@ class Snapshotter:
             started = time.monotonic()
             try:
                 result = self._take()
-            except (OSError, apsw.Error) as exc:
+            except (OSError, apsw.Error, UnsafePath) as exc:
                 self.stats.failures += 1
                 raise _failure(self.daemon, self.into, exc) from exc
             size = sum(file.bytes for file in result.files)
@@ -141,41 +139,18 @@ class Snapshotter:
             self._lock.release()
 
     def _take(self) -> BackupResult:
-        self.into.mkdir(mode=0o700, exist_ok=True)
-        self._remove_leftovers()
-        stamp = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}"
-        name = Path(self.db_path).name
-        final = self.into / f"{stamp}.{name}"
-        partial = final.with_name(final.name + TEMPORARY)
-        taken_at = int(time.time() * 1000)
-        source = apsw.Connection(self.db_path, flags=apsw.SQLITE_OPEN_READONLY)
-        try:
-            source.set_busy_timeout(self.busy_timeout_ms)
-            source.execute("VACUUM INTO ?", (str(partial),))
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        finally:
-            source.close()
-        failpoint("backup.snapshot_written")
-        try:
-            copy = apsw.Connection(str(partial), flags=apsw.SQLITE_OPEN_READONLY)
+        with Dir.open(self.into, create=True) as into:
+            self._remove_leftovers(into)
+            stamp = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}"
+            taken_at = int(time.time() * 1000)
             try:
-                schema_version = schema_version_of(copy)
-                high_water = self.marks(copy)
-            finally:
-                copy.close()
-            files = [_seal(partial, final, name)]
-            for path in self.extra:
-                extra = self.into / f"{stamp}.{Path(path).name}"
-                extra_partial = extra.with_name(extra.name + TEMPORARY)
-                shutil.copyfile(path, extra_partial)
-                files.append(_seal(extra_partial, extra, Path(path).name))
-        except BaseException:
-            for leftover in self.into.glob(f"{stamp}.*"):
-                leftover.unlink(missing_ok=True)
-            raise
-        fsync_dir(self.into)
+                files, schema_version, high_water = self._write(into, stamp)
+            except BaseException:
+                for leftover in into.names():
+                    if leftover.startswith(f"{stamp}."):
+                        into.unlink(leftover, missing_ok=True)
+                raise
+            into.sync()
         return BackupResult(
             daemon=self.daemon,
             version=__version__,
@@ -186,31 +161,60 @@ class Snapshotter:
             files=files,
         )
 
-    def _remove_leftovers(self) -> None:
+    def _write(self, into: Dir, stamp: str) -> tuple[list[SnapshotFile], int, dict[str, int]]:
+        """The database's snapshot, then the extra files, each sealed under its name."""
+        name = Path(self.db_path).name
+        partial = f"{stamp}.{name}{TEMPORARY}"
+        source = apsw.Connection(self.db_path, flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            source.set_busy_timeout(self.busy_timeout_ms)
+            # VACUUM INTO takes a path: `into` is the daemon's own 0700 directory.
+            source.execute("VACUUM INTO ?", (str(into.path / partial),))
+        finally:
+            source.close()
+        failpoint("backup.snapshot_written")
+        copy = apsw.Connection(str(into.path / partial), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            schema_version = schema_version_of(copy)
+            high_water = self.marks(copy)
+        finally:
+            copy.close()
+        with into.open_regular(partial) as written:
+            size, digest = hash_of(written)
+            os.fsync(written.fileno())
+        files = [_sealed(into, partial, stamp, name, size, digest)]
+        for extra, bundle_name in self.extra:
+            partial = f"{stamp}.{bundle_name}{TEMPORARY}"
+            with (
+                Dir.open(extra.parent) as where,
+                where.open_regular(extra.name) as reader,
+                into.create(partial) as out,
+            ):
+                size, digest = copy_hashed(reader, out)
+            files.append(_sealed(into, partial, stamp, bundle_name, size, digest))
+        return files, schema_version, high_water
+
+    def _remove_leftovers(self, into: Dir) -> None:
         """Files of a snapshot cut short (the daemon was killed), and snapshots nobody
         collected within `UNCOLLECTED_AFTER`."""
         now = time.time()
         # Only this daemon's: both daemons' units share one state directory.
-        own = {Path(self.db_path).name, *(Path(path).name for path in self.extra)}
-        for path in self.into.iterdir():
-            name = path.name.removesuffix(TEMPORARY)
-            if name.partition(".")[2] not in own:
+        own = {Path(self.db_path).name, *(name for _, name in self.extra)}
+        for entry in into.names():
+            if entry.removesuffix(TEMPORARY).partition(".")[2] not in own:
                 continue
-            with contextlib.suppress(FileNotFoundError):
-                if path.name.endswith(TEMPORARY) or now - path.stat().st_mtime > UNCOLLECTED_AFTER:
-                    path.unlink()
+            found = into.lstat(entry)
+            if found is not None and (
+                entry.endswith(TEMPORARY) or now - found.st_mtime > UNCOLLECTED_AFTER
+            ):
+                into.unlink(entry, missing_ok=True)
 
 
-def _seal(partial: Path, final: Path, name: str) -> SnapshotFile:
-    """fsync `partial`, hash it, and give it its final name."""
-    digest = hashlib.sha256()
-    with open(partial, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-        os.fsync(file.fileno())
-        size = file.tell()
-    os.replace(partial, final)
-    return SnapshotFile(name=name, path=str(final), bytes=size, sha256=digest.hexdigest())
+def _sealed(into: Dir, partial: str, stamp: str, name: str, size: int, digest: str) -> SnapshotFile:
+    """Give a written, fsynced snapshot file its final name."""
+    final = f"{stamp}.{name}"
+    into.rename(partial, final)
+    return SnapshotFile(name=name, path=str(into.path / final), bytes=size, sha256=digest)
 
 
 def _failure(daemon: str, into: Path, exc: BaseException) -> BackupFailed:
@@ -223,20 +227,6 @@ def _failure(daemon: str, into: Path, exc: BaseException) -> BackupFailed:
         message = f"{daemon}: the snapshot in {into} failed ({exc}); nothing was kept"
     log.error("backup: %s", message)
     return BackupFailed(message, no_space=no_space)
-
-
-def clear_kept_aside(db_path: str) -> None:
-    """Once the daemon has opened a restored database: the files the restore kept aside
-    (`pairctl restore`) are no longer needed."""
-    aside = kept_aside(Path(db_path))
-    if not aside.is_dir():
-        return
-    try:
-        shutil.rmtree(aside)
-    except OSError as exc:
-        log.warning("restore: cannot remove %s, kept aside by a restore: %s", aside, exc)
-        return
-    log.info("restore: the daemon opened the restored database; removed %s", aside)
 
 
 def method_of(snapshots: Snapshotter) -> Callable[[NoParams], BackupResult]:

@@ -44,6 +44,7 @@ from pair.runtime.journal import JOURNAL_SOCKET, JournalHandler
 from pair.runtime.listener import Listener, open_listener
 from pair.runtime.memory import map_large_blocks
 from pair.runtime.paths import default_runtime_dir, default_state_dir
+from pair.runtime.restore import hold_for_daemon
 from pair.runtime.sqlite import BUSY_TIMEOUT_MS, STOP_TIMEOUT
 from pair.runtime.systemd import Notifier, run_watchdog, watchdog_interval
 
@@ -388,6 +389,8 @@ def main(
         setup_logging(name, config.log_level, config.log_format)
         raise_fd_limit()
         map_large_blocks()
+        # Held open until the process ends: no restore begins while a daemon runs.
+        state_lock = hold_for_daemon(config.state_dir, name)
         listener = open_listener(
             config.socket_path,
             daemon_name=f"{name}d",
@@ -411,4 +414,6 @@ def main(
         listener.close()
         print(f"{name}d: {exc}", file=sys.stderr)
         return exc.exit_code
+    finally:
+        state_lock.close()
     return 0

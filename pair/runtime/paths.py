@@ -58,18 +58,3 @@ def _client_dir(variable: str, installed: Path, default: Callable[[], Path]) -> 
     if installed.is_dir():
         return installed, "the installed units' directory"
     return default(), "the development default"
-
-
-def kept_aside(database: Path) -> Path:
-    """Where `pairctl restore` keeps the files it replaced (the database, its -wal and
-    -shm, the key) until the daemon has opened the restored database and removes it."""
-    return database.with_name(database.name + ".pre-restore")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the names in `path` (a rename, a new file) survive a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

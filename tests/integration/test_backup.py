@@ -232,7 +232,9 @@ async def test_a_restore_into_a_fresh_state_brings_everything_back_and_delivers_
     fresh.mkdir()
     restored = pairctl(fresh, "restore", bundle)
     assert restored.returncode == 0, restored.stderr
-    assert f"restored gateway.db, gateway.key into {fresh / 'state'}" in restored.stdout
+    assert (
+        f"restored gateway.db, gateway.key, assistant.db into {fresh / 'state'}" in restored.stdout
+    )
     with started(fresh) as new:
         async with Client(new.gateway_socket) as gw, Client(new.assistant_socket) as assistant:
             await gateway_health_reaches(new.gateway_socket, outbox_drained)
@@ -246,9 +248,11 @@ async def test_a_restore_into_a_fresh_state_brings_everything_back_and_delivers_
             assert (await gw.call("invites_redeem", again))["outcome"] == "redeemed"
 
 
-async def test_a_restore_over_a_used_state_keeps_the_old_files_aside_until_the_daemons_start(
+async def test_a_restore_over_a_used_state_keeps_the_old_files_aside_until_the_operator_says(
     short_tmp: Path,
 ) -> None:
+    """The replaced files (a killed gateway's WAL with its database) stay in pre-restore/
+    across the daemons' start, until `restore --finish`; a second restore waits for it."""
     into = short_tmp / "bundles"
     into.mkdir()
     with started(short_tmp / "pair") as pair:
@@ -266,18 +270,26 @@ async def test_a_restore_over_a_used_state_keeps_the_old_files_aside_until_the_d
         assert (pair.state / "gateway.db-wal").exists()
         done = pairctl(pair, "restore", bundle)
         assert done.returncode == 0, done.stderr
-        aside = pair.state / "gateway.db.pre-restore"
-        assert sorted(path.name for path in aside.iterdir()) == [
-            "gateway.db", "gateway.db-shm", "gateway.db-wal", "gateway.key",
-        ]  # fmt: skip
+        aside = pair.state / "pre-restore"
+        kept = {path.name for path in aside.iterdir()}
+        assert {"gateway.db", "gateway.db-wal", "gateway.key", "assistant.db"} <= kept
         assert not (pair.state / "gateway.db-wal").exists()
         pair.assistant.start()
         pair.gateway.start()
-        assert not aside.exists()
-        assert not (pair.state / "assistant.db.pre-restore").exists()
+        assert {path.name for path in aside.iterdir()} == kept
         async with Client(pair.gateway_socket) as gw:
             names = [c["displayName"] for c in (await gw.call("contacts_list", {}))["contacts"]]
         assert names == ["in the bundle"]
+        pair.gateway.stop()
+        pair.assistant.stop()
+        again = pairctl(pair, "restore", bundle)
+        assert again.returncode == 75
+        assert f"{aside} holds the files an earlier restore replaced" in again.stderr
+        finished = pairctl(pair, "restore", "--finish")
+        assert finished.returncode == 0, finished.stderr
+        assert not aside.exists()
+        pair.assistant.start()
+        pair.gateway.start()
 
 
 def _edit_bundle(bundle: Path, name: str, sql: str) -> None:
@@ -306,6 +318,7 @@ async def test_a_bundle_of_a_newer_schema_is_refused_with_what_to_do(short_tmp: 
     assert verified.returncode == 1
     assert "gateway.db: schema version 99 is newer than this build of pair opens" in verified.stdout
     state = short_tmp / "target"
+    state.mkdir()
     refused = pairctl(state, "restore", str(newer))
     assert refused.returncode == 1
     assert "failed verification; nothing was restored" in refused.stderr

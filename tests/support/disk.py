@@ -16,7 +16,9 @@ import pytest
 def small_disk(path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs at `path`: a disk the test can fill up and free again."""
     path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(path)], check=True
+    )
     try:
         yield path
     finally:

@@ -1,0 +1,79 @@
+"""Whether a database's schema is the one this build's migrations make at its version.
+
+The expected schema is made, not written down: the daemon's own migrations run
+on an empty in-memory database up to the file's `user_version`, and every
+table, index, trigger and view they make must be in the file with the same
+definition (SQLite keeps each one's CREATE text, which ALTER TABLE edits in
+place, so equal text is an equal table). gateway.db holds nothing else.
+assistant.db also holds what db_proxy callers made (their tables, indexes,
+views and triggers): anything on the daemon's internal tables that the
+migrations did not make (a trigger on `events`) is refused, as the statement
+policy refuses it over the socket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import apsw
+
+Objects = dict[tuple[str, str], tuple[str, str | None]]
+
+
+def migrations_of(daemon: str) -> tuple[str, ...]:
+    if daemon == "gateway":
+        from pair.gateway.db import MIGRATIONS as GATEWAY
+
+        return GATEWAY
+    from pair.assistant.db import MIGRATIONS as ASSISTANT
+
+    return ASSISTANT
+
+
+def _guarded_tables(daemon: str) -> frozenset[str]:
+    """The tables nothing but the migrations may put anything on (the policy's)."""
+    if daemon == "gateway":
+        return frozenset()
+    from pair.assistant.db import INTERNAL_TABLES
+
+    return INTERNAL_TABLES
+
+
+def newest_version(daemon: str) -> int:
+    return len(migrations_of(daemon))
+
+
+def expected_objects(daemon: str, version: int) -> Objects:
+    db = apsw.Connection(":memory:")
+    try:
+        for migration in migrations_of(daemon)[:version]:
+            db.execute(migration)
+        return objects_of(db)
+    finally:
+        db.close()
+
+
+def objects_of(db: Any) -> Objects:
+    """Each schema object by (type, name): its table and its CREATE text."""
+    rows = db.execute("SELECT type, name, tbl_name, sql FROM sqlite_schema").fetchall()
+    return {
+        (str(kind), str(name)): (str(table), None if sql is None else str(sql))
+        for kind, name, table, sql in rows
+        if not str(name).startswith("sqlite_")
+    }
+
+
+def schema_problems(db: Any, daemon: str, version: int) -> list[str]:
+    """How the schema of `db` differs from what the migrations make at `version`."""
+    expected, found = expected_objects(daemon, version), objects_of(db)
+    problems = []
+    for (kind, name), definition in expected.items():
+        if (kind, name) not in found:
+            problems.append(f"{kind} {name} is missing")
+        elif found[(kind, name)] != definition:
+            problems.append(f"{kind} {name} is not as this build makes it")
+    guarded = _guarded_tables(daemon)
+    for (kind, name), (table, _) in found.items():
+        if (kind, name) not in expected and (daemon == "gateway" or table in guarded):
+            problems.append(f"{kind} {name!r} (on {table!r}) is not one pair makes")
+    return problems[:10]
