@@ -12,10 +12,11 @@ marks the manifest's.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 from pair.ctl.bundle import BundleDatabase, BundleError, BundleFile, Manifest, read_manifest, when
@@ -86,8 +87,8 @@ def check_database(path: Path, daemon: str, database: BundleDatabase) -> list[Ch
     import apsw  # only the commands that open a database pay for it
 
     name = database.file
-    with Dir.open(path.parent) as directory:
-        size_problem = size_problem_of(directory, path.name)
+    with Dir.open(path.parent) as directory, directory.open_regular(path.name) as file:
+        size_problem = size_problem_of(file)
     if size_problem is not None:
         return [Check(False, f"{name}: {size_problem}")]
     try:
@@ -106,12 +107,11 @@ def check_database(path: Path, daemon: str, database: BundleDatabase) -> list[Ch
         db.close()
 
 
-def size_problem_of(directory: Dir, name: str) -> str | None:
-    """Why the file is not one whole SQLite database by its header (a sparse tail of
-    zeros passes `integrity_check`), or None."""
-    with directory.open_regular(name) as file:
-        header = file.read(HEADER.size)
-        size = file.seek(0, 2)
+def size_problem_of(file: BinaryIO) -> str | None:
+    """Why the open file is not one whole SQLite database by its header (a sparse tail
+    of zeros passes `integrity_check`), or None; its position is left as it was."""
+    header = os.pread(file.fileno(), HEADER.size, 0)
+    size = os.fstat(file.fileno()).st_size
     if len(header) < HEADER.size:
         return f"{size} bytes: too short for a SQLite database"
     magic, page_size, change, pages, valid_for = HEADER.unpack(header)

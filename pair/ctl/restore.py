@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-from pair.ctl.bundle import BundleError, Manifest, read_manifest
+from pair.ctl.bundle import BundleError, BundleFile, Manifest, read_manifest
 from pair.ctl.checks import Check, check_database, cut_check, matches, size_problem_of
 from pair.runtime.files import Dir, copy_hashed
 from pair.runtime.restore import (
@@ -84,8 +85,9 @@ def resume(state: Dir) -> str:
 
 
 def discard_kept(state: Dir) -> str:
-    """`--finish`: the operator says the restored state is right; the replaced files go."""
-    with lock_for_restore(state):
+    """`--finish`: the operator says the restored state is right; the replaced files go
+    (the pair may run meanwhile: it never reads them)."""
+    with lock_for_restore(state, beside_daemons=True):
         if marker_of(state) is not None:
             raise RestoreError(f"a restore into {state.path} was cut short: --resume it first")
         if not finish(state):
@@ -107,18 +109,7 @@ def _refuse_pending(state: Dir) -> None:
 
 
 def _check_room(bundle: Dir, state: Dir, manifest: Manifest) -> None:
-    """Refused before anything is copied: files not the manifest's size, a database
-    whose header disagrees with its size, or too little room for the copies."""
-    for file in manifest.files:
-        found = bundle.lstat(file.name)
-        if found is None or found.st_size != file.bytes:
-            size = "missing" if found is None else f"{found.st_size} bytes"
-            raise BundleError(
-                f"{bundle.path / file.name} is {size}, the manifest says {file.bytes}"
-            )
-        problem = size_problem_of(bundle, file.name) if file.name in DATABASES else None
-        if problem is not None:
-            raise BundleError(f"{bundle.path / file.name}: {problem}")
+    """Refused before anything is copied: too little room for the copies."""
     needed = sum(file.bytes for file in manifest.files) + SPARE_BYTES
     free = state.free_bytes()
     if free < needed:
@@ -135,12 +126,27 @@ def _copy_in(bundle: Dir, state: Dir, manifest: Manifest) -> list[Check]:
     for file in manifest.files:
         incoming = file.name + INCOMING
         state.unlink(incoming, missing_ok=True)
-        with bundle.open_regular(file.name) as source, state.create(incoming) as out:
-            if owner is not None:
-                os.fchown(out.fileno(), *owner)
-            size, digest = copy_hashed(source, out)
+        with bundle.open_regular(file.name) as source:
+            _check_before_copy(bundle, file, source)
+            with state.create(incoming) as out:
+                if owner is not None:
+                    os.fchown(out.fileno(), *owner)
+                size, digest = copy_hashed(source, out)
         checks.append(matches(file, size, digest))
     return checks
+
+
+def _check_before_copy(bundle: Dir, file: BundleFile, source: BinaryIO) -> None:
+    """Refused before a byte is copied: not the manifest's size, or a database whose
+    header disagrees with its size (a sparse gigabyte of zeros)."""
+    size = os.fstat(source.fileno()).st_size
+    if size != file.bytes:
+        raise BundleError(
+            f"{bundle.path / file.name} is {size} bytes, the manifest says {file.bytes}"
+        )
+    problem = size_problem_of(source) if file.name in DATABASES else None
+    if problem is not None:
+        raise BundleError(f"{bundle.path / file.name}: {problem}")
 
 
 def _check_copies(state: Dir, manifest: Manifest) -> list[Check]:

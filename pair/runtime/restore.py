@@ -109,15 +109,22 @@ def cut_short(state_dir: Path) -> str:
     )
 
 
-def lock_for_restore(state: Dir) -> BinaryIO:
-    """The exclusive lock a restore holds for its whole run; refused while a daemon
-    holds its shared one."""
+def lock_for_restore(state: Dir, *, beside_daemons: bool = False) -> BinaryIO:
+    """The exclusive lock a restore holds for its whole run, refused while a daemon holds
+    its shared one; `beside_daemons`, a shared one (`--finish` runs beside the pair, never
+    beside a restore)."""
     found = state.stat()
     lock = open_lock(state, (found.st_uid, found.st_gid) if os.geteuid() == 0 else None)
     try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(
+            lock.fileno(), (fcntl.LOCK_SH if beside_daemons else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        )
     except BlockingIOError:
         lock.close()
+        if beside_daemons:
+            raise RestoreError(
+                f"a restore into {state.path} is running: retry once it has ended"
+            ) from None
         raise RestoreError(
             f"a daemon is running on {state.path} (it holds {state.path / LOCK}): stop both"
             " daemons and their sockets first"
