@@ -3,6 +3,7 @@ peer's error rebuilt as `IpcHandlerError` (by `errorCode`, never by position).""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -10,6 +11,14 @@ from msgspec import UNSET, Raw
 
 from pair.protocol.errors import IpcHandlerError, IpcTransportError
 from pair.protocol.messages import ClientResponse, ErrorObject
+
+# What PROTOCOL.md's error object carries: an HTTP-like status and an upper-case code.
+# Anything else a peer sends is read as a 500 named UNKNOWN, so that neither a crash
+# nor a megabyte or a terminal escape gets in through them (they reach logs and pairctl).
+STATUSES = range(100, 600)
+UNKNOWN_STATUS = 500
+ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+UNKNOWN_CODE = "UNKNOWN"
 
 _any_decoder = msgspec.json.Decoder()
 _typed_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
@@ -23,15 +32,31 @@ def _decoder_for(result_type: Any) -> msgspec.json.Decoder[Any]:
 
 
 def handler_error(error: ErrorObject) -> IpcHandlerError:
-    """Rebuild the peer's error from its error object, keyed by `errorCode`."""
+    """Rebuild the peer's error from its error object, keyed by `errorCode`.
+
+    Never raises, whatever the peer put in `data`: a `statusCode` that is not an
+    HTTP-like status is a 500, an `errorCode` that is not a code's name is
+    `UNKNOWN`, and a `retryable` that is not a bool is false.
+    """
     data = error.data if isinstance(error.data, dict) else {}
+    if not isinstance(data.get("retryable", False), bool):
+        data = {**data, "retryable": False}
     return IpcHandlerError(
         error.message,
-        int(data.get("statusCode", 500)),
-        str(data.get("errorCode", "UNKNOWN")),
+        _status_of(data.get("statusCode")),
+        _code_of(data.get("errorCode")),
         data,
         rpc_code=error.code,
     )
+
+
+def _status_of(value: object) -> int:
+    # `type() is int`: a bool is an int to Python, never a status to a peer.
+    return value if type(value) is int and value in STATUSES else UNKNOWN_STATUS
+
+
+def _code_of(value: object) -> str:
+    return value if isinstance(value, str) and ERROR_CODE.fullmatch(value) else UNKNOWN_CODE
 
 
 def result_of(response: ClientResponse, result_type: Any) -> Any:
