@@ -7,19 +7,26 @@ state (connected / down / incompatible / unknown, since when, last error) and
 what the assistant said of itself (`pair.hello` on every connect: its
 release, protocol range and capabilities) are what `health` reports, updated
 by every call without extra traffic.
+
+The link is where the assistant's words enter the gateway: whatever it
+answers becomes a result, an `IpcHandlerError` whose message is quoted and
+cut, or an `IpcTransportError` (`IncompatiblePeer` for a handshake no release
+gives), never another exception; and the link's log lines quote what they
+carry, so no answer can forge a line or write to a terminal reading the log.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
-import msgspec
 
 from pair.protocol import __version__
+from pair.protocol.calls import loggable
 from pair.protocol.client import Client, Handshake
 from pair.protocol.errors import IncompatiblePeer, IpcHandlerError, IpcTransportError
 from pair.protocol.hello import (
@@ -30,6 +37,7 @@ from pair.protocol.hello import (
     peer_of,
     peer_refusing,
     refusal,
+    refused,
 )
 
 log = logging.getLogger("gateway.link")
@@ -40,6 +48,10 @@ CALL_TIMEOUT = 10.0
 WAIT_BACKOFF_START = 0.05
 WAIT_BACKOFF_CAP = 2.0
 HELLO = {"product": PRODUCT, "version": __version__, "protocol": PROTOCOL}
+# How much of a message a log line of the link carries (a refusal says which side to
+# upgrade at its end), and of the assistant's capabilities.
+LOGGED_MESSAGE_CHARS = 400
+LOGGED_CAPABILITIES_CHARS = 1000
 
 
 class LinkState:
@@ -55,7 +67,7 @@ class LinkState:
             self.state = state
             self.since = int(time.time() * 1000)
             if state in ("down", "incompatible"):
-                log.warning("assistant link %s: %s", state, error)
+                log.warning("assistant link %s: %s", state, loggable(error, LOGGED_MESSAGE_CHARS))
             else:
                 log.info("assistant link %s", state)
 
@@ -80,31 +92,34 @@ class AssistantLink:
         An assistant before `pair.hello` (0.1.0) is read from its `rpc.discover`."""
         try:
             answer = await call("pair.hello", HELLO, HEALTH_TIMEOUT)
-            peer = _read(peer_of, answer, "its pair.hello answer")
         except IpcHandlerError as exc:
-            if exc.code == "METHOD_NOT_FOUND":
-                peer = await self._before_hello(call)
-            elif exc.code == "PROTOCOL_UNSUPPORTED":
-                peer = _read(peer_refusing, exc.data, "PROTOCOL_UNSUPPORTED's data")
-            else:
-                # Never a handler error to the caller: delivery would take it for a
-                # refusal of its events.
-                raise IncompatiblePeer(f"pair.hello answered {exc.code}: {exc.message}") from exc
+            peer = await self._hello_refused(call, exc)
+        else:
+            peer = _read(peer_of, answer, "its pair.hello answer")
         problem = refusal(PROTOCOL, peer, "gateway")
         if problem is not None:
             raise IncompatiblePeer(problem)
         if self.peer != peer:
-            log.info(
-                "assistant is %s; capabilities: %s", peer, ", ".join(sorted(peer.capabilities))
-            )
+            _log_peer(peer)
         self.peer = peer
+
+    async def _hello_refused(self, call: Handshake, exc: IpcHandlerError) -> Peer:
+        """`pair.hello` answered an error: a release before it (0.1.0), read from its
+        `rpc.discover`; else an `IncompatiblePeer`, never a handler error (delivery would
+        take it for a refusal of its events)."""
+        if exc.code == "METHOD_NOT_FOUND":
+            return await self._before_hello(call)
+        if exc.code == "PROTOCOL_UNSUPPORTED":
+            peer = _read(peer_refusing, exc.data, "PROTOCOL_UNSUPPORTED's data")
+            raise IncompatiblePeer(refused(PROTOCOL, peer, "gateway"))
+        raise IncompatiblePeer(f"pair.hello answered {_heard(exc)}")
 
     async def _before_hello(self, call: Handshake) -> Peer:
         """A release before `pair.hello` (0.1.0), read from its `rpc.discover`."""
         try:
             document = await call("rpc.discover", None, HEALTH_TIMEOUT)
         except IpcHandlerError as exc:
-            raise IncompatiblePeer(f"rpc.discover answered {exc.code}: {exc.message}") from exc
+            raise IncompatiblePeer(f"rpc.discover answered {_heard(exc)}") from None
         return _read(peer_before_hello, document, "its rpc.discover answer")
 
     async def can(self, capability: str) -> bool:
@@ -129,9 +144,9 @@ class AssistantLink:
         except IpcTransportError as exc:
             self._lost(exc)
             raise
-        except IpcHandlerError:
+        except IpcHandlerError as exc:
             self.status.update("connected")
-            raise
+            raise _heard(exc) from None
         self.status.update("connected")
         return result
 
@@ -170,8 +185,8 @@ class AssistantLink:
             except IpcTransportError:
                 pass
             except IpcHandlerError as exc:
-                self.status.update("connected", f"health answered {exc.code}: {exc.message}")
-                log.error("assistant health failed: %s %s", exc.code, exc.message)
+                self.status.update("connected", f"health answered {exc}")
+                log.error("assistant health failed: %s", exc)
             else:
                 return
             await anyio.sleep(delay)
@@ -185,6 +200,25 @@ def _read(reader: Callable[[Any], Peer], answer: Any, what: str) -> Peer:
     """The peer `answer` describes; an answer no release of ours gives is an
     `IncompatiblePeer`, never an error that would end delivery."""
     try:
-        return reader(answer)
-    except (msgspec.ValidationError, AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise IncompatiblePeer(f"the assistant's {what} cannot be read: {exc}") from exc
+        peer = reader(answer)
+    except (ValueError, AttributeError, KeyError, TypeError, RecursionError) as exc:
+        raise IncompatiblePeer(f"the assistant's {what} cannot be read: {exc}") from None
+    # Its name and release go into health, refusals and the log: quoted unless plain.
+    return dataclasses.replace(peer, daemon=_shown(peer.daemon), version=_shown(peer.version))
+
+
+def _shown(text: str) -> str:
+    return text if text.isprintable() else loggable(text)
+
+
+def _heard(exc: IpcHandlerError) -> IpcHandlerError:
+    """The assistant's error as the gateway may report it (health, outbox_dead, logs):
+    its message quoted and cut; its code is a code's name already (`handler_error`)."""
+    quoted = loggable(exc.message, LOGGED_MESSAGE_CHARS)
+    return IpcHandlerError(quoted, exc.status_code, exc.code, exc.data, rpc_code=exc.rpc_code)
+
+
+def _log_peer(peer: Peer) -> None:
+    capabilities = loggable(", ".join(sorted(peer.capabilities)), LOGGED_CAPABILITIES_CHARS)
+    dropped = f" ({peer.dropped} more not kept)" if peer.dropped else ""
+    log.info("assistant is %s; capabilities: %s%s", loggable(str(peer)), capabilities, dropped)

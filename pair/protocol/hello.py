@@ -20,6 +20,8 @@ capabilities are its methods, read from `rpc.discover` (`peer_before_hello`).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,16 @@ import msgspec
 from msgspec import Struct
 
 PRODUCT = "pair"
+
+# What is kept of what a peer says of itself (it is held for the connection's life,
+# reported by health and logged): a hostile or broken peer's million capabilities or
+# megabyte release must cost neither memory nor a line of a megabyte.
+PEER_TEXT_CHARS = 64
+MAX_CAPABILITIES = 256
+CAPABILITY_CHARS = 64
+# A capability is a method's or a feature's name (`emit_events`, `pair.hello`); a string
+# that is not one (control characters, spaces) can name nothing we use, and is dropped.
+_CAPABILITY = re.compile(rf"[A-Za-z][A-Za-z0-9_.:-]{{0,{CAPABILITY_CHARS - 1}}}")
 
 
 class ProtocolRange(Struct):
@@ -74,6 +86,9 @@ class Peer:
     protocol: ProtocolRange
     capabilities: frozenset[str]
     said_hello: bool
+    # How many of the capabilities it named were not kept (past MAX_CAPABILITIES, or
+    # not a name): worth a word in the log, never a reason to refuse it.
+    dropped: int = 0
 
     def has(self, capability: str) -> bool:
         return capability in self.capabilities
@@ -83,29 +98,63 @@ class Peer:
 
 
 def peer_of(hello: Any) -> Peer:
-    """A peer from its `pair.hello` answer; members a later release adds are ignored."""
+    """A peer from its `pair.hello` answer; members a later release adds are ignored.
+    Raises `ValueError` (msgspec's, with the path) on an answer no release gives."""
     answer = msgspec.convert(hello, Hello)
+    capabilities, dropped = _capabilities(answer.capabilities)
     return Peer(
-        answer.daemon, answer.version, answer.protocol, frozenset(answer.capabilities), True
+        _cut(answer.daemon), _cut(answer.version), answer.protocol, capabilities, True, dropped
     )
 
 
 def peer_refusing(data: Any) -> Peer:
-    """The peer that answered PROTOCOL_UNSUPPORTED, from the error's `data`."""
+    """The peer that answered PROTOCOL_UNSUPPORTED, from the error's `data`; `ValueError`
+    when `data` does not say its protocol range."""
+    if not isinstance(data, dict):
+        raise ValueError("the refusal's data is not an object")
     protocol = msgspec.convert(data.get("protocol"), ProtocolRange)
-    daemon, version = str(data.get("daemon", "?")), str(data.get("version", "?"))
+    daemon, version = _cut(data.get("daemon", "?")), _cut(data.get("version", "?"))
     return Peer(daemon, version, protocol, frozenset(), True)
 
 
 def peer_before_hello(document: Any) -> Peer:
     """A peer of a release before `pair.hello` (0.1.0): protocol 1, its methods its
-    capabilities, from its `rpc.discover` document."""
-    info = document.get("info", {})
-    methods = frozenset(method["name"] for method in document.get("methods", []))
-    return Peer(
-        str(info.get("title", "?")), str(info.get("version", "?")), ProtocolRange(1, 1),
-        methods, False,
-    )  # fmt: skip
+    capabilities, from its `rpc.discover` document; `ValueError` when it is no such
+    document."""
+    if not isinstance(document, dict):
+        raise ValueError("the document is not an object")
+    info, methods = document.get("info", {}), document.get("methods", [])
+    if not isinstance(info, dict) or not isinstance(methods, list):
+        raise ValueError("its info is not an object or its methods not an array")
+    names = (method.get("name") if isinstance(method, dict) else None for method in methods)
+    capabilities, dropped = _capabilities(names)
+    daemon, version = _cut(info.get("title", "?")), _cut(info.get("version", "?"))
+    return Peer(daemon, version, ProtocolRange(1, 1), capabilities, False, dropped)
+
+
+def _cut(text: object) -> str:
+    return str(text)[:PEER_TEXT_CHARS]
+
+
+def _capabilities(names: Iterable[object]) -> tuple[frozenset[str], int]:
+    """The first MAX_CAPABILITIES names a peer gave that are names, and how many of all
+    it gave were not kept."""
+    kept: set[str] = set()
+    seen = 0
+    for name in names:
+        seen += 1
+        if len(kept) < MAX_CAPABILITIES and isinstance(name, str) and _CAPABILITY.fullmatch(name):
+            kept.add(name)
+    return frozenset(kept), seen - len(kept)
+
+
+def refused(ours: ProtocolRange, peer: Peer, us: str) -> str:
+    """Why a peer that answered PROTOCOL_UNSUPPORTED is not talked to. Never a compatible
+    peer, even when the range it gives meets ours: it said it would not talk to us."""
+    return refusal(ours, peer, us) or (
+        f"{peer} answered PROTOCOL_UNSUPPORTED to this {us}'s protocol ({ours}), which its"
+        " own range includes: a peer that refuses is not talked to"
+    )
 
 
 def refusal(ours: ProtocolRange, peer: Peer, us: str) -> str | None:
