@@ -16,6 +16,7 @@ SUMMARY_WIDTH = 72
 _JSON_START = set('-0123456789[{"') | {"t", "f", "n"}
 
 
+@render.reads_answer
 def methods_table(documents: dict[str, dict[str, Any]]) -> str:
     rows = [
         [daemon, method["name"], _params_line(method), _result_name(method), _short(method)]
@@ -25,6 +26,7 @@ def methods_table(documents: dict[str, dict[str, Any]]) -> str:
     return render.table(["DAEMON", "METHOD", "PARAMS", "RESULT", "SUMMARY"], rows)
 
 
+@render.reads_answer
 def describe(document: dict[str, Any], method: dict[str, Any]) -> str:
     """A method of `document`: its description, params (name, type, required) and
     result fields."""
@@ -40,12 +42,12 @@ def describe(document: dict[str, Any], method: dict[str, Any]) -> str:
         for field, schema, required in _fields_of(result, components)
     ]
     parts = [
-        f"{name}: {method['description']}",
+        render.escaped(f"{name}: {method['description']}"),
         "",
         "params:",
         render.table(["NAME", "TYPE", ""], params),
         "",
-        f"result: {_result_name(method)}",
+        render.escaped(f"result: {_result_name(method)}"),
         render.table(["FIELD", "TYPE", ""], fields),
     ]
     return "\n".join(parts)
@@ -116,6 +118,7 @@ def _value_of(text: str) -> Any:
     return text
 
 
+@render.reads_answer
 def sql_result(result: dict[str, Any]) -> str:
     """Rows as a table (columns in the order of the first row) and what changed."""
     rows = result.get("rows") or []

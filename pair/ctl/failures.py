@@ -1,11 +1,13 @@
 """How pairctl reports a failed call: in its own words, with the daemon's errorCode kept.
 
-Exit codes: 1 the daemon answered an error; 69 (EX_UNAVAILABLE) it could not be
+Exit codes: 1 the daemon answered an error, or an answer this pairctl cannot read
+(INCOMPATIBLE_ANSWER: another release's, or a liar's); 69 (EX_UNAVAILABLE) it could not be
 reached; 73 (EX_CANTCREAT) an output file cannot be written; 75 (EX_TEMPFAIL) a
 restore was refused while a daemon runs; 77 (EX_NOPERM) this
 user may not use the socket. With `--json` the
 error is also one JSON object on stdout: `code` (JSON-RPC's, null when there was
-no answer), `errorCode`, `message`, `data`.
+no answer), `errorCode`, `message`, `data`. Every line goes through `render.escaped`:
+a daemon's words may hold terminal escapes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import re
 import sys
 from typing import Any
 
-from pair.protocol.errors import Forbidden, IpcHandlerError, IpcTransportError
+from pair.ctl.render import escaped
+from pair.protocol.errors import Forbidden, IncompatiblePeer, IpcHandlerError, IpcTransportError
 
 EX_HANDLER = 1
 EX_USAGE = 2
@@ -78,6 +81,9 @@ def report(exc: IpcHandlerError | IpcTransportError, as_json: bool) -> int:
     elif isinstance(exc, IpcHandlerError):
         code, error = EX_HANDLER, _error(exc.rpc_code, exc.code, exc.message, exc.data)
         lines = _handler_lines(exc)
+    elif isinstance(exc, IncompatiblePeer):
+        code, error = EX_HANDLER, _error(None, "INCOMPATIBLE_ANSWER", exc.message, {})
+        lines = [f"pairctl: {exc.message}"]
     else:
         data = {"socket": exc.path, "sent": exc.sent}
         code, error = EX_UNAVAILABLE, _error(None, "UNAVAILABLE", exc.message, data)
@@ -103,9 +109,9 @@ def failed(message: str, error_code: str, code: int, as_json: bool) -> int:
 
 def emit(error: dict[str, Any], lines: list[str], as_json: bool) -> None:
     for line in lines:
-        print(line, file=sys.stderr)
+        print(escaped(line), file=sys.stderr)
     if as_json:
-        print(json.dumps(error, ensure_ascii=False))
+        print(escaped(json.dumps(error, ensure_ascii=False)))
 
 
 def _error(rpc_code: int | None, error_code: str, message: str, data: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 from pair.testing import Pair
@@ -110,3 +111,38 @@ def test_a_second_up_on_a_running_pair_stops_and_says_why_once(pair: Pair) -> No
     assert up.stdout.count("cannot start (exit 75: its socket is served by another") == 1
     assert "restarting" not in up.stdout
     assert pair.gateway.call("health")["status"] == "ok"
+
+
+# Each acts on a terminal: it sets the title, clears the screen, hides the text, returns
+# the carriage, starts a C1 CSI and OSC, reverses the text.
+ESCAPES = "x\x1b]0;PWNED\x07\x1b[2J\x1b[8m\rroot\x9b31m\x9d0;t\x9c\u202eexe.txt\u2066"
+
+
+def acts(text: str) -> bool:
+    return any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text)
+
+
+def test_what_callers_wrote_cannot_act_on_the_operators_terminal(
+    pair: Pair, short_tmp: Path
+) -> None:
+    """Values, column names and contact names holding escapes are shown escaped, in human
+    output and with --json (which still reads back as what was stored); letters stay."""
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        done = pairctl_in(short_tmp, pair.runtime, *args)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    ctl("sql", "--write", "CREATE TABLE esc (v TEXT)")
+    ctl("sql", "--write", "INSERT INTO esc (v) VALUES (:v)", "--bind", f"v={ESCAPES}")
+    ctl("contact", "create", f"Zoë 日本 {ESCAPES}")
+    for shown in (
+        ctl("sql", f'SELECT v AS "col{ESCAPES}" FROM esc'),
+        ctl("contact", "list"),
+        ctl("--json", "sql", "SELECT v FROM esc"),
+        ctl("--json", "contact", "list"),
+    ):
+        assert not acts(shown.stdout.replace("\n", "")), shown.stdout
+    assert "Zoë 日本" in ctl("contact", "list").stdout
+    rows = json.loads(ctl("--json", "sql", "SELECT v FROM esc").stdout)["rows"]
+    assert rows == [{"v": ESCAPES}]
