@@ -7,13 +7,17 @@ list what the running version has, not what this pairctl was built with.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from pair.ctl import render
 
 SUMMARY_WIDTH = 72
-# What --bind's value is when it is not JSON: text, as typed.
-_JSON_START = set('-0123456789[{"') | {"t", "f", "n"}
+# What --bind's value is when it is not JSON: text, as typed. `I` and `N` are tried
+# so that Infinity and NaN are refused as numbers, not bound as text by surprise.
+_JSON_START = set('-0123456789[{"') | {"t", "f", "n", "I", "N"}
+# The spellings of a parameter's name; db_proxy's bind is keyed by the bare name.
+_PREFIXES = ":@$"
 
 
 @render.reads_answer
@@ -97,25 +101,55 @@ def _fields_of(
 
 def bind_of(pairs: list[str]) -> dict[str, Any] | None:
     """`--bind k=v` as db_proxy's named binds: v as JSON when it reads as JSON
-    (42, 1.5, null, true, "007"), otherwise as the text typed."""
+    (42, 1.5, null, true, "007"), otherwise as the text typed. `ValueError` (a usage
+    error) for a name given twice or a number that is not finite."""
     if not pairs:
         return None
     bind: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
+        # `a`, `:a`, `@a` and `$a` are one parameter: SQLite names them apart, but the
+        # daemon binds every spelling from the bare name (apsw's dict binding), so two
+        # of them could never carry two values; the second would silently win.
+        name = key.lstrip(_PREFIXES)
+        if not sep or not name:
             raise ValueError(f"--bind {pair!r}: expected NAME=VALUE")
-        bind[key.lstrip(":$@")] = _value_of(value)
+        if name in bind:
+            raise ValueError(
+                f"--bind {pair!r}: parameter {name!r} is already bound"
+                " (a, :a, @a and $a name one parameter)"
+            )
+        bind[name] = _value_of(name, value)
     return bind
 
 
-def _value_of(text: str) -> Any:
-    if text[:1] in _JSON_START:
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            pass
-    return text
+def _value_of(name: str, text: str) -> Any:
+    # Surrounding spaces make it text: ' 5' and '5 ' alike, as typed.
+    if text[:1] not in _JSON_START or text != text.strip():
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    if not _finite(value):
+        raise ValueError(
+            f"--bind {name}={text}: not a finite number (it would be stored as NULL); write"
+            f""" {name}='{{"$real": "Infinity"}}' for such a REAL (or "-Infinity", "NaN"),"""
+            f" {name}='{json.dumps(text)}' for the text"
+        )
+    return value
+
+
+def _finite(value: Any) -> bool:
+    """Whether no number in `value` is infinite or NaN (Python's JSON reads 1e400 as
+    inf, and Infinity and NaN, which JSON has not; SQLite would store them as NULL)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(item) for item in value)
+    if isinstance(value, dict):
+        return all(_finite(item) for item in value.values())
+    return True
 
 
 @render.reads_answer

@@ -146,3 +146,21 @@ def test_what_callers_wrote_cannot_act_on_the_operators_terminal(
     assert "Zoë 日本" in ctl("contact", "list").stdout
     rows = json.loads(ctl("--json", "sql", "SELECT v FROM esc").stdout)["rows"]
     assert rows == [{"v": ESCAPES}]
+
+
+def test_a_bind_pairctl_cannot_bind_as_meant_is_a_usage_error(short_tmp: Path) -> None:
+    """Not finite (SQLite would store NULL), or a name given twice (every spelling of a
+    name binds the one parameter): refused with the parameter named, exit 2, nothing sent."""
+
+    def sql(*binds: str) -> subprocess.CompletedProcess[str]:
+        args = [arg for bind in binds for arg in ("--bind", bind)]
+        return pairctl_in(short_tmp, short_tmp / "nothing", "sql", "SELECT :v AS v", *args)
+
+    for value in ("1e400", "-1e400", "-Infinity", "Infinity", "NaN", "[1, 1e999]"):
+        refused = sql(f"v={value}")
+        assert refused.returncode == 2, (value, refused.stderr)
+        assert f"--bind v={value}: not a finite number" in refused.stderr
+    for binds in (("v=1", "v=2"), ("v=1", ":v=2"), ("@v=1", "$v=1"), ("$v=1", "v=1")):
+        refused = sql(*binds)
+        assert refused.returncode == 2, (binds, refused.stderr)
+        assert f"--bind '{binds[1]}': parameter 'v' is already bound" in refused.stderr
