@@ -222,7 +222,7 @@ def _answers(address: str) -> bool:
 
 def _print_checks(checks: list[Check]) -> None:
     for item in checks:
-        print(f"  {'ok  ' if item.ok else 'FAIL'}  {item.line}")
+        print(f"  {'ok  ' if item.ok else 'FAIL'}  {render.escaped(item.line)}")
 
 
 def _unwritten(into: Path, exc: BaseException) -> str:
