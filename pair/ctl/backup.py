@@ -15,15 +15,15 @@ import msgspec
 
 from pair.ctl import bundle, render
 from pair.ctl.checks import Check, verify
-from pair.ctl.failures import EX_CANTCREAT, EX_HANDLER, EX_TEMPFAIL, failed
+from pair.ctl.failures import failed
 from pair.ctl.restore import Refused, discard_kept, restore, resume
 from pair.ctl.trust import check_owner, check_socket, trusted_owners
 from pair.protocol.client import Client
+from pair.runtime.errors import EX_CANTCREAT, EX_HANDLER, EX_NOINPUT, EX_TEMPFAIL
 from pair.runtime.failpoints import failpoint
 from pair.runtime.files import Dir, UnsafePath
 from pair.runtime.restore import RestoreError
 
-EX_NOINPUT = 66
 # A snapshot's time grows with the database: minutes for gigabytes.
 BACKUP_TIMEOUT = 3600.0
 

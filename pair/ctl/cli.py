@@ -1,9 +1,11 @@
 """The pairctl command line: parse, call the daemon, print, exit with the error kind's code.
 
-Exit codes: 0 ok; 1 the daemon answered an error (its errorCode and message
-are printed); 2 usage; 69 (EX_UNAVAILABLE) the daemon could not be reached;
-77 (EX_NOPERM) this user may not use the socket (FORBIDDEN). Errors never print
-a traceback.
+Exit codes (pair.ctl.failures has them all): 0 ok; 1 the daemon answered an
+error (its errorCode and message are printed), or an answer pairctl cannot read
+(INCOMPATIBLE_ANSWER); 2 usage, or a path pairctl refuses to trust; 66 no such
+bundle; 69 the daemon could not be reached; 73 an output cannot be written; 75 a
+daemon or a restore in the way; 77 this user may not use the socket (FORBIDDEN).
+Errors never print a traceback.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from typing import Any
 import anyio
 
 from pair.ctl import backup, explore, failures, render
-from pair.ctl.failures import EX_CANTCREAT, EX_HANDLER, EX_NOPERM, EX_UNAVAILABLE, forbidden
-from pair.ctl.metrics import exposition, write_textfile
+from pair.ctl.failures import forbidden
+from pair.ctl.metrics import exposition_text, write_textfile
 from pair.ctl.trust import refuse_relative_as_root
 from pair.ctl.up import run_up
 from pair.protocol.client import BatchCall, Client
 from pair.protocol.errors import IpcHandlerError, IpcTransportError
+from pair.runtime.errors import EX_CANTCREAT, EX_HANDLER, EX_NOPERM, EX_OK, EX_UNAVAILABLE
 from pair.runtime.files import UnsafePath
 from pair.runtime.paths import (
     client_runtime_dir,
@@ -33,7 +36,6 @@ from pair.runtime.paths import (
     default_state_dir,
 )
 
-EX_OK = 0
 DAEMONS = ("assistant", "gateway")
 CALL_TIMEOUT = 30.0
 
@@ -280,12 +282,13 @@ async def discover(args: argparse.Namespace) -> int:
         print(render.as_json(documents) if args.json else explore.methods_table(documents))
         return EX_OK
     document = documents[args.daemon]
-    method = next((m for m in document["methods"] if m["name"] == args.method), None)
-    if method is None:
+    found = explore.method_named(document, args.method)
+    if not found:
         raise UsageError(
             f"{args.daemon} has no method {args.method!r}; `pairctl methods {args.daemon}`"
             " lists them"
         )
+    method = json.loads(found)
     print(render.as_json(method) if args.json else explore.describe(document, method))
     return EX_OK
 
@@ -302,7 +305,7 @@ async def status(args: argparse.Namespace) -> int:
             state = "forbidden" if refusal else "down"
             healths[daemon] = {"status": state, "socket": path, "error": refusal or str(exc)}
     print(render.as_json(healths) if args.json else render.status_table(healths))
-    states = {health.get("status") for health in healths.values()}
+    states = {render.status_of(health) for health in healths.values()}
     if "down" in states and not args.json:
         where, why = runtime_dir_of(args)
         print(f"pairctl: looked in {where} ({why}); --runtime-dir DIR or"
@@ -323,20 +326,22 @@ async def metrics(args: argparse.Namespace) -> int:
             async with Client(socket_of(args, daemon), timeout=2, connect_timeout=2) as client:
                 answers[daemon] = await client.call("metrics")
         except (IpcTransportError, IpcHandlerError) as exc:
-            print(f"pairctl: {daemon}: {exc}", file=sys.stderr)
+            print(f"pairctl: {daemon}: {render.escaped(str(exc))}", file=sys.stderr)
             answers[daemon] = None
     if args.json:
         print(render.as_json(answers))
-    elif args.textfile is not None:
+        return EX_OK
+    text = exposition_text(answers)
+    if args.textfile is not None:
         try:
-            write_textfile(args.textfile, answers)
+            write_textfile(args.textfile, text.encode())
         except (OSError, UnsafePath) as exc:
             reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
             where = args.textfile.absolute()
             print(f"pairctl: cannot write {where}: {reason}", file=sys.stderr)
             return EX_CANTCREAT
     else:
-        sys.stdout.write(exposition(answers).decode())
+        sys.stdout.write("".join(render.escaped(line) + "\n" for line in text.splitlines()))
     return EX_OK
 
 

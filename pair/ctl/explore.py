@@ -176,3 +176,10 @@ def _cell(value: Any) -> str:
     if isinstance(value, dict):
         return json.dumps(value)
     return str(value)
+
+
+@render.reads_answer
+def method_named(document: dict[str, Any], name: str) -> str:
+    """The method `name` of `document` as JSON text, or "" when it has none."""
+    method = next((m for m in document["methods"] if m["name"] == name), None)
+    return "" if method is None else json.dumps(method)

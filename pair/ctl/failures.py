@@ -1,10 +1,10 @@
 """How pairctl reports a failed call: in its own words, with the daemon's errorCode kept.
 
-Exit codes: 1 the daemon answered an error, or an answer this pairctl cannot read
-(INCOMPATIBLE_ANSWER: another release's, or a liar's); 69 (EX_UNAVAILABLE) it could not be
-reached; 73 (EX_CANTCREAT) an output file cannot be written; 75 (EX_TEMPFAIL) a
-restore was refused while a daemon runs; 77 (EX_NOPERM) this
-user may not use the socket. With `--json` the
+Exit codes (pair.runtime.errors): 1 the daemon answered an error, or an answer this
+pairctl cannot read (INCOMPATIBLE_ANSWER: another release's, or a liar's); 2 usage;
+66 (EX_NOINPUT) no such bundle or state directory; 69 (EX_UNAVAILABLE) it could not be
+reached; 73 (EX_CANTCREAT) an output file cannot be written; 75 (EX_TEMPFAIL) a daemon
+or a restore is in the way; 77 (EX_NOPERM) this user may not use the socket. With `--json` the
 error is also one JSON object on stdout: `code` (JSON-RPC's, null when there was
 no answer), `errorCode`, `message`, `data`. Every line goes through `render.escaped`:
 a daemon's words may hold terminal escapes.
@@ -21,13 +21,12 @@ from typing import Any
 
 from pair.ctl.render import escaped
 from pair.protocol.errors import Forbidden, IncompatiblePeer, IpcHandlerError, IpcTransportError
-
-EX_HANDLER = 1
-EX_USAGE = 2
-EX_UNAVAILABLE = 69
-EX_CANTCREAT = 73
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
+from pair.runtime.errors import (
+    EX_HANDLER,
+    EX_NOPERM,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+)
 
 # The flag that sets each param of pairctl's commands.
 FLAGS = {

@@ -23,6 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from pair.ctl.render import reads_answer
 from pair.runtime.files import Dir, replace_atomically
 
 
@@ -125,12 +126,19 @@ def exposition(answers: dict[str, dict[str, Any] | None]) -> bytes:
     return generate_latest(_registry(answers))
 
 
-def write_textfile(path: Path, answers: dict[str, dict[str, Any] | None]) -> None:
+@reads_answer
+def exposition_text(answers: dict[str, dict[str, Any] | None]) -> str:
+    """The exposition as text; an answer of a shape pairctl cannot read is an
+    `IncompatiblePeer` with words, never a traceback."""
+    return exposition(answers).decode()
+
+
+def write_textfile(path: Path, data: bytes) -> None:
     """Write the exposition to `path` atomically (node_exporter never reads half a file,
     and after a power cut it finds the old or the new one whole). 0644: node_exporter
     runs as a user of its own; nothing in it is secret."""
     with Dir.open(path.parent) as directory:
-        replace_atomically(directory, path.name, exposition(answers), mode=0o644)
+        replace_atomically(directory, path.name, data, mode=0o644)
 
 
 def _registry(answers: dict[str, dict[str, Any] | None]) -> CollectorRegistry:

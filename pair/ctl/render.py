@@ -86,6 +86,12 @@ def _why(exc: Exception) -> str:
     return why if len(why) <= WHY_CHARS else why[: WHY_CHARS - 3] + "..."
 
 
+def status_of(health: Any) -> str:
+    """A daemon's `status` as said, or what an unreadable health is."""
+    status = health.get("status") if isinstance(health, dict) else None
+    return status if isinstance(status, str) else "unreadable"
+
+
 def when(epoch_ms: int | None) -> str:
     if epoch_ms is None:
         return "-"

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-# sysexits(3) codes a daemon exits with when it cannot start.
+# The exit codes of the daemons (when they cannot start) and of pairctl, in one place:
+# sysexits(3) where one fits.
+EX_OK = 0
+EX_HANDLER = 1  # pairctl: the daemon answered an error, or an answer it cannot read
+EX_USAGE = 2  # pairctl: bad arguments, or a path it refuses to trust
 EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
+EX_NOPERM = 77
 EX_CONFIG = 78
 
 

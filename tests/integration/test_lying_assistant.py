@@ -384,6 +384,14 @@ UNREADABLE_ANSWERS = {
         ("sql", "SELECT 1"),
         on("db_proxy", lambda i: result(i, {"rows": [[1]], "columns": ["a"]})),
     ),
+    "describe_without_methods": (
+        ("describe", "gateway", "y"),
+        on("rpc.discover", lambda i: result(i, {"info": {}})),
+    ),
+    "metrics_of_another_shape": (
+        ("metrics",),
+        on("metrics", lambda i: result(i, {"calls": "many", "db": None})),
+    ),
 }
 
 
@@ -430,3 +438,15 @@ def test_pairctl_reports_an_error_no_release_sends_in_words(
     error_object = json.loads(as_json.stdout)
     assert (error_object["errorCode"], error_object["message"]) == ("UNKNOWN", ESCAPES)
     assert plain(as_json.stdout.strip())
+
+
+def test_a_health_that_is_not_an_object_is_shown_as_it_came_never_a_traceback(
+    liar: Liar, lying_daemons: Path
+) -> None:
+    liar.tell(on("health", lambda i: result(i, [1, 2])))
+    shown = pairctl(lying_daemons, "status")
+    assert (shown.returncode, "Traceback" in shown.stderr) == (1, False)
+    assert "the daemon's answer is not one this pairctl can read" in shown.stderr
+    as_json = pairctl(lying_daemons, "--json", "status")
+    assert (as_json.returncode, "Traceback" in as_json.stderr) == (1, False)
+    assert json.loads(as_json.stdout)["gateway"] == [1, 2]
