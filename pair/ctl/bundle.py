@@ -232,7 +232,8 @@ def read_manifest(bundle: Dir) -> Manifest:
 def bundles(into: Dir) -> Iterator[tuple[Path, str]]:
     """The bundles in `into`, oldest first, each with what it is: `bundle` (named as
     one, its manifest readable and every file of the manifest's size), `DAMAGED: why`,
-    `INCOMPLETE` (cut short) or `FAILED` (failed its checks when taken)."""
+    `UNREADABLE: why` (by this user), `INCOMPLETE` (cut short) or `FAILED` (failed its
+    checks when taken)."""
     for name in into.names():
         if not name.lstrip(".").startswith(PREFIX):
             continue
@@ -255,8 +256,10 @@ def _listed_state(into: Dir, name: str) -> str:
                 found = bundle.lstat(file.name)
                 if found is None or found.st_size != file.bytes:
                     return f"DAMAGED: {file.name} is not the manifest's {file.bytes} bytes"
-    except (OSError, UnsafePath, BundleError) as exc:
-        return f"DAMAGED: unreadable ({_reason(exc)})"
+    except (OSError, UnsafePath) as exc:
+        return f"UNREADABLE: {_reason(exc)}"
+    except BundleError as exc:
+        return f"DAMAGED: {exc}"
     return f"bundle of pair {manifest.version}, taken {when(manifest.created_at)}"
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from pair.runtime.errors import EX_TEMPFAIL, StartupError
+from pair.runtime.errors import EX_CANTCREAT, EX_TEMPFAIL, StartupError
 from pair.runtime.failpoints import failpoint
 from pair.runtime.files import Dir, UnsafePath, replace_atomically
 
@@ -76,8 +76,12 @@ def hold_for_daemon(state_dir: Path, daemon: str) -> BinaryIO:
             marker = state.lstat(MARKER) is not None
             kept = state.lstat(KEPT_ASIDE) is not None
     except (OSError, UnsafePath) as exc:
+        reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+        if isinstance(exc, FileExistsError):
+            reason = "it exists and is not a directory"
+        where = state_dir.absolute()
         raise StartupError(
-            f"cannot lock the state directory {state_dir}: {exc}", EX_TEMPFAIL
+            f"cannot open the state directory {where}: {reason}", EX_CANTCREAT
         ) from exc
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -142,7 +142,10 @@ async def test_an_unopenable_database_is_a_one_line_error(short_tmp: Path) -> No
         "assistant", "--runtime-dir", str(short_tmp), "--state-dir", str(short_tmp / "state")
     )
     assert result.returncode == 73
-    assert result.stderr.startswith("assistantd: cannot open database")
+    state = short_tmp / "state"
+    assert result.stderr.startswith(
+        f"assistantd: cannot open the state directory {state}: it exists and is not a directory"
+    )
     assert not (short_tmp / "assistant.sock").exists()
 
 

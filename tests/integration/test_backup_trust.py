@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from pair.ctl.cli import main
 from pair.testing import Pair
 from tests.support.ctl import json_of, pairctl
 from tests.support.raw import NOBODY
@@ -199,3 +200,73 @@ def test_backup_makes_a_missing_dir_names_each_bundle_apart_and_lists_only_good_
         assert sum(entry["whole"] for entry in listed) == 2
     finally:
         assert pair.stop_checked() == []
+
+
+def as_nobody(*argv: str) -> tuple[int, str]:
+    """pairctl's main as uid nobody, forked from this process with every module it needs
+    already loaded (nobody may not read this Python's own files): its exit code and
+    everything it printed."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 70
+        try:
+            sys.stdout = sys.stderr = os.fdopen(write_end, "w")
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            code = main(list(argv))
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as output:
+        printed = output.read()
+    return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), printed
+
+
+@needs_root
+def test_bundles_another_user_cannot_read_are_listed_as_unreadable_not_a_traceback(
+    short_tmp: Path,
+) -> None:
+    from tests.support.bundles import make_bundle
+
+    into = short_tmp / "bundles"
+    make_bundle(into)
+    into.chmod(0o755)
+    short_tmp.chmod(0o755)
+    code, printed = as_nobody("backup", "--list", str(into))
+    assert (code, "Traceback" in printed) == (0, False), printed
+    assert "pair-backup-20261207T000000Z  UNREADABLE: Permission denied" in printed
+    into.chmod(0o700)
+    code, printed = as_nobody("backup", "--list", str(into))
+    assert (code, "Traceback" in printed) == (66, False), printed
+    assert f"cannot list {into}: Permission denied" in printed
+
+
+@needs_root
+def test_a_restore_from_another_directory_never_makes_a_state_directory_there(
+    short_tmp: Path,
+) -> None:
+    """NEW-USER-3 row 30: from a directory with no pair in it, the default state
+    directory does not exist; the restore says so and makes nothing."""
+    from tests.support.bundles import make_bundle
+
+    elsewhere = short_tmp / "elsewhere"
+    elsewhere.mkdir()
+    os.chown(elsewhere, NOBODY, NOBODY)
+    short_tmp.chmod(0o755)
+    bundle = make_bundle(short_tmp / "bundles")
+    (short_tmp / "bundles").chmod(0o755)
+    previous = os.getcwd()
+    os.chdir(elsewhere)
+    try:
+        code, printed = as_nobody("--runtime-dir", str(elsewhere), "restore", str(bundle))
+    finally:
+        os.chdir(previous)
+    if Path("/var/lib/pair").is_dir():
+        pytest.skip("an installed pair's /var/lib/pair is what pairctl uses here")
+    assert code == 66, printed
+    assert f"{elsewhere}/.pair/state does not exist (the default state directory" in printed
+    assert list(elsewhere.iterdir()) == []

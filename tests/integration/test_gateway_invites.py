@@ -13,6 +13,7 @@ import pytest
 from pair.protocol.client import Client
 from pair.protocol.errors import IpcHandlerError
 from pair.testing import Pair
+from pair.testing.daemons import run_once
 from pair.testing.plugin import PairFactory
 from tests.support.calls import failure
 from tests.support.waiting import eventually
@@ -268,6 +269,28 @@ async def test_codes_and_the_key_never_reach_the_logs(gw: Client, pair: Pair) ->
     assert code not in log
     assert key_path.read_bytes().hex() not in log
     assert os.path.getsize(pair.state / "gateway.db") > 0
+
+
+async def test_no_new_key_is_made_beside_invites_hashed_with_the_lost_one(
+    gw: Client, pair: Pair
+) -> None:
+    """A restore cut between the database and its key, or a key deleted by hand: a fresh
+    key would kill every open code silently; the gateway refuses to start instead."""
+    _invite, code = await new_invite(gw, await new_contact(gw))
+    await gw.aclose()
+    pair.gateway.stop()
+    key = pair.state / "gateway.key"
+    kept = key.read_bytes()
+    key.unlink()
+    args = ["--runtime-dir", str(pair.runtime), "--state-dir", str(pair.state)]
+    refused = run_once("pair.gateway", *args)
+    assert refused.returncode == 78
+    assert f"key file {key} is missing, but the database holds 1 invite(s)" in refused.stderr
+    assert not key.exists()
+    key.write_bytes(kept)
+    pair.gateway.start()
+    async with Client(pair.gateway_socket) as again:
+        assert (await redeem(again, code, "u1"))["outcome"] == "redeemed"
 
 
 async def test_a_sender_of_one_contact_joins_another_once(gw: Client) -> None:

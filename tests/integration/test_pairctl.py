@@ -240,3 +240,21 @@ def test_a_textfile_that_cannot_be_written_is_one_line_and_exit_73(
     result = pairctl(pair, "metrics", "--textfile", str(missing))
     assert result.returncode == 73
     assert result.stderr == f"pairctl: cannot write {missing}: No such file or directory\n"
+
+
+def test_the_textfile_replaces_a_planted_link_and_never_writes_through_it(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """The metrics directory is the daemon user's (SECURITY-REVIEW-3 #17a): a link put
+    where the textfile goes is replaced, its target left alone; the file is 0644 for
+    node_exporter."""
+    victim = tmp_path / "victim"
+    victim.write_text("root's\n")
+    textfile = tmp_path / "pair.prom"
+    textfile.symlink_to(victim)
+    result = pairctl(pair, "metrics", "--textfile", str(textfile))
+    assert result.returncode == 0, result.stderr
+    assert victim.read_text() == "root's\n"
+    assert not textfile.is_symlink()
+    assert (textfile.stat().st_mode & 0o777) == 0o644
+    assert sample(samples_of(textfile.read_text()), "pair_up", daemon="gateway") == 1
