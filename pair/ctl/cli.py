@@ -28,7 +28,7 @@ from pair.ctl.up import run_up
 from pair.protocol.client import BatchCall, Client
 from pair.protocol.errors import IpcHandlerError, IpcTransportError
 from pair.runtime.errors import EX_CANTCREAT, EX_HANDLER, EX_NOPERM, EX_OK, EX_UNAVAILABLE
-from pair.runtime.files import UnsafePath
+from pair.runtime.files import Dir, UnsafePath
 from pair.runtime.paths import (
     client_runtime_dir,
     client_state_dir,
@@ -38,6 +38,8 @@ from pair.runtime.paths import (
 
 DAEMONS = ("assistant", "gateway")
 CALL_TIMEOUT = 30.0
+# A batch is at most a frame (16 MiB by default) of calls.
+BATCH_FILE_LIMIT = 64 << 20
 
 
 class UsageError(Exception):
@@ -235,8 +237,9 @@ def parse_params(text: str | None) -> Any:
 
 def read_batch(path: Path) -> list[BatchCall]:
     try:
-        entries = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        with Dir.open(path.absolute().parent) as directory:
+            entries = json.loads(directory.read_small(path.name, BATCH_FILE_LIMIT))
+    except (OSError, UnsafePath, json.JSONDecodeError) as exc:
         raise UsageError(f"cannot read batch file {path}: {exc}") from exc
     if not isinstance(entries, list) or not entries:
         raise UsageError("a batch file holds a non-empty JSON array of calls")
