@@ -71,6 +71,15 @@ def test_a_service_restart_neither_deletes_the_sockets_nor_cuts_the_drain(units:
         assert int(stop[1]) > int(grace[1])
 
 
+def listening(path: Path) -> bool:
+    """Whether a socket bound at `path` listens (__SO_ACCEPTCON in /proc/net/unix)."""
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
+            return True
+    return False
+
+
 def test_a_daemon_under_systemd_socket_activate_serves_the_inherited_socket(
     short_tmp: Path,
 ) -> None:
@@ -91,7 +100,8 @@ def test_a_daemon_under_systemd_socket_activate_serves_the_inherited_socket(
     try:
         daemon.start(wait=False)
         deadline = time.monotonic() + 20
-        while not path.exists():
+        # The path appears at bind(), before listen(): a connect then is refused.
+        while not listening(path):
             assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
             time.sleep(0.02)
         with RawConnection(str(path)) as conn:
