@@ -6,7 +6,8 @@ LOCK := requirements.lock
 LATEST := .venv-latest
 N ?= 10
 
-.PHONY: test check lint types unit test-skew test-systemd run bench bench-rss soak lock test-latest test-repeat clean
+
+.PHONY: test check lint types unit test-skew test-crash crash test-systemd run bench bench-rss soak lock test-latest test-repeat clean
 
 # Every install of ours takes the exact versions (and hashes) of the lock; the
 # project itself goes in last, editable, built by the locked setuptools.
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP) check test-skew test-systemd
+test: $(STAMP) check test-skew test-crash test-systemd
 
 check: lint types unit
 
@@ -34,6 +35,15 @@ unit: $(STAMP)
 # mixed under load, by a seeded random plan it prints (PAIR_SKEW_SEED=N replays one).
 test-skew: $(STAMP)
 	$(BIN)/pytest tests/skew -p no:randomly -s
+
+# Power cuts drawn from a seed (printed; PAIR_CRASH_SEED=N replays, PAIR_CRASH_CUTS=N
+# sets how many), each rebuilt as the disk would hold it and checked (tests/crash/).
+test-crash: $(STAMP)
+	$(BIN)/pytest tests/crash -p no:randomly -s
+
+# N power cuts (SEED=... replays a run), each plan and what it found printed.
+crash: $(STAMP)
+	$(BIN)/python -m tests.crash $(N) $(SEED)
 
 # The pair under the real systemd, booted in namespaces of its own (root; see
 # tests/systemd/machine.py): installed by deploy/install.sh, driven with systemctl.

@@ -349,8 +349,8 @@ async def metrics(args: argparse.Namespace) -> int:
 
 
 def backups(args: argparse.Namespace) -> int:
+    """The backup commands; only those that talk to the daemons look for their sockets."""
     as_json = bool(getattr(args, "json", False))
-    sockets = {daemon: socket_of(args, daemon) for daemon in ("gateway", "assistant")}
     if args.command == "restore":
         state, named = state_dir_of(args)
         if args.resume or args.finish:
@@ -359,14 +359,18 @@ def backups(args: argparse.Namespace) -> int:
             return backup.after_restore(state, finish=args.finish, as_json=as_json)
         if args.bundle is None:
             raise UsageError("restore needs a BUNDLE (or --resume, or --finish)")
-        return backup.restore_bundle(args.bundle, state, sockets, as_json, named=named)
+        return backup.restore_bundle(args.bundle, state, sockets_of(args), as_json, named=named)
     if args.verify is not None:
         return backup.check(args.verify, as_json)
     if args.dir is None:
         raise UsageError("backup needs a DIR (or --verify BUNDLE)")
     if args.list:
         return backup.listing(args.dir, as_json)
-    return backup.take(args.dir, sockets, as_json)
+    return backup.take(args.dir, sockets_of(args), as_json)
+
+
+def sockets_of(args: argparse.Namespace) -> dict[str, str]:
+    return {daemon: socket_of(args, daemon) for daemon in ("gateway", "assistant")}
 
 
 def dispatch(args: argparse.Namespace) -> int:

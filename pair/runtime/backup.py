@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import secrets
 import threading
 import time
@@ -30,7 +29,8 @@ from pair.protocol import __version__
 from pair.protocol.dispatch import NoParams
 from pair.protocol.errors import RouteError
 from pair.runtime.failpoints import failpoint
-from pair.runtime.files import Dir, UnsafePath, copy_hashed, hash_of
+from pair.runtime.files import Dir, UnsafePath, copy_hashed, fsync, hash_of
+from pair.runtime.sqlite.powercut_vfs import vfs_name
 
 log = logging.getLogger("runtime.backup")
 
@@ -165,7 +165,7 @@ class Snapshotter:
         """The database's snapshot, then the extra files, each sealed under its name."""
         name = Path(self.db_path).name
         partial = f"{stamp}.{name}{TEMPORARY}"
-        source = apsw.Connection(self.db_path, flags=apsw.SQLITE_OPEN_READONLY)
+        source = apsw.Connection(self.db_path, flags=apsw.SQLITE_OPEN_READONLY, vfs=vfs_name())
         try:
             source.set_busy_timeout(self.busy_timeout_ms)
             # VACUUM INTO takes a path: `into` is the daemon's own 0700 directory.
@@ -181,7 +181,7 @@ class Snapshotter:
             copy.close()
         with into.open_regular(partial) as written:
             size, digest = hash_of(written)
-            os.fsync(written.fileno())
+            fsync(written)
         files = [_sealed(into, partial, stamp, name, size, digest)]
         for extra, bundle_name in self.extra:
             partial = f"{stamp}.{bundle_name}{TEMPORARY}"

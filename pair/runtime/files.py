@@ -27,6 +27,8 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import BinaryIO
 
+from pair.runtime import powercut
+
 CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Group or others may write: another user could rename or replace what is in it.
@@ -115,6 +117,8 @@ class Dir:
         fd = os.open(check_name(name), flags, mode, dir_fd=self.fd)
         # The umask may have taken bits `mode` asks for (a metrics file others read).
         os.fchmod(fd, mode)
+        if powercut.ENABLED:
+            powercut.file_created(str(self.path / name))
         return os.fdopen(fd, "wb")
 
     def open_regular(self, name: str, *, owner: int | None = None) -> BinaryIO:
@@ -185,6 +189,10 @@ class Dir:
 
     def sync(self) -> None:
         """Make the names in this directory (a rename, a new file) survive a power cut."""
+        if powercut.ENABLED:
+            if powercut.skipped("dir-sync"):
+                return
+            powercut.dir_synced(self.fd)
         os.fsync(self.fd)
 
     def close(self) -> None:
@@ -212,6 +220,13 @@ class Dir:
             raise
 
 
+def fsync(file: BinaryIO) -> None:
+    """fsync an open file (flushed): its content, as it is now, survives a power cut."""
+    os.fsync(file.fileno())
+    if powercut.ENABLED:
+        powercut.file_synced(file.fileno())
+
+
 def copy_hashed(source: BinaryIO, target: BinaryIO) -> tuple[int, str]:
     """Copy `source` to `target`, hashing what was read, and fsync `target`: the size
     and sha256 of exactly the bytes written (a file is read once)."""
@@ -222,7 +237,7 @@ def copy_hashed(source: BinaryIO, target: BinaryIO) -> tuple[int, str]:
         target.write(chunk)
         size += len(chunk)
     target.flush()
-    os.fsync(target.fileno())
+    fsync(target)
     return size, digest.hexdigest()
 
 
@@ -244,7 +259,7 @@ def replace_atomically(directory: Dir, name: str, data: bytes, *, mode: int = 0o
         with directory.create(temporary, mode) as file:
             file.write(data)
             file.flush()
-            os.fsync(file.fileno())
+            fsync(file)
         directory.rename(temporary, name)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -8,7 +8,9 @@ from collections.abc import Callable
 
 import apsw
 
+from pair.runtime import powercut
 from pair.runtime.errors import EX_CANTCREAT, EX_DATAERR, DbOpenError
+from pair.runtime.sqlite.powercut_vfs import vfs_name
 from pair.runtime.sqlite.transaction import BUSY_TIMEOUT_MS, Conn
 
 STATEMENT_CACHE_SIZE = 256
@@ -38,14 +40,15 @@ def connect(
     flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
     if not readonly:
         flags |= apsw.SQLITE_OPEN_CREATE
-    db = apsw.Connection(path, flags=flags, statementcachesize=STATEMENT_CACHE_SIZE)
+    db = apsw.Connection(path, flags=flags, statementcachesize=STATEMENT_CACHE_SIZE, vfs=vfs_name())
     db.set_busy_timeout(busy_timeout_ms)
     db.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
     db.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
     db.config(apsw.SQLITE_DBCONFIG_DQS_DML, 0)
     db.config(apsw.SQLITE_DBCONFIG_DQS_DDL, 0)
+    level = powercut.SYNCHRONOUS or SYNCHRONOUS[synchronous.upper()]
     pragmas = [
-        f"synchronous = {SYNCHRONOUS[synchronous.upper()]}",
+        f"synchronous = {level}",
         "foreign_keys = ON",
         "temp_store = MEMORY",
     ]
