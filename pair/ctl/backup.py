@@ -7,6 +7,7 @@ command line's side, each failure one message with absolute paths.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def take(into: Path, sockets: dict[str, str], as_json: bool) -> int:
     try:
         for address in sockets.values():
             check_socket(address)
-        directory = Dir.open(into, trusted=trusted_owners(), create=True)
+        # Root's bundles go where only root (or who runs pairctl) can write: never into a
+        # directory of the daemon user's.
+        directory = Dir.open(into, trusted={0, os.geteuid()}, create=True)
     except UnsafePath as exc:
         return _fail(str(exc), as_json, EX_CANTCREAT)
     except OSError as exc:
@@ -136,7 +139,7 @@ def listing(into: Path, as_json: bool) -> int:
         print(render.as_json(entries))
     else:
         for path, state in found:
-            print(f"{path}  {state}")
+            print(render.escaped(f"{path}  {state}"))
     return 0
 
 
@@ -176,7 +179,7 @@ def restore_bundle(
         print(render.as_json({"bundle": str(path), "state": str(state_dir), "done": [done]}))
         return 0
     _print_checks(checks)
-    print(done)
+    print(render.escaped(done))
     print("start the pair (systemctl start pair-gateway.socket pair-assistant.socket, or"
           " make run); once it is right, `pairctl restore --finish` removes the replaced"
           " files")  # fmt: skip
@@ -193,7 +196,9 @@ def after_restore(state_dir: Path, *, finish: bool, as_json: bool) -> int:
         return _fail(str(exc), as_json, EX_TEMPFAIL, "RESTORE_REFUSED")
     except (OSError, UnsafePath) as exc:
         return _fail(f"cannot change {state_dir}: {_reason(exc)}", as_json, EX_CANTCREAT)
-    print(render.as_json({"state": str(state_dir), "done": line}) if as_json else line)
+    print(
+        render.as_json({"state": str(state_dir), "done": line}) if as_json else render.escaped(line)
+    )
     return 0
 
 

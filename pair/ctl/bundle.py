@@ -20,6 +20,7 @@ gateway delivers them again and the assistant stores each event id once.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import time
@@ -152,11 +153,13 @@ def collect(snapshot: Snapshot, source: Dir, staging: Dir, peer_uid: int) -> lis
         named = SNAPSHOT_NAME.fullmatch(basename)
         if named is None or named["name"] != file.name:
             raise BundleError(f"{file.path!r} is not a snapshot file of {file.name!r}")
-        with (
-            source.open_regular(basename, owner=peer_uid) as reader,
-            staging.create(file.name) as out,
-        ):
-            size, digest = copy_hashed(reader, out)
+        with source.open_regular(basename, owner=peer_uid) as reader:
+            if os.fstat(reader.fileno()).st_size != file.bytes:
+                raise BundleError(
+                    f"{source.path / basename} is not the {file.bytes} bytes answered"
+                )
+            with staging.create(file.name) as out:
+                size, digest = copy_hashed(reader, out, limit=file.bytes)
         if digest != file.sha256 or size != file.bytes:
             raise BundleError(f"{source.path / basename} changed while it was copied")
         collected.append(BundleFile(name=file.name, bytes=size, sha256=digest))

@@ -20,11 +20,17 @@ from typing import Any, BinaryIO
 from urllib.parse import quote
 
 from pair.ctl.bundle import BundleDatabase, BundleError, BundleFile, Manifest, read_manifest, when
-from pair.runtime.files import Dir, UnsafePath, hash_of
+from pair.runtime.files import Dir, UnsafePath, copy_hashed, private_dir
 
 # The header fields that say how big the file should be (sqlite.org/fileformat.html).
 HEADER = struct.Struct(">16sH6xII60xI")
 HEADER_MAGIC = b"SQLite format 3\x00"
+KEY_BYTES = 32
+
+
+def copied_name(name: str) -> str:
+    """A bundle file's private copy: named apart, so nothing mistakes one for the other."""
+    return f"checked-{name}"
 
 
 @dataclass(slots=True)
@@ -35,21 +41,20 @@ class Check:
 
 def verify(path: Path, *, named: bool = True) -> tuple[Manifest | None, list[Check]]:
     """Every check of the bundle at `path` (also of its name, when it should be `named`
-    as a bundle); the manifest when it could be read."""
+    as a bundle); the manifest when it could be read. Each file is read once, into a
+    private copy, and the databases are checked there: never where another user could
+    swap them between the check and SQLite's open by name."""
     checks: list[Check] = []
     if named and not path.name.startswith("pair-backup-"):
         checks.append(Check(False, f"{path.name}: not a finished bundle (cut short or failed)"))
     try:
-        with Dir.open(path) as bundle:
+        with Dir.open(path) as bundle, private_dir() as private:
             manifest = read_manifest(bundle)
             checks.append(_manifest_line(manifest))
-            checks.extend(check_file(bundle, file) for file in manifest.files)
-            for daemon, database in manifest.databases.items():
-                checks.extend(check_database(bundle.path / database.file, daemon, database))
+            checks += checked_copies(bundle, manifest, private)
     except (OSError, UnsafePath, BundleError) as exc:
         checks.append(Check(False, f"{path}: {_reason(exc)}"))
         return None, checks
-    checks.append(cut_check(manifest))
     return manifest, checks
 
 
@@ -58,13 +63,38 @@ def _manifest_line(manifest: Manifest) -> Check:
     return Check(True, f"manifest: {manifest.format} of pair {manifest.version}, {taken}")
 
 
-def check_file(bundle: Dir, file: BundleFile) -> Check:
+def checked_copies(bundle: Dir, manifest: Manifest, into: Dir) -> list[Check]:
+    """Copy each file of `bundle` into `into` (read once, hashed as copied, never past
+    the manifest's size) and check the copies: sizes and sha256, the key's length, the
+    databases, the cut."""
+    checks = [_copied(bundle, file, into) for file in manifest.files]
+    copied = {file.name for file, check in zip(manifest.files, checks, strict=True) if check.ok}
+    key = next(file for file in manifest.files if file.name == "gateway.key")
+    if key.bytes != KEY_BYTES:
+        checks.append(Check(False, f"gateway.key: {key.bytes} bytes; a key is {KEY_BYTES}"))
+    for daemon, database in manifest.databases.items():
+        if database.file in copied:
+            checks += check_database(into.path / copied_name(database.file), daemon, database)
+    checks.append(cut_check(manifest))
+    return checks
+
+
+def _copied(bundle: Dir, file: BundleFile, into: Dir) -> Check:
     try:
         with bundle.open_regular(file.name) as source:
-            size, found = hash_of(source)
+            size = os.fstat(source.fileno()).st_size
+            if size != file.bytes:
+                return Check(
+                    False, f"{file.name}: {size} bytes, but the manifest says {file.bytes}"
+                )
+            problem = size_problem_of(source) if file.name.endswith(".db") else None
+            if problem is not None:
+                return Check(False, f"{file.name}: {problem}")
+            with into.create(copied_name(file.name)) as out:
+                size, digest = copy_hashed(source, out, limit=file.bytes)
     except (OSError, UnsafePath) as exc:
         return Check(False, f"{file.name}: cannot be read ({_reason(exc)})")
-    return matches(file, size, found)
+    return matches(file, size, digest)
 
 
 def matches(file: BundleFile, size: int, found: str) -> Check:

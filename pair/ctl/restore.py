@@ -9,17 +9,16 @@ checked as copied; only then is the marker written and the swap made.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
-from pair.ctl.bundle import BundleError, BundleFile, Manifest, read_manifest
-from pair.ctl.checks import Check, check_database, cut_check, matches, size_problem_of
-from pair.runtime.files import Dir, copy_hashed
+from pair.ctl.bundle import BundleError, Manifest, read_manifest
+from pair.ctl.checks import Check, checked_copies, copied_name
+from pair.runtime.files import Dir, copy_hashed, hash_of, private_dir
 from pair.runtime.restore import (
     ALL_FILES,
-    DATABASES,
     INCOMING,
     KEPT_ASIDE,
     MARKER,
@@ -47,23 +46,25 @@ class Refused(Exception):
 
 def restore(path: Path, state: Dir, running: Callable[[], str | None]) -> tuple[list[Check], str]:
     """Restore the bundle at `path` into `state`; the checks made and a line of what
-    was done. `running` says which daemon still answers, checked right before the swap."""
+    was done. `running` says which daemon still answers, checked right before the swap.
+
+    The copies are made and checked in a directory of pairctl's own beside `state`
+    (the daemon user owns `state`: what it could swap there, SQLite would open by
+    name); they are given to the state directory's owner and moved in only once every
+    check has passed."""
     with lock_for_restore(state):
         _refuse_pending(state)
-        try:
+        with private_dir(state.path.parent) as private:
             with Dir.open(path) as bundle:
                 manifest = read_manifest(bundle)
-                _check_room(bundle, state, manifest)
-                checks = _copy_in(bundle, state, manifest)
-            checks += _check_copies(state, manifest)
+                _check_room(private, manifest)
+                checks = checked_copies(bundle, manifest, private)
             if not all(check.ok for check in checks):
                 raise Refused(checks)
             daemon = running()
             if daemon is not None:
                 raise RestoreError(f"{daemon}: stop both daemons and their sockets first")
-        except BaseException:
-            _remove_copies(state)
-            raise
+            _move_in(private, state)
         moved = _swap(state, str(path))
     line = f"restored {', '.join(ALL_FILES)} into {state.path}"
     if moved:
@@ -108,52 +109,49 @@ def _refuse_pending(state: Dir) -> None:
         )
 
 
-def _check_room(bundle: Dir, state: Dir, manifest: Manifest) -> None:
+def _check_room(private: Dir, manifest: Manifest) -> None:
     """Refused before anything is copied: too little room for the copies."""
     needed = sum(file.bytes for file in manifest.files) + SPARE_BYTES
-    free = state.free_bytes()
+    free = private.free_bytes()
     if free < needed:
         raise BundleError(
-            f"the restore needs {needed} bytes in {state.path} and {free} are free;"
-            " nothing was changed"
+            f"the restore needs {needed} bytes beside {private.path.parent} and {free} are"
+            " free; nothing was changed"
         )
 
 
-def _copy_in(bundle: Dir, state: Dir, manifest: Manifest) -> list[Check]:
+def _move_in(private: Dir, state: Dir) -> None:
+    """Each checked copy into `state` as `<name>.restoring`, given to its owner."""
     found = state.stat()
-    owner = (found.st_uid, found.st_gid) if os.geteuid() == 0 else None
-    checks = []
-    for file in manifest.files:
-        incoming = file.name + INCOMING
-        state.unlink(incoming, missing_ok=True)
-        with bundle.open_regular(file.name) as source:
-            _check_before_copy(bundle, file, source)
-            with state.create(incoming) as out:
-                if owner is not None:
-                    os.fchown(out.fileno(), *owner)
-                size, digest = copy_hashed(source, out)
-        checks.append(matches(file, size, digest))
-    return checks
+    try:
+        for name in ALL_FILES:
+            if os.geteuid() == 0:
+                with private.open_regular(copied_name(name)) as copy:
+                    os.fchown(copy.fileno(), found.st_uid, found.st_gid)
+            state.unlink(name + INCOMING, missing_ok=True)
+            try:
+                private.rename(copied_name(name), name + INCOMING, into=state)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                _copy_across(private, name, state, (found.st_uid, found.st_gid))
+        state.sync()
+    except BaseException:
+        _remove_copies(state)
+        raise
 
 
-def _check_before_copy(bundle: Dir, file: BundleFile, source: BinaryIO) -> None:
-    """Refused before a byte is copied: not the manifest's size, or a database whose
-    header disagrees with its size (a sparse gigabyte of zeros)."""
-    size = os.fstat(source.fileno()).st_size
-    if size != file.bytes:
-        raise BundleError(
-            f"{bundle.path / file.name} is {size} bytes, the manifest says {file.bytes}"
-        )
-    problem = size_problem_of(source) if file.name in DATABASES else None
-    if problem is not None:
-        raise BundleError(f"{bundle.path / file.name}: {problem}")
-
-
-def _check_copies(state: Dir, manifest: Manifest) -> list[Check]:
-    checks = [cut_check(manifest)]
-    for daemon, database in manifest.databases.items():
-        checks += check_database(state.path / (database.file + INCOMING), daemon, database)
-    return checks
+def _copy_across(private: Dir, name: str, state: Dir, owner: tuple[int, int]) -> None:
+    """The state directory is a file system of its own: the checked copy is copied
+    again, from pairctl's own directory, and must hash the same."""
+    with private.open_regular(copied_name(name)) as source:
+        expected = hash_of(source)
+        source.seek(0)
+        with state.create(name + INCOMING) as out:
+            if os.geteuid() == 0:
+                os.fchown(out.fileno(), *owner)
+            if copy_hashed(source, out) != expected:
+                raise BundleError(f"{private.path / name} changed while it was copied")
 
 
 def _swap(state: Dir, bundle: str) -> list[str]:

@@ -54,13 +54,22 @@ def expected_objects(daemon: str, version: int) -> Objects:
 
 
 def objects_of(db: Any) -> Objects:
-    """Each schema object by (type, name): its table and its CREATE text."""
+    """Each schema object by (type, name): its table (lower case, as SQLite compares
+    names) and its CREATE text. Only SQLite's own bookkeeping is left out: its
+    sequence and statistics tables, and the indexes it makes for a constraint (they
+    have no CREATE text); a trigger or view named `sqlite_...` is kept, and refused."""
     rows = db.execute("SELECT type, name, tbl_name, sql FROM sqlite_schema").fetchall()
     return {
-        (str(kind), str(name)): (str(table), None if sql is None else str(sql))
+        (str(kind), str(name)): (str(table).lower(), None if sql is None else str(sql))
         for kind, name, table, sql in rows
-        if not str(name).startswith("sqlite_")
+        if not _sqlites_own(str(kind), str(name), sql)
     }
+
+
+def _sqlites_own(kind: str, name: str, sql: object) -> bool:
+    if kind == "table" and (name == "sqlite_sequence" or name.startswith("sqlite_stat")):
+        return True
+    return kind == "index" and name.startswith("sqlite_autoindex_") and sql is None
 
 
 def schema_problems(db: Any, daemon: str, version: int) -> list[str]:
@@ -72,8 +81,25 @@ def schema_problems(db: Any, daemon: str, version: int) -> list[str]:
             problems.append(f"{kind} {name} is missing")
         elif found[(kind, name)] != definition:
             problems.append(f"{kind} {name} is not as this build makes it")
-    guarded = _guarded_tables(daemon)
+    guarded = {table.lower() for table in _guarded_tables(daemon)}
     for (kind, name), (table, _) in found.items():
         if (kind, name) not in expected and (daemon == "gateway" or table in guarded):
             problems.append(f"{kind} {name!r} (on {table!r}) is not one pair makes")
+    problems += _sequence_problems(db)
     return problems[:10]
+
+
+# An AUTOINCREMENT counter this high stops every insert ("database or disk is full").
+SEQUENCE_LIMIT = 1 << 53
+
+
+def _sequence_problems(db: Any) -> list[str]:
+    exists = db.execute("SELECT 1 FROM sqlite_schema WHERE name = 'sqlite_sequence'").fetchall()
+    if not exists:
+        return []
+    rows = db.execute("SELECT name, seq FROM sqlite_sequence").fetchall()
+    return [
+        f"sqlite_sequence of {str(name)!r} is {seq!r}, past what pair ever counts to"
+        for name, seq in rows
+        if not isinstance(seq, int) or not 0 <= seq < SEQUENCE_LIMIT
+    ]

@@ -21,16 +21,17 @@ import hashlib
 import os
 import pwd
 import secrets
-import shutil
 import stat
-from collections.abc import Collection
+import tempfile
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from pair.runtime import powercut
 
 CHUNK = 1 << 20
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted where a directory belongs is refused, never waited on.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # Group or others may write: another user could rename or replace what is in it.
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
@@ -167,8 +168,16 @@ class Dir:
         os.rmdir(check_name(name), dir_fd=self.fd)
 
     def remove_tree(self, name: str) -> None:
-        """Remove the directory `name` and all in it, following no link."""
-        shutil.rmtree(check_name(name), dir_fd=self.fd)
+        """Remove the directory `name` and all in it, following no link and opening
+        nothing but directories (each by O_DIRECTORY|O_NOFOLLOW)."""
+        with self.subdir(name) as inside:
+            for entry in inside.names():
+                found = inside.lstat(entry)
+                if found is not None and stat.S_ISDIR(found.st_mode):
+                    inside.remove_tree(entry)
+                else:
+                    inside.unlink(entry, missing_ok=True)
+        self.rmdir(name)
 
     def lstat(self, name: str) -> os.stat_result | None:
         """What `name` is (a link is a link), or None when there is nothing of that name."""
@@ -227,12 +236,13 @@ def fsync(file: BinaryIO) -> None:
         powercut.file_synced(file.fileno())
 
 
-def copy_hashed(source: BinaryIO, target: BinaryIO) -> tuple[int, str]:
+def copy_hashed(source: BinaryIO, target: BinaryIO, *, limit: int | None = None) -> tuple[int, str]:
     """Copy `source` to `target`, hashing what was read, and fsync `target`: the size
-    and sha256 of exactly the bytes written (a file is read once)."""
+    and sha256 of exactly the bytes written (a file is read once). With `limit`, at
+    most `limit + 1` bytes are copied: a file that grows while it is read stops there."""
     digest = hashlib.sha256()
     size = 0
-    while chunk := source.read(CHUNK):
+    while chunk := source.read(CHUNK if limit is None else min(CHUNK, limit + 1 - size)):
         digest.update(chunk)
         target.write(chunk)
         size += len(chunk)
@@ -266,6 +276,20 @@ def replace_atomically(directory: Dir, name: str, data: bytes, *, mode: int = 0o
             directory.unlink(temporary, missing_ok=True)
         raise
     directory.sync()
+
+
+@contextlib.contextmanager
+def private_dir(beside: Path | None = None) -> Iterator[Dir]:
+    """A new directory of this user's alone (0700), in `beside` (a directory already
+    trusted) or the system's temporary one, removed with all in it when left: where a
+    file is checked by name (SQLite opens by name) with no one else able to swap it."""
+    path = Path(tempfile.mkdtemp(prefix=".pair-private-", dir=beside))
+    try:
+        with Dir.open(path) as private:
+            yield private
+    finally:
+        with Dir.open(path.parent) as parent:
+            parent.remove_tree(path.name)
 
 
 def _walk(path: Path, trusted: frozenset[int]) -> int:

@@ -68,13 +68,12 @@ def open_lock(state: Dir, owner: tuple[int, int] | None = None) -> BinaryIO:
 
 def hold_for_daemon(state_dir: Path, daemon: str) -> BinaryIO:
     """The shared lock a daemon holds for its life (keep the file open); refuses to
-    start while a restore runs or was cut short."""
+    start while a restore runs or was cut short (the marker is looked for once the
+    lock is held: a restore cannot write it after)."""
     try:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         with Dir.open(state_dir) as state:
             lock = open_lock(state)
-            marker = state.lstat(MARKER) is not None
-            kept = state.lstat(KEPT_ASIDE) is not None
     except (OSError, UnsafePath) as exc:
         reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
         if isinstance(exc, FileExistsError):
@@ -92,6 +91,9 @@ def hold_for_daemon(state_dir: Path, daemon: str) -> BinaryIO:
             " start again once it has ended",
             EX_TEMPFAIL,
         ) from None
+    with Dir.open(state_dir) as state:
+        marker = state.lstat(MARKER) is not None
+        kept = state.lstat(KEPT_ASIDE) is not None
     if marker:
         lock.close()
         raise StartupError(cut_short(state_dir), EX_TEMPFAIL)
@@ -173,6 +175,11 @@ def swap(state: Dir, names: Iterable[str], progress: Progress) -> None:
             companions = (name + "-wal", name + "-shm") if name in DATABASES else ()
             for current in (*companions, name):
                 if state.lstat(current) is not None:
+                    if aside.lstat(current) is not None:
+                        raise RestoreError(
+                            f"{aside.path / current} is already there: nothing kept aside is"
+                            " ever replaced; move it away, then `pairctl restore --resume`"
+                        )
                     state.rename(current, current, into=aside)
                     progress.moved.append(current)
             failpoint("restore.swap_moved_aside")

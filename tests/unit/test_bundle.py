@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from pair.ctl.checks import verify
-from pair.ctl.restore import Refused, restore
+from pair.ctl.restore import Refused, discard_kept, restore
 from pair.runtime.errors import StartupError
-from pair.runtime.files import Dir
+from pair.runtime.files import Dir, UnsafePath
 from pair.runtime.restore import RestoreError, hold_for_daemon, lock_for_restore
 from tests.support.bundles import fill_state, make_bundle, rebundle, state_files, write_manifest
 from tests.support.disk import needs_root, small_disk
@@ -76,6 +76,17 @@ BREAKS = [
         "trigger 'ev_eat' (on 'events') is not one pair makes",
     ),
     (
+        "assistant",
+        "CREATE TRIGGER eat AFTER INSERT ON EVENTS BEGIN SELECT 1; END",
+        "trigger 'eat' (on 'events') is not one pair makes",
+    ),
+    (
+        "gateway",
+        "INSERT INTO outbox (event_id, kind, payload, created_at) VALUES ('e', 'k', '{}', 1);"
+        " UPDATE sqlite_sequence SET seq = 9223372036854775807 WHERE name = 'outbox'",
+        "sqlite_sequence of 'outbox' is 9223372036854775807",
+    ),
+    (
         "gateway",
         "CREATE VIEW v AS SELECT * FROM contacts",
         "view 'v' (on 'v') is not one pair makes",
@@ -106,6 +117,59 @@ def test_a_bundle_that_breaks_the_pair_fails_verify_and_restores_nothing(
         restored(bundle, state)
     assert any(said in check.line for check in refused.value.checks)
     assert state_files(state) == before
+
+
+@pytest.mark.parametrize(("daemon", "table"), [("gateway", "outbox"), ("assistant", "events")])
+def test_a_trigger_named_like_sqlites_own_is_refused_all_the_same(
+    bundle: Path, daemon: str, table: str
+) -> None:
+    """SQLite loads a trigger whatever its name: `sqlite_` hides nothing (review 3b)."""
+    rebundle(
+        bundle, daemon, "PRAGMA writable_schema = ON",
+        "INSERT INTO sqlite_schema (type, name, tbl_name, rootpage, sql) VALUES ('trigger',"
+        f" 'sqlite_eat', '{table}', 0, 'CREATE TRIGGER sqlite_eat AFTER INSERT ON {table}"
+        f" BEGIN DELETE FROM {table}; END')",
+    )  # fmt: skip
+    lines = failed_lines(bundle)
+    assert any(
+        f"trigger 'sqlite_eat' (on '{table}') is not one pair makes" in line for line in lines
+    )
+
+
+@pytest.mark.parametrize("size", [31, 33, 1 << 20])
+def test_a_key_of_any_length_but_32_bytes_is_refused(bundle: Path, size: int) -> None:
+    (bundle / "gateway.key").write_bytes(b"k" * size)
+    write_manifest(bundle)
+    assert any(f"gateway.key: {size} bytes; a key is 32" in line for line in failed_lines(bundle))
+
+
+def test_a_copy_that_fails_its_checks_never_reaches_the_state_directory(
+    bundle: Path, state: Path
+) -> None:
+    """Checked in pairctl's own directory and handed over only once good: the daemon
+    user never sees a byte of a bundle that failed (a hard link on it would keep them)."""
+    (bundle / "gateway.key").write_bytes(b"x" * 32)
+    before = fill_state(state)
+    with pytest.raises(Refused):
+        restored(bundle, state)
+    assert state_files(state) == before
+    assert not list(state.parent.glob(".pair-private-*"))
+
+
+def test_finish_refuses_a_fifo_or_link_where_the_kept_files_go_and_never_waits(
+    state: Path, tmp_path: Path
+) -> None:
+    fill_state(state)
+    os.mkfifo(state / "pre-restore")
+    with Dir.open(state) as directory, pytest.raises(UnsafePath, match="is a FIFO"):
+        discard_kept(directory)
+    (state / "pre-restore").unlink()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "precious").write_text("x")
+    os.symlink(tmp_path / "elsewhere", state / "pre-restore")
+    with Dir.open(state) as directory, pytest.raises(UnsafePath, match="symbolic link"):
+        discard_kept(directory)
+    assert (tmp_path / "elsewhere" / "precious").exists()
 
 
 def test_caller_tables_views_and_triggers_of_the_assistant_are_restored(bundle: Path) -> None:
@@ -163,8 +227,9 @@ def test_a_sparse_database_is_refused_before_a_byte_is_copied(bundle: Path, stat
     write_manifest(bundle)
     assert any("but its header says" in line for line in failed_lines(bundle))
     before = fill_state(state)
-    with pytest.raises(Exception, match="but its header says"):
+    with pytest.raises(Refused) as refused:
         restored(bundle, state)
+    assert any("but its header says" in check.line for check in refused.value.checks)
     assert state_files(state) == before
 
 
@@ -194,7 +259,7 @@ from pathlib import Path
 opened = []
 sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
 from pair.ctl.restore import restore
-from pair.runtime.files import Dir
+from pair.runtime.files import Dir, UnsafePath
 with Dir.open({str(state)!r}) as state:
     restore(Path({str(bundle)!r}), state, lambda: None)
 for name in ("gateway.db", "gateway.key", "assistant.db"):
@@ -264,7 +329,7 @@ def test_a_restore_without_room_for_its_copies_changes_nothing(
     with small_disk(tmp_path / "tiny") as tiny:
         state = tiny / "state"
         before = fill_state(state)
-        with pytest.raises(Exception, match=r"the restore needs \d+ bytes in .* are free"):
+        with pytest.raises(Exception, match=r"the restore needs \d+ bytes beside .* are free"):
             restored(bundle, state)
         assert state_files(state) == before
         assert not list(state.glob("*.restoring"))
