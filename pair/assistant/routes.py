@@ -5,13 +5,16 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
 
+import anyio
+import anyio.to_thread
 import msgspec
 from msgspec import Meta, Struct
 
 from pair.assistant import proxy
-from pair.assistant.db import Database
+from pair.assistant.db import Database, GuardedConn
 from pair.assistant.events import EmitEventResult, EmitEventsResult, insert_event, insert_events
 from pair.assistant.proxy import ExecResult, QueryResult, RunResult, Step, TransactionResult
 from pair.assistant.statement import DEFAULT_MAX_BYTES
@@ -23,6 +26,9 @@ from pair.protocol.health import DbInfo, Health, uptime_ms
 from pair.protocol.metrics import ProtocolMetrics
 from pair.protocol.values import WireBind, bind_from_wire
 from pair.runtime.backup import BackupStats, Snapshotter, method_of
+from pair.runtime.sqlite import commits_durable
+
+T = TypeVar("T")
 
 MAX_SQL_CHARS = 1024 * 1024
 MAX_STEPS = 1000
@@ -167,18 +173,25 @@ class AssistantRoutes:
         )
         return self.db.submit_write(job, time.monotonic() + params.timeout_ms / 1000)
 
-    def emit_event(self, params: EmitEventParams) -> Deferred[EmitEventResult]:
+    async def emit_event(self, params: EmitEventParams) -> EmitEventResult:
         """Store an event once per id; a repeated id is accepted and reported as a duplicate."""
         payload = msgspec.json.encode(params.payload).decode()
         job = functools.partial(insert_event, event_id=params.id, kind=params.kind, payload=payload)
-        return self.db.submit_write(job)
+        return await self._stored(job)
 
-    def emit_events(self, params: EmitEventsParams) -> Deferred[EmitEventsResult]:
+    async def emit_events(self, params: EmitEventsParams) -> EmitEventsResult:
         """Store 1..500 events in order in one transaction; ids already stored are skipped and
         listed in `duplicates`, so a batch delivered again is harmless. An invalid event
         refuses the whole call (`data.path` names it) and stores nothing."""
         events = [(e.id, e.kind, _encoder.encode(e.payload).decode()) for e in params.events]
-        return self.db.submit_write(functools.partial(insert_events, events=events))
+        return await self._stored(functools.partial(insert_events, events=events))
+
+    async def _stored(self, job: Callable[[GuardedConn], T]) -> T:
+        """The events' write, durable before it is acknowledged: the gateway forgets
+        what it was told is stored (under --synchronous normal too)."""
+        result = await self.db.write(job)
+        await anyio.to_thread.run_sync(commits_durable, self.db.path, self.db.synchronous)
+        return result
 
 
 def _check_statement(sql: str, bind: Bind, step: int | None = None) -> None:

@@ -24,7 +24,7 @@ from pair.gateway.link import AssistantLink
 from pair.gateway.outbox import PendingEvent, mark_delivered, mark_refused, pending_events
 from pair.protocol.errors import IpcError, IpcHandlerError
 from pair.runtime.failpoints import failpoint
-from pair.runtime.sqlite import DatabaseFailure, now_ms
+from pair.runtime.sqlite import DatabaseFailure, commits_durable, now_ms
 
 log = logging.getLogger("gateway.outbox")
 
@@ -164,6 +164,9 @@ class Delivery:
         turn, down to the one event that is refused; the events before it
         are delivered (and removed) on the way.
         """
+        # Under --synchronous normal, what the assistant stores must not outlive a power cut
+        # that takes its redemption away here.
+        await anyio.to_thread.run_sync(commits_durable, self._db.path, self._db.synchronous)
         try:
             if await self._link.can("emit_events"):
                 await self._link.call_assistant(

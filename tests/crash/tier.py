@@ -75,8 +75,15 @@ class Result:
     findings: list[str] = field(default_factory=list)
 
 
-def run(plan: Plan, work: Path, *, environment: dict[str, str] | None = None) -> Result:
-    """Cut the power as `plan` says, in `work` (emptied first); what was found."""
+def run(
+    plan: Plan,
+    work: Path,
+    *,
+    environment: dict[str, str] | None = None,
+    flags: dict[str, tuple[str, ...]] | None = None,
+) -> Result:
+    """Cut the power as `plan` says, in `work` (emptied first); what was found. `flags`:
+    each daemon's extra flags, before and after the cut (`--synchronous normal`)."""
     shutil.rmtree(work, ignore_errors=True)
     (work / "disk" / "state").mkdir(parents=True)
     (work / "disk" / "bundles").mkdir(mode=0o700)
@@ -86,16 +93,26 @@ def run(plan: Plan, work: Path, *, environment: dict[str, str] | None = None) ->
     disk.baseline(work / "disk", work / "shadow")
     env = {"PAIR_POWERCUT_SHADOW": str(work / "shadow"),
            "PAIR_POWERCUT_ROOT": str(work / "disk"), **(environment or {})}  # fmt: skip
-    _cut(plan, work, env, result)
+    _cut(plan, work, env, result, flags or {})
     rng = random.Random(plan.seed) if plan.unsynced else None
     result.notes += disk.rebuild(work / "shadow", work / "disk", work / "after", rng)
-    _after(plan, work, result, old_contacts)
+    _after(plan, work, result, old_contacts, flags or {})
     return result
 
 
-def _pair(root: Path, state: Path, env: dict[str, str], plan: Plan) -> Pair:
+def _pair(
+    root: Path,
+    state: Path,
+    env: dict[str, str],
+    plan: Plan,
+    flags: dict[str, tuple[str, ...]] | None = None,
+) -> Pair:
     root.mkdir(exist_ok=True)
-    both = Pair(root, assistant_state=state, gateway_state=state)
+    flags = flags or {}
+    both = Pair(
+        root, flags.get("gateway", ()), assistant_args=flags.get("assistant", ()),
+        assistant_state=state, gateway_state=state,
+    )  # fmt: skip
     for daemon in both.daemons:
         daemon.env.update(env)
         if plan.who == daemon.name and env:
@@ -103,8 +120,10 @@ def _pair(root: Path, state: Path, env: dict[str, str], plan: Plan) -> Pair:
     return both
 
 
-def _cut(plan: Plan, work: Path, env: dict[str, str], result: Result) -> None:
-    both = _pair(work / "live", work / "disk" / "state", env, plan)
+def _cut(
+    plan: Plan, work: Path, env: dict[str, str], result: Result, flags: dict[str, tuple[str, ...]]
+) -> None:
+    both = _pair(work / "live", work / "disk" / "state", env, plan, flags)
     off = work / "shadow" / "OFF"
     try:
         if plan.moment == "restore":
@@ -194,7 +213,13 @@ def _bundle(work: Path) -> Path:
     return next(p for p in (work / "disk" / "bundles").iterdir() if p.name.startswith("pair-"))
 
 
-def _after(plan: Plan, work: Path, result: Result, old_contacts: set[str]) -> None:
+def _after(
+    plan: Plan,
+    work: Path,
+    result: Result,
+    old_contacts: set[str],
+    flags: dict[str, tuple[str, ...]],
+) -> None:
     state = work / "after" / "state"
     if (state / "RESTORING").exists():
         resumed = subprocess.run(
@@ -206,7 +231,7 @@ def _after(plan: Plan, work: Path, result: Result, old_contacts: set[str]) -> No
         if resumed.returncode != 0:
             result.findings.append(f"restore --resume failed: {resumed.stderr.strip()}")
             return
-    both = _pair(work / "again", state, {}, plan)
+    both = _pair(work / "again", state, {}, plan, flags)
     try:
         both.start()
     except Exception as exc:

@@ -13,6 +13,7 @@ errors.py        database failures as callers hear them (SPEC.md section 3)
 
 from pair.runtime.sqlite.connect import (
     STATEMENT_CACHE_SIZE,
+    commits_durable,
     connect,
     make_state_dir,
     migrate,
@@ -54,6 +55,7 @@ __all__ = [
     "WriteHealth",
     "WriteTransaction",
     "Writer",
+    "commits_durable",
     "connect",
     "database_failure",
     "make_state_dir",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import apsw
 
 from pair.runtime import powercut
 from pair.runtime.errors import EX_CANTCREAT, EX_DATAERR, DbOpenError
+from pair.runtime.files import Dir, fsync
 from pair.runtime.sqlite.powercut_vfs import vfs_name
 from pair.runtime.sqlite.transaction import BUSY_TIMEOUT_MS, Conn
 
@@ -85,6 +87,24 @@ def migrate(conn: Conn, migrations: tuple[str, ...], *, log: Callable[[str], Non
         raise
     log(f"migrated {conn.db.filename} from schema version {current} to {target}")
     return target
+
+
+def commits_durable(path: str, synchronous: str) -> None:
+    """Under synchronous=NORMAL, make every transaction committed so far on `path`
+    survive a power cut: fsync its WAL (NORMAL syncs it only at a checkpoint). What
+    crosses to the other daemon (an event delivered, an event stored and acknowledged)
+    must be durable first, or a cut leaves one database holding what the other lost.
+    Under FULL every commit already is: nothing to do (blocking: call off the loop)."""
+    if synchronous.upper() != "NORMAL":
+        return
+    where = Path(path)
+    with Dir.open(where.parent) as directory:
+        try:
+            wal = directory.open_regular(where.name + "-wal")
+        except FileNotFoundError:
+            return  # checkpointed and removed: its commits are in the synced database file
+        with wal:
+            fsync(wal)
 
 
 def make_state_dir(path: str) -> None:
