@@ -19,6 +19,7 @@ from pair.ctl.checks import Check, verify
 from pair.ctl.failures import failed
 from pair.ctl.restore import Refused, discard_kept, restore, resume
 from pair.ctl.trust import check_owner, check_socket, trusted_owners
+from pair.protocol.backup import BackupResult
 from pair.protocol.client import Client
 from pair.runtime.errors import EX_CANTCREAT, EX_HANDLER, EX_NOINPUT, EX_TEMPFAIL
 from pair.runtime.failpoints import failpoint
@@ -52,7 +53,7 @@ def take(into: Path, sockets: dict[str, str], as_json: bool) -> int:
 async def _take(into: Dir, sockets: dict[str, str], as_json: bool) -> int:
     staging = bundle.staging_dir(into)
     try:
-        snapshots: dict[str, bundle.Snapshot] = {}
+        snapshots: dict[str, BackupResult] = {}
         files: list[bundle.BundleFile] = []
         for daemon in ("gateway", "assistant"):
             snapshots[daemon], collected = await _snapshot(daemon, sockets[daemon], staging)
@@ -72,7 +73,7 @@ async def _take(into: Dir, sockets: dict[str, str], as_json: bool) -> int:
 
 async def _snapshot(
     daemon: str, address: str, staging: Dir
-) -> tuple[bundle.Snapshot, list[bundle.BundleFile]]:
+) -> tuple[BackupResult, list[bundle.BundleFile]]:
     """The daemon's snapshot, copied into `staging` from its own backup/ only."""
     async with Client(address, timeout=BACKUP_TIMEOUT) as client:
         answer = await client.call("backup")
@@ -85,7 +86,7 @@ async def _snapshot(
 
 
 def _check_and_name(
-    into: Dir, staging: Dir, snapshots: dict[str, bundle.Snapshot], as_json: bool
+    into: Dir, staging: Dir, snapshots: dict[str, BackupResult], as_json: bool
 ) -> int:
     _, checks = verify(staging.path, named=False)
     good = all(check.ok for check in checks)

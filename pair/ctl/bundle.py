@@ -31,6 +31,7 @@ from typing import Any, Literal
 import msgspec
 from msgspec import Struct
 
+from pair.protocol.backup import BackupResult
 from pair.runtime.files import (
     Dir,
     UnsafePath,
@@ -76,25 +77,6 @@ class Manifest(Struct, rename="camel", kw_only=True):
     files: list[BundleFile]
 
 
-class SnapshotFile(Struct, rename="camel", kw_only=True):
-    name: str
-    path: str
-    bytes: int
-    sha256: str
-
-
-class Snapshot(Struct, rename="camel", kw_only=True):
-    """A daemon's `backup` answer, as pairctl reads it: nothing else is taken from it."""
-
-    daemon: str
-    version: str
-    sqlite_version: str
-    schema_version: int
-    taken_at: int
-    high_water: dict[str, int]
-    files: list[SnapshotFile]
-
-
 class BundleError(Exception):
     """A bundle that cannot be written, read or restored; the message says why."""
 
@@ -110,10 +92,10 @@ def staging_dir(into: Dir) -> Dir:
     return into.subdir(name)
 
 
-def snapshot_of(answer: Any, daemon: str) -> Snapshot:
+def snapshot_of(answer: Any, daemon: str) -> BackupResult:
     """The daemon's `backup` answer, refused unless it names exactly its files."""
     try:
-        snapshot = msgspec.convert(answer, Snapshot)
+        snapshot = msgspec.convert(answer, BackupResult)
     except msgspec.ValidationError as exc:
         raise BundleError(f"the {daemon}'s backup answer cannot be read: {exc}") from exc
     names = [file.name for file in snapshot.files]
@@ -125,7 +107,7 @@ def snapshot_of(answer: Any, daemon: str) -> Snapshot:
     return snapshot
 
 
-def open_snapshot_dir(snapshot: Snapshot, peer_uid: int, trusted: Collection[int]) -> Dir:
+def open_snapshot_dir(snapshot: BackupResult, peer_uid: int, trusted: Collection[int]) -> Dir:
     """The one directory the daemon's snapshot files may be in: a `backup/` every
     directory above which is trusted, owned by the daemon that answered (its uid, from
     the socket), all the snapshot's files named in it."""
@@ -144,7 +126,7 @@ def open_snapshot_dir(snapshot: Snapshot, peer_uid: int, trusted: Collection[int
     return directory
 
 
-def collect(snapshot: Snapshot, source: Dir, staging: Dir, peer_uid: int) -> list[BundleFile]:
+def collect(snapshot: BackupResult, source: Dir, staging: Dir, peer_uid: int) -> list[BundleFile]:
     """Copy a daemon's snapshot files from its `source` backup/ into `staging`, each read
     once and checked against the answer's size and sha256, then remove them there."""
     collected = []
@@ -168,7 +150,9 @@ def collect(snapshot: Snapshot, source: Dir, staging: Dir, peer_uid: int) -> lis
     return collected
 
 
-def write_manifest(staging: Dir, snapshots: dict[str, Snapshot], files: list[BundleFile]) -> None:
+def write_manifest(
+    staging: Dir, snapshots: dict[str, BackupResult], files: list[BundleFile]
+) -> None:
     manifest = Manifest(
         format="pair-backup/1",
         product="pair",

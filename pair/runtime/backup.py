@@ -26,6 +26,7 @@ import apsw
 from msgspec import Struct
 
 from pair.protocol import __version__
+from pair.protocol.backup import BackupResult, SnapshotFile
 from pair.protocol.dispatch import NoParams
 from pair.protocol.errors import RouteError
 from pair.runtime.failpoints import failpoint
@@ -41,27 +42,6 @@ TEMPORARY = ".partial"
 UNCOLLECTED_AFTER = 3600.0
 
 Marks = Callable[[apsw.Connection], dict[str, int]]
-
-
-class SnapshotFile(Struct, rename="camel", kw_only=True):
-    """One file of a daemon's snapshot, to be copied by its path."""
-
-    name: str
-    path: str
-    bytes: int
-    sha256: str
-
-
-class BackupResult(Struct, rename="camel", kw_only=True):
-    """What the `backup` method answers."""
-
-    daemon: str
-    version: str
-    sqlite_version: str
-    schema_version: int
-    taken_at: int
-    high_water: dict[str, int]
-    files: list[SnapshotFile]
 
 
 class BackupStats(Struct, rename="camel", kw_only=True):

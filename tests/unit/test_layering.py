@@ -32,6 +32,7 @@ def test_the_ops_cli_loads_the_default_paths_and_no_database_code() -> None:
         "pair.runtime.failpoints",
         "pair.runtime.files",
         "pair.runtime.paths",
+        "pair.runtime.powercut",
         "pair.runtime.restore",
     ]
 
