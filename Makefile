@@ -7,7 +7,7 @@ LATEST := .venv-latest
 N ?= 10
 
 
-.PHONY: test check lint types unit test-skew test-crash crash test-systemd run bench bench-rss soak lock test-latest test-repeat clean
+.PHONY: test check lint types unit integration test-skew test-crash crash test-systemd run bench bench-rss soak lock test-latest test-repeat clean
 
 # Every install of ours takes the exact versions (and hashes) of the lock; the
 # project itself goes in last, editable, built by the locked setuptools.
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml $(LOCK)
 
 test: $(STAMP) check test-skew test-crash test-systemd
 
-check: lint types unit
+check: lint types unit integration
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -28,8 +28,13 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
+# The fast tier alone (no processes, a few seconds).
 unit: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest tests/unit
+
+# Real daemons on real sockets, and the pytest plugin as a user runs it.
+integration: $(STAMP)
+	$(BIN)/pytest tests/integration tests/plugin
 
 # The previous release (its git tag, in a venv of its own under .pair/) and this tree
 # mixed under load, by a seeded random plan it prints (PAIR_SKEW_SEED=N replays one).

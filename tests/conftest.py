@@ -8,6 +8,22 @@ from pathlib import Path
 import pytest
 
 
+def pytest_report_header() -> list[str]:
+    """What the suite tests, first, as apsw's own suite prints it."""
+    import platform
+    from importlib.metadata import version
+
+    import apsw
+
+    from pair.protocol import __version__
+
+    return [
+        f"pair {__version__}; Python {platform.python_version()}; SQLite"
+        f" {apsw.sqlite_lib_version()} (apsw {apsw.apsw_version()}); uvloop {version('uvloop')};"
+        f" anyio {version('anyio')}; msgspec {version('msgspec')}",
+    ]
+
+
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, bool]]:
     return ("asyncio", {"use_uvloop": True})

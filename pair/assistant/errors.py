@@ -1,7 +1,7 @@
 """Every errorCode an assistant method answers besides the protocol's and the database's.
 
 The database failures by result code (DB_BUSY, DB_FULL, DB_TIMEOUT, ...) are
-`runtime.sqlite_errors`'s, shared with the gateway; the classes here are the
+`pair.runtime.sqlite.errors`'s, shared with the gateway; the classes here are the
 "method's own code" of that table and the statement policy's refusal.
 """
 

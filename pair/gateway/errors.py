@@ -1,6 +1,6 @@
 """Every errorCode a gateway method answers besides the protocol's and the database's.
 
-The database failures (DB_BUSY, DB_FULL, ...) are `runtime.sqlite_errors`'s,
+The database failures (DB_BUSY, DB_FULL, ...) are `pair.runtime.sqlite.errors`'s,
 shared with the assistant.
 """
 

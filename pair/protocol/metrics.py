@@ -3,7 +3,7 @@
 Each method's counts live on its `Method` (no lookup by name per call);
 calls that name no known method are counted under `UNKNOWN_METHOD`, so a
 caller cannot grow the label set. The `metrics` method of each daemon
-answers `CallMetrics.snapshot()` with what the daemon adds of its own;
+answers `snapshot()` of these counts with what the daemon adds of its own;
 `pairctl metrics` turns that into Prometheus' text format.
 """
 

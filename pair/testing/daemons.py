@@ -206,8 +206,6 @@ class DaemonProcess:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
-    terminate = stop
-
     def kill(self) -> None:
         """SIGKILL and wait."""
         assert self.proc is not None

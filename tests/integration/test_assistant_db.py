@@ -401,7 +401,7 @@ async def test_debug_logs_each_database_call_with_its_outcome(short_tmp: Path) -
         async with Client(str(short_tmp / "run" / "assistant.sock")) as client:
             await sql(client, "SELECT 1 AS one", "query")
             await failure(sql(client, "SELECT * FROM missing", "query"))
-        assert daemon.terminate() == 0
+        assert daemon.stop() == 0
     finally:
         daemon.close()
     log = daemon.stderr()
@@ -455,7 +455,7 @@ async def test_an_answer_over_the_frame_limit_is_result_too_large_for_its_id_alo
             assert not isinstance(health, IpcHandlerError)
             assert health["status"] == "ok"
             assert (await sql(client, "SELECT 2 AS two", "query"))["rows"] == [{"two": 2}]
-        assert daemon.terminate() == 0
+        assert daemon.stop() == 0
     finally:
         daemon.close()
 

@@ -47,7 +47,7 @@ async def test_sigterm_answers_every_call_in_flight_then_exits_zero(
             await dispatched(client)
             assistant.signal(signal.SIGTERM)
         assert [answer["changes"] for answer in answers] == [1, 1, 1, 1]
-    assert assistant.terminate() == 0
+    assert assistant.stop() == 0
     db = apsw.Connection(str(assistant.state_dir / "assistant.db"))
     assert db.execute("SELECT count(*) FROM t").fetchall() == [(4,)]
 
@@ -243,7 +243,7 @@ async def test_sigterm_exits_after_the_grace_even_with_a_statement_stuck_in_one_
             await dispatched(client)
             signalled = time.monotonic()
             daemon.signal(signal.SIGTERM)
-            assert await anyio.to_thread.run_sync(daemon.terminate, 10) == 0
+            assert await anyio.to_thread.run_sync(daemon.stop, 10) == 0
             took = time.monotonic() - signalled
         assert "still in SQLite at exit" in daemon.stderr()
         # SPEC: the drain never passes --grace; the unit's TimeoutStopSec relies on it.

@@ -75,7 +75,7 @@ def test_sigterm_when_idle_exits_zero_and_removes_only_its_socket(short_tmp: Pat
     try:
         daemon.signal(signal.SIGTERM)
         daemon.wait_for("STOPPING=1")
-        assert daemon.terminate() == 0
+        assert daemon.stop() == 0
     finally:
         daemon.close()
     assert not (short_tmp / "demo.sock").exists()

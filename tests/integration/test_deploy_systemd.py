@@ -109,7 +109,7 @@ def test_a_daemon_under_systemd_socket_activate_serves_the_inherited_socket(
         assert health["status"] == "ok"
         daemon.wait_for("READY=1")
         assert not (short_tmp / "elsewhere" / "assistant.sock").exists(), "it bound its own socket"
-        assert daemon.terminate() == 0
+        assert daemon.stop() == 0
         assert path.exists()
     finally:
         daemon.close()

@@ -134,7 +134,7 @@ async def test_a_poison_event_in_the_middle_of_a_batch_alone_goes_to_outbox_dead
     short_tmp: Path,
 ) -> None:
     with pair_on(short_tmp, short_tmp / "state", short_tmp / "state") as pair:
-        assert pair.assistant.terminate() == 0
+        assert pair.assistant.stop() == 0
         async with Client(pair.gateway_socket) as gw:
             before = await contacts(gw, 3, "before")
             db = apsw.Connection(str(pair.gateway_db))
@@ -163,7 +163,7 @@ async def test_a_gateway_killed_after_the_assistant_stored_a_batch_delivers_it_a
     short_tmp: Path,
 ) -> None:
     with pair_on(short_tmp, short_tmp / "state", short_tmp / "state") as pair:
-        assert pair.assistant.terminate() == 0
+        assert pair.assistant.stop() == 0
         async with Client(pair.gateway_socket) as gw:
             ids = await contacts(gw, 20)
         pair.gateway.env["PAIR_FAILPOINT"] = "after_emit_events"
@@ -184,7 +184,7 @@ async def test_an_assistant_killed_in_the_middle_of_a_batch_stores_all_of_it_onc
     short_tmp: Path,
 ) -> None:
     with pair_on(short_tmp, short_tmp / "state", short_tmp / "state") as pair:
-        assert pair.assistant.terminate() == 0
+        assert pair.assistant.stop() == 0
         async with Client(pair.gateway_socket) as gw:
             ids = await contacts(gw, 20)
         pair.assistant.env["PAIR_FAILPOINT"] = "mid_emit_events"

@@ -91,7 +91,7 @@ async def test_restarting_the_gateway_under_load_refuses_no_connection(short_tmp
                 if kill:
                     both.gateway.kill()
                 else:
-                    assert await anyio.to_thread.run_sync(both.gateway.terminate) == 0
+                    assert await anyio.to_thread.run_sync(both.gateway.stop) == 0
                 before = outcomes["ok"]
                 await anyio.to_thread.run_sync(both.gateway.restart)
                 outcomes["restarts"] += 1
@@ -302,7 +302,7 @@ async def test_the_gateway_serves_invites_through_an_assistant_outage(pair: Pair
         contact = (await gw.call("contacts_create", {"displayName": "Outage"}))["contact"]["id"]
         # Its contacts_changed event first, so the backlog below is the redemptions alone.
         await gateway_health_reaches(pair.gateway_socket, outbox_drained, timeout=30)
-        assert pair.assistant.terminate() == 0
+        assert pair.assistant.stop() == 0
         # A deadline, not a cancel scope: a cancelled call may still have been applied.
         deadline = anyio.current_time() + outage
         code = ""
@@ -341,5 +341,5 @@ async def test_the_gateway_serves_invites_through_an_assistant_outage(pair: Pair
 
 def test_sigterm_on_the_gateway_is_exit_zero_even_with_the_assistant_gone(pair: Pair) -> None:
     pair.assistant.kill()
-    assert pair.gateway.terminate() == 0
+    assert pair.gateway.stop() == 0
     assert "gatewayd stopped" in pair.gateway.stderr()

@@ -165,7 +165,7 @@ async def test_guess_limits_stop_a_guesser_and_survive_a_restart(pair: Pair) -> 
         limited = await failure(redeem(gw, code, "guesser"))
     assert (limited.code, limited.status_code, limited.retryable) == ("RATE_LIMITED", 429, True)
     assert 0 < limited.data["retryAfterMs"] <= 15 * 60 * 1000
-    assert pair.gateway.terminate() == 0
+    assert pair.gateway.stop() == 0
     pair.gateway.restart()
     async with Client(pair.gateway_socket) as gw:
         assert (await failure(redeem(gw, code, "guesser"))).code == "RATE_LIMITED"

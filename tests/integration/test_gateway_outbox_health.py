@@ -64,7 +64,7 @@ async def test_pending_is_the_table_exactly_once_delivery_stops(pair: Pair) -> N
             for index in range(8):
                 group.start_soon(writer, index)
             await anyio.sleep(0)
-            assert pair.assistant.terminate() == 0
+            assert pair.assistant.stop() == 0
 
     def delivery_stopped(health: dict[str, object]) -> bool:
         # A failed attempt after the assistant left: nothing is mid-delivery now.

@@ -58,13 +58,13 @@ async def test_a_lock_held_at_start_up_skips_a_sweep_and_the_daemon_serves_on(
     daemon = DaemonProcess(module, short_tmp / "run", short_tmp / "state", *BUSY)
     try:
         daemon.start()
-        assert daemon.terminate() == 0
+        assert daemon.stop() == 0
         with write_lock(short_tmp / "state" / database):
             daemon.restart()
             await logged(daemon, sweep)
             async with Client(str(short_tmp / "run" / f"{module}.sock")) as client:
                 assert (await client.call("health"))["pid"] == daemon.pid
-        assert daemon.terminate() == 0
+        assert daemon.stop() == 0
     finally:
         daemon.close()
     assert "database is locked" in daemon.stderr()
@@ -78,7 +78,7 @@ async def test_delivery_waits_out_a_locked_gateway_db_and_stores_each_event_once
     try:
         pair.assistant.start()
         pair.gateway.start()
-        assert pair.assistant.terminate() == 0
+        assert pair.assistant.stop() == 0
         async with Client(pair.gateway_socket) as gw:
             ids = [
                 (await gw.call("contacts_create", {"displayName": f"c{n}"}))["contact"]["id"]
@@ -104,6 +104,6 @@ async def test_delivery_waits_out_a_locked_gateway_db_and_stores_each_event_once
                 },
             )
         assert [row["contact"] for row in stored["rows"]] == ids
-        assert pair.gateway.terminate() == 0
+        assert pair.gateway.stop() == 0
     finally:
         pair.close()

@@ -221,7 +221,7 @@ async def test_sigterm_lets_in_flight_calls_finish_and_refuses_new_ones(
             assert caught.value.code == "SHUTTING_DOWN"
             assert caught.value.retryable
     assert answers == [0.5] * 5
-    assert demo.terminate() == 0
+    assert demo.stop() == 0
     assert not (demo.runtime_dir / "demo.sock").exists()
 
 
@@ -281,6 +281,6 @@ async def test_an_idle_connection_is_closed_and_the_client_reconnects_on_its_own
             await eventually(closed_as_idle)
             assert await client.call("pid") == demo.pid
             assert client._protocol is not first
-        assert demo.terminate() == 0
+        assert demo.stop() == 0
     finally:
         demo.close()

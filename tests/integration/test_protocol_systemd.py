@@ -36,7 +36,7 @@ def test_an_inherited_socket_is_served_never_unlinked_and_queues_across_a_restar
         with RawConnection(str(path)) as conn:
             first = pid_call(conn)
         assert first == daemon.pid
-        assert daemon.terminate() == 0
+        assert daemon.stop() == 0
         assert path.exists(), "the daemon removed a socket it did not create"
         with RawConnection(str(path)) as waiting:
             waiting.send_json({"jsonrpc": "2.0", "id": 7, "method": "pid"})
@@ -61,7 +61,7 @@ def test_watchdog_pings_at_half_the_interval_and_stopping_follows_sigterm(short_
         assert 0.4 <= elapsed < 2.0
         daemon.signal(signal.SIGTERM)
         daemon.wait_for("STOPPING=1")
-        assert daemon.terminate() == 0
+        assert daemon.stop() == 0
     finally:
         daemon.close()
 

@@ -290,7 +290,7 @@ def test_debug_logs_one_line_per_call_whatever_way_it_runs(short_tmp: Path) -> N
         with RawConnection(str(short_tmp / "demo.sock")) as conn:
             for request_id, method in enumerate(("echo", "echo_async", "echo_thread", "nope")):
                 conn.call(request(method, {"text": "x"}, request_id))
-        assert daemon.terminate() == 0
+        assert daemon.stop() == 0
     finally:
         daemon.close()
     log = daemon.stderr()
@@ -314,7 +314,7 @@ def test_a_peer_that_sends_nothing_is_disconnected_after_the_idle_timeout(
     try:
         with RawConnection(str(short_tmp / "demo.sock")) as idle:
             assert idle.is_closed_by_peer()
-        assert daemon.terminate() == 0
+        assert daemon.stop() == 0
     finally:
         daemon.close()
     assert "closing connection from" in daemon.stderr()
