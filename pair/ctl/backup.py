@@ -150,19 +150,11 @@ def restore_bundle(
     """`restore`: refused while a daemon runs (its lock or its socket); checked as copied;
     then swapped in, all or nothing. A state directory is made only when it was `named`
     (--state-dir, $PAIR_STATE_DIR), never a default's in the current directory."""
-    running = _running(sockets)
-    if running is not None:
-        return _fail(f"{running}: stop both daemons and their sockets first (systemctl stop"
-                     " pair-gateway.socket pair-gateway pair-assistant.socket pair-assistant,"
-                     " or stop `make run`)", as_json, EX_TEMPFAIL)  # fmt: skip
-    path = path.absolute()
-    if not path.is_dir():
-        return _fail(f"{path} is not a bundle directory", as_json, EX_NOINPUT)
-    state_dir = state_dir.absolute()
-    if not named and not state_dir.is_dir():
-        return _fail(f"{state_dir} does not exist (the default state directory, from the"
-                     " current directory): name the pair's with --state-dir DIR", as_json,
-                     EX_NOINPUT, "NO_STATE_DIR")  # fmt: skip
+    path, state_dir = path.absolute(), state_dir.absolute()
+    refusal = _refusal(path, state_dir, sockets, named=named)
+    if refusal is not None:
+        message, code, kind = refusal
+        return _fail(message, as_json, code, kind)
     try:
         with Dir.open(state_dir, trusted=trusted_owners(), create=named) as state:
             checks, done = restore(path, state, lambda: _running(sockets))
@@ -185,6 +177,24 @@ def restore_bundle(
           " make run); once it is right, `pairctl restore --finish` removes the replaced"
           " files")  # fmt: skip
     return 0
+
+
+def _refusal(
+    path: Path, state_dir: Path, sockets: dict[str, str], *, named: bool
+) -> tuple[str, int, str] | None:
+    """Why the restore cannot begin (message, exit code, errorCode), before any file."""
+    running = _running(sockets)
+    if running is not None:
+        return (f"{running}: stop both daemons and their sockets first (systemctl stop"
+                " pair-gateway.socket pair-gateway pair-assistant.socket pair-assistant,"
+                " or stop `make run`)", EX_TEMPFAIL, "DAEMON_RUNNING")  # fmt: skip
+    if not path.is_dir():
+        return f"{path} is not a bundle directory", EX_NOINPUT, "NO_BUNDLE"
+    if not named and not state_dir.is_dir():
+        return (f"{state_dir} does not exist (the default state directory, from the"
+                " current directory): name the pair's with --state-dir DIR", EX_NOINPUT,
+                "NO_STATE_DIR")  # fmt: skip
+    return None
 
 
 def after_restore(state_dir: Path, *, finish: bool, as_json: bool) -> int:

@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import anyio
 
@@ -42,6 +42,9 @@ CALL_TIMEOUT = 30.0
 BATCH_FILE_LIMIT = 64 << 20
 
 
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
 class UsageError(Exception):
     """Bad arguments found after parsing (unreadable JSON, a missing file)."""
 
@@ -61,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir", type=Path, help="directory of the databases")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_ops(commands, common)
+    _add_explore(commands, common)
+    _add_backups(commands, common)
+    _add_calls(commands, common)
+    _add_invites(commands, common)
+    _add_contacts(commands, common)
+    return parser
+
+
+def _add_ops(commands: Commands, common: argparse.ArgumentParser) -> None:
+    """up, status, metrics."""
     up = commands.add_parser("up", parents=[common], help="run both daemons in the foreground")
     up.add_argument("--log-level", default="INFO")
     commands.add_parser("status", parents=[common], help="both daemons' health")
@@ -73,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write them to this file atomically (node_exporter's textfile collector)",
     )
 
+
+def _add_explore(commands: Commands, common: argparse.ArgumentParser) -> None:
+    """methods, describe, sql."""
     methods = commands.add_parser(
         "methods", parents=[common], help="what each daemon can be called with (rpc.discover)"
     )
@@ -93,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sql.add_argument("--max-rows", type=int)
 
+
+def _add_backups(commands: Commands, common: argparse.ArgumentParser) -> None:
+    """backup (and --verify, --list), restore (and --resume, --finish)."""
     backup = commands.add_parser(
         "backup",
         parents=[common],
@@ -113,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--finish", action="store_true", help="remove the files the last restore replaced"
     )
 
+
+def _add_calls(commands: Commands, common: argparse.ArgumentParser) -> None:
+    """call: any method, or a batch."""
     call = commands.add_parser("call", parents=[common], help="call any method")
     call.add_argument("daemon", choices=DAEMONS)
     call.add_argument("method", nargs="?")
@@ -120,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--batch", type=Path, help="a JSON file holding an array of calls")
     call.add_argument("--timeout", type=float, default=CALL_TIMEOUT)
 
+
+def _add_invites(commands: Commands, common: argparse.ArgumentParser) -> None:
+    """invite create, redeem, revoke, list."""
     invite = commands.add_parser("invite", parents=[common], help="invites").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
@@ -141,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--channel")
     listing.add_argument("--contact")
 
+
+def _add_contacts(commands: Commands, common: argparse.ArgumentParser) -> None:
+    """contact create, list, delete."""
     contact = commands.add_parser("contact", parents=[common], help="contacts").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
@@ -150,7 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     contact.add_parser("list", parents=[common], help="list contacts")
     contact_delete = contact.add_parser("delete", parents=[common], help="delete a contact")
     contact_delete.add_argument("id")
-    return parser
 
 
 def runtime_dir_of(args: argparse.Namespace) -> tuple[Path, str]:

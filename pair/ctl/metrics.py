@@ -36,62 +36,12 @@ class PairCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("pair_up", "1 if the daemon answered metrics", labels=["daemon"])
-        calls = CounterMetricFamily(
-            "pair_calls", "Calls answered, by method and outcome", labels=DMO
-        )
-        durations = HistogramMetricFamily(
-            "pair_call_duration_seconds", "Time to answer a call", labels=["daemon", "method"]
-        )
-        connections = GaugeMetricFamily(
-            "pair_connections_open", "Open client connections", labels=["daemon"]
-        )
-        refused = CounterMetricFamily(
-            "pair_connections_refused", "Connections refused", labels=["daemon", "reason"]
-        )
-        db_errors = CounterMetricFamily(
-            "pair_db_errors", "Database failures by errorCode", labels=["daemon", "code"]
-        )
-        backups = CounterMetricFamily(
-            "pair_backups", "Snapshots taken by the backup method", labels=["daemon"]
-        )
-        backup_failures = CounterMetricFamily(
-            "pair_backup_failures", "Backup snapshots that failed", labels=["daemon"]
-        )
-        backup_at = GaugeMetricFamily(
-            "pair_backup_last_success_timestamp_seconds",
-            "When the last snapshot was taken (Unix time)",
-            labels=["daemon"],
-        )
-        backup_size = GaugeMetricFamily(
-            "pair_backup_last_size_bytes", "Size of the last snapshot's files", labels=["daemon"]
-        )
         for daemon, answer in self.answers.items():
             up.add_metric([daemon], 0 if answer is None else 1)
-            if answer is None:
-                continue
-            for call in answer["calls"]:
-                calls.add_metric([daemon, call["method"], call["outcome"]], call["count"])
-            for histogram in answer["callDurations"]:
-                bounds = [str(bound) for bound in histogram["bounds"]] + ["+Inf"]
-                cumulative = list(accumulate(histogram["counts"]))
-                durations.add_metric(
-                    [daemon, histogram["method"]],
-                    list(zip(bounds, cumulative, strict=True)),
-                    histogram["sumSeconds"],
-                )
-            connections.add_metric([daemon], answer["connections"]["open"])
-            for reason, count in answer["connections"]["refused"].items():
-                refused.add_metric([daemon, reason], count)
-            for code, count in answer["dbErrors"].items():
-                db_errors.add_metric([daemon, code], count)
-            backup = answer.get("backup") or {}
-            backups.add_metric([daemon], backup.get("count", 0))
-            backup_failures.add_metric([daemon], backup.get("failures", 0))
-            if backup.get("lastAt") is not None:
-                backup_at.add_metric([daemon], backup["lastAt"] / 1000)
-                backup_size.add_metric([daemon], backup["lastBytes"])
-        yield from (up, calls, durations, connections, refused, db_errors)
-        yield from (backups, backup_failures, backup_at, backup_size)
+        yield up
+        answered = {d: answer for d, answer in self.answers.items() if answer is not None}
+        yield from _call_families(answered)
+        yield from _backup_families(answered)
         gateway = self.answers.get("gateway")
         if gateway is not None:
             yield from _gateway_families(gateway)
@@ -119,6 +69,64 @@ def _gateway_families(answer: dict[str, Any]) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "pair_outbox_delivered", "Events delivered to the assistant", value=outbox["deliveredTotal"]
     )
+
+
+def _call_families(answers: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    calls = CounterMetricFamily("pair_calls", "Calls answered, by method and outcome", labels=DMO)
+    durations = HistogramMetricFamily(
+        "pair_call_duration_seconds", "Time to answer a call", labels=["daemon", "method"]
+    )
+    connections = GaugeMetricFamily(
+        "pair_connections_open", "Open client connections", labels=["daemon"]
+    )
+    refused = CounterMetricFamily(
+        "pair_connections_refused", "Connections refused", labels=["daemon", "reason"]
+    )
+    db_errors = CounterMetricFamily(
+        "pair_db_errors", "Database failures by errorCode", labels=["daemon", "code"]
+    )
+    for daemon, answer in answers.items():
+        for call in answer["calls"]:
+            calls.add_metric([daemon, call["method"], call["outcome"]], call["count"])
+        for histogram in answer["callDurations"]:
+            bounds = [str(bound) for bound in histogram["bounds"]] + ["+Inf"]
+            cumulative = list(accumulate(histogram["counts"]))
+            durations.add_metric(
+                [daemon, histogram["method"]],
+                list(zip(bounds, cumulative, strict=True)),
+                histogram["sumSeconds"],
+            )
+        connections.add_metric([daemon], answer["connections"]["open"])
+        for reason, count in answer["connections"]["refused"].items():
+            refused.add_metric([daemon, reason], count)
+        for code, count in answer["dbErrors"].items():
+            db_errors.add_metric([daemon, code], count)
+    yield from (calls, durations, connections, refused, db_errors)
+
+
+def _backup_families(answers: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    backups = CounterMetricFamily(
+        "pair_backups", "Snapshots taken by the backup method", labels=["daemon"]
+    )
+    failures = CounterMetricFamily(
+        "pair_backup_failures", "Backup snapshots that failed", labels=["daemon"]
+    )
+    taken_at = GaugeMetricFamily(
+        "pair_backup_last_success_timestamp_seconds",
+        "When the last snapshot was taken (Unix time)",
+        labels=["daemon"],
+    )
+    size = GaugeMetricFamily(
+        "pair_backup_last_size_bytes", "Size of the last snapshot's files", labels=["daemon"]
+    )
+    for daemon, answer in answers.items():
+        backup = answer.get("backup") or {}
+        backups.add_metric([daemon], backup.get("count", 0))
+        failures.add_metric([daemon], backup.get("failures", 0))
+        if backup.get("lastAt") is not None:
+            taken_at.add_metric([daemon], backup["lastAt"] / 1000)
+            size.add_metric([daemon], backup["lastBytes"])
+    yield from (backups, failures, taken_at, size)
 
 
 def exposition(answers: dict[str, dict[str, Any] | None]) -> bytes:

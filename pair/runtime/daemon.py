@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -113,6 +113,13 @@ def argument_parser(name: str, description: str) -> argparse.ArgumentParser:
         help="also accept peers in this group (name or gid), e.g. the socket's")  # fmt: skip
     add("--socket-mode", type=lambda v: int(v, 8), default=0o600, help="octal, e.g. 660")
     add("--socket-group", help="group of the socket file (with --socket-mode 660)")
+    _add_limits(add)
+    _add_database(add)
+    return parser
+
+
+def _add_limits(add: Callable[..., object]) -> None:
+    """What one peer, or all of them, may hold of the daemon."""
     add("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
     add("--frame-timeout", type=float, default=DEFAULT_FRAME_TIMEOUT)
     add("--max-in-flight", type=int, default=256)
@@ -131,12 +138,16 @@ def argument_parser(name: str, description: str) -> argparse.ArgumentParser:
     add("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
         help="seconds a connection with no call may stay open (clients reconnect)")  # fmt: skip
     add("--max-connections", type=int, default=2048)
+
+
+def _add_database(add: Callable[..., object]) -> None:
     add(
         "--synchronous",
         choices=("full", "normal"),
         default="full",
         help="full (default): an acknowledged write survives power loss; normal: faster, the"
-        " last commits may be lost on power loss (never on a crash of the daemon)",
+        " last commits may be lost on power loss (never on a crash of the daemon; never what"
+        " crossed to the other daemon)",
     )
     add(
         "--busy-timeout-ms",
@@ -144,7 +155,6 @@ def argument_parser(name: str, description: str) -> argparse.ArgumentParser:
         default=BUSY_TIMEOUT_MS,
         help="how long a write waits for a lock held by another process before DB_BUSY",
     )
-    return parser
 
 
 def config_from_args(name: str, args: argparse.Namespace) -> DaemonConfig:
@@ -385,19 +395,7 @@ def main(
     # Databases, WAL files and the key are the daemon's alone.
     os.umask(0o077)
     try:
-        config = config_from_args(name, args)
-        setup_logging(name, config.log_level, config.log_format)
-        raise_fd_limit()
-        map_large_blocks()
-        # Held open until the process ends: no restore begins while a daemon runs.
-        state_lock = hold_for_daemon(config.state_dir, name)
-        listener = open_listener(
-            config.socket_path,
-            daemon_name=f"{name}d",
-            mode=config.socket_mode,
-            group=config.socket_group,
-            fd_name=f"{name}.sock",
-        )
+        config, state_lock, listener = _prepare(name, args)
     except StartupError as exc:
         print(f"{name}d: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -417,3 +415,21 @@ def main(
     finally:
         state_lock.close()
     return 0
+
+
+def _prepare(name: str, args: argparse.Namespace) -> tuple[DaemonConfig, BinaryIO, Listener]:
+    """Configuration, logging and limits; the state directory's lock, held open until
+    the process ends (no restore begins while a daemon runs); the listener."""
+    config = config_from_args(name, args)
+    setup_logging(name, config.log_level, config.log_format)
+    raise_fd_limit()
+    map_large_blocks()
+    state_lock = hold_for_daemon(config.state_dir, name)
+    listener = open_listener(
+        config.socket_path,
+        daemon_name=f"{name}d",
+        mode=config.socket_mode,
+        group=config.socket_group,
+        fd_name=f"{name}.sock",
+    )
+    return config, state_lock, listener
