@@ -7,3 +7,8 @@ pair.gateway    gatewayd: owns gateway.db, serves gateway.sock
 pair.ctl        pairctl, the ops CLI
 pair.testing    the pytest plugin (fixtures pair, pair_factory, ...)
 """
+
+# The release: one place (pyproject.toml reads it from here).
+__version__ = "0.2.0"
+# The pair's two daemons, in the order they start.
+DAEMONS = ("assistant", "gateway")

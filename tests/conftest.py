@@ -15,7 +15,7 @@ def pytest_report_header() -> list[str]:
 
     import apsw
 
-    from pair.protocol import __version__
+    from pair import __version__
 
     return [
         f"pair {__version__}; Python {platform.python_version()}; SQLite"

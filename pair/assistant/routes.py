@@ -13,12 +13,12 @@ import anyio.to_thread
 import msgspec
 from msgspec import Meta, Struct
 
+from pair import __version__
 from pair.assistant import proxy
 from pair.assistant.db import Database, GuardedConn
 from pair.assistant.events import EmitEventResult, EmitEventsResult, insert_event, insert_events
 from pair.assistant.proxy import ExecResult, QueryResult, RunResult, Step, TransactionResult
 from pair.assistant.statement import DEFAULT_MAX_BYTES
-from pair.protocol import __version__
 from pair.protocol.deferred import Deferred
 from pair.protocol.dispatch import NoParams, Router
 from pair.protocol.errors import InvalidParams

@@ -20,6 +20,7 @@ from typing import Any, TypeAlias
 
 import anyio
 
+from pair import DAEMONS
 from pair.ctl import backup, explore, failures, render
 from pair.ctl.failures import forbidden
 from pair.ctl.metrics import exposition_text, write_textfile
@@ -36,7 +37,6 @@ from pair.runtime.paths import (
     default_state_dir,
 )
 
-DAEMONS = ("assistant", "gateway")
 CALL_TIMEOUT = 30.0
 # A batch is at most a frame (16 MiB by default) of calls.
 BATCH_FILE_LIMIT = 64 << 20

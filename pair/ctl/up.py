@@ -21,13 +21,13 @@ from pathlib import Path
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
+from pair import DAEMONS
 from pair.runtime.errors import EX_CONFIG, EX_TEMPFAIL
 
 RESTART_BACKOFF_START = 0.5
 RESTART_BACKOFF_CAP = 10.0
 STABLE_AFTER = 10.0
 STOP_TIMEOUT = 15.0
-DAEMONS = ("assistant", "gateway")
 # Start-up failures no restart can fix (runtime/errors.py).
 FATAL = {EX_TEMPFAIL: "its socket is served by another live daemon", EX_CONFIG: "bad configuration"}
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from pair.protocol import __version__
+from pair import __version__
 from pair.protocol.calls import loggable
 from pair.protocol.client import Client, Handshake
 from pair.protocol.errors import IncompatiblePeer, IpcHandlerError, IpcTransportError

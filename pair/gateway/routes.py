@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from msgspec import Meta, Struct
 
+from pair import __version__
 from pair.gateway import contacts, invites
 from pair.gateway.codes import CodeHasher
 from pair.gateway.db import Database
@@ -27,7 +28,6 @@ from pair.gateway.link import AssistantLink
 from pair.gateway.one_time_migrations import MigrationRunner
 from pair.gateway.outbox import queued_through
 from pair.gateway.records import Channel, Contact, Invite
-from pair.protocol import __version__
 from pair.protocol.deferred import Deferred
 from pair.protocol.dispatch import NoParams, Router
 from pair.protocol.errors import InvalidParams

@@ -2,7 +2,7 @@
 
 The version-skew policy (README, "Upgrading one side at a time") in code:
 
-- A release is the package version (`pair.protocol.__version__`) and the range
+- A release is the package version (`pair.__version__`) and the range
   of wire protocol versions it speaks (`PROTOCOL`). The wire protocol is
   PROTOCOL.md: framing, the JSON-RPC envelope, the error shape. It changes only
   when an old peer could not read a new one; each release speaks its own

@@ -25,10 +25,15 @@ from typing import Any
 import apsw
 from msgspec import Struct
 
-from pair.protocol import __version__
-from pair.protocol.backup import BackupResult, SnapshotFile
+from pair import __version__
+from pair.protocol.backup import (
+    BackupBusy,
+    BackupFailed,
+    BackupNoSpace,
+    BackupResult,
+    SnapshotFile,
+)
 from pair.protocol.dispatch import NoParams
-from pair.protocol.errors import RouteError
 from pair.runtime.failpoints import failpoint
 from pair.runtime.files import Dir, UnsafePath, copy_hashed, fsync, hash_of
 from pair.runtime.sqlite.powercut_vfs import vfs_name
@@ -51,26 +56,6 @@ class BackupStats(Struct, rename="camel", kw_only=True):
     failures: int = 0
     last_at: int | None = None
     last_bytes: int | None = None
-
-
-class BackupBusy(RouteError):
-    def __init__(self, daemon: str) -> None:
-        super().__init__(
-            f"{daemon}: a backup is already being taken; retry when it ends",
-            409,
-            "BACKUP_IN_PROGRESS",
-            retryable=True,
-        )
-
-
-class BackupFailed(RouteError):
-    def __init__(self, message: str, *, no_space: bool) -> None:
-        super().__init__(
-            message,
-            507 if no_space else 500,
-            "BACKUP_NO_SPACE" if no_space else "BACKUP_FAILED",
-            retryable=no_space,
-        )
 
 
 class Snapshotter:
@@ -98,7 +83,7 @@ class Snapshotter:
     def take(self) -> BackupResult:
         """Snapshot the database and the `extra` files (blocking; call off the loop)."""
         if not self._lock.acquire(blocking=False):
-            raise BackupBusy(self.daemon)
+            raise BackupBusy(f"{self.daemon}: a backup is already being taken; retry when it ends")
         try:
             started = time.monotonic()
             try:
@@ -197,7 +182,7 @@ def _sealed(into: Dir, partial: str, stamp: str, name: str, size: int, digest: s
     return SnapshotFile(name=name, path=str(into.path / final), bytes=size, sha256=digest)
 
 
-def _failure(daemon: str, into: Path, exc: BaseException) -> BackupFailed:
+def _failure(daemon: str, into: Path, exc: BaseException) -> BackupFailed | BackupNoSpace:
     no_space = isinstance(exc, apsw.FullError) or (
         isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
     )
@@ -206,7 +191,7 @@ def _failure(daemon: str, into: Path, exc: BaseException) -> BackupFailed:
     else:
         message = f"{daemon}: the snapshot in {into} failed ({exc}); nothing was kept"
     log.error("backup: %s", message)
-    return BackupFailed(message, no_space=no_space)
+    return BackupNoSpace(message) if no_space else BackupFailed(message)
 
 
 def method_of(snapshots: Snapshotter) -> Callable[[NoParams], BackupResult]:

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from pair import DAEMONS
 from pair.protocol.client import Client
 from pair.protocol.errors import IpcError
 
@@ -27,9 +28,6 @@ CALL_TIMEOUT = 10.0
 # Signals a test sends to end the daemon: its exit afterwards is not a crash.
 _STOPPING = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGKILL})
 LOG_TAIL_LINES = 40
-
-
-DAEMONS = ("assistant", "gateway")
 
 
 class DaemonProcess:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pair.protocol import __version__
+from pair import __version__
 from pair.protocol.client import Client
 from pair.protocol.errors import IpcHandlerError
 from pair.protocol.evolution import breaking_changes
