@@ -20,8 +20,8 @@ import msgspec
 from msgspec import Raw, Struct
 
 from pair.protocol.deferred import Deferred
-from pair.protocol.errors import InvalidParams, MethodNotFound, ParseError, ProtocolUnsupported
-from pair.protocol.hello import PRODUCT, PROTOCOL, Hello, HelloParams, ProtocolRange
+from pair.protocol.errors import InvalidParams, MethodNotFound, ParseError
+from pair.protocol.hello import PROTOCOL, Hello, HelloParams, ProtocolRange, answer_hello
 from pair.protocol.metrics import (
     UNKNOWN_METHOD,
     M,
@@ -218,23 +218,12 @@ class Router:
         (re)connect and uses a feature only when named here; a caller whose `protocol`
         range misses this daemon's is answered PROTOCOL_UNSUPPORTED (426), with this
         daemon's name, release and range in `data` (`daemon`, `version`, `protocol`)."""
-        ours = self.protocol
-        if params.protocol is not None and not params.protocol.meets(ours):
-            raise ProtocolUnsupported(
-                f"this {self.name} {self.version} speaks protocol {ours}; the caller"
-                f" speaks {params.protocol}",
-                data={
-                    "daemon": self.name,
-                    "version": self.version,
-                    "protocol": msgspec.to_builtins(ours),
-                },
-            )
-        return Hello(
-            product=PRODUCT,
+        return answer_hello(
+            params,
             daemon=self.name,
             version=self.version,
-            protocol=ours,
-            capabilities=sorted(self._methods),
+            ours=self.protocol,
+            capabilities=self._methods,
         )
 
     def _discover(self, params: NoParams) -> msgspec.Raw:

@@ -28,6 +28,8 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
+from pair.protocol.errors import ProtocolUnsupported
+
 PRODUCT = "pair"
 
 # What is kept of what a peer says of itself (it is held for the connection's life,
@@ -95,6 +97,31 @@ class Peer:
 
     def __str__(self) -> str:
         return f"{self.daemon} {self.version} (protocol {self.protocol})"
+
+
+def answer_hello(
+    params: HelloParams,
+    *,
+    daemon: str,
+    version: str,
+    ours: ProtocolRange,
+    capabilities: Iterable[str],
+) -> Hello:
+    """A daemon's answer to `pair.hello` (`Router` registers it on both daemons): who it
+    is, or PROTOCOL_UNSUPPORTED (426) when the caller's range misses `ours`, with the
+    daemon's name, release and range in `data`."""
+    if params.protocol is not None and not params.protocol.meets(ours):
+        raise ProtocolUnsupported(
+            f"this {daemon} {version} speaks protocol {ours}; the caller speaks {params.protocol}",
+            data={"daemon": daemon, "version": version, "protocol": msgspec.to_builtins(ours)},
+        )
+    return Hello(
+        product=PRODUCT,
+        daemon=daemon,
+        version=version,
+        protocol=ours,
+        capabilities=sorted(capabilities),
+    )
 
 
 def peer_of(hello: Any) -> Peer:
