@@ -24,6 +24,7 @@ import msgspec
 from msgspec import UNSET
 
 from pair.protocol.answers import handler_error, result_of
+from pair.protocol.calls import loggable
 from pair.protocol.client_connection import ClientConnection
 from pair.protocol.errors import IpcHandlerError, IpcTransportError
 from pair.protocol.framing import DEFAULT_MAX_FRAME_BYTES
@@ -350,7 +351,7 @@ class Client:
                     future.set_result(response)
             return
         if response.error is UNSET:
-            log.warning("answer with unknown id %r ignored", response.id)
+            log.warning("answer with unknown id %s ignored", loggable(response.id))
             return
         # An error with no id answers a whole batch (too large) or the connection
         # itself (FORBIDDEN, too many connections, a bad frame). The server
