@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,28 @@ class DaemonProcess:
         self.messages.clear()
         return self.start()
 
+    def stop_checked(self) -> str | None:
+        """SIGTERM and wait; what was wrong (it had crashed, did not stop in time, or did
+        not exit 0), with the tail of its log, or None. Closed after, whatever happened."""
+        try:
+            if self.proc is None:
+                return None
+            if self.proc.poll() is not None:
+                return None if self.expected_down else _problem(self, "crashed")
+            try:
+                code = self.stop()
+            except subprocess.TimeoutExpired:
+                return _problem(self, f"did not stop within {STOP_TIMEOUT}s of SIGTERM")
+            return None if code == 0 else _problem(self, "did not exit 0 on SIGTERM")
+        finally:
+            self.close()
+
+    def __enter__(self) -> DaemonProcess:
+        return self if self.running() else self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        _raise_if(kind, [self.stop_checked()])
+
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
@@ -299,24 +322,26 @@ class Pair:
     def stop_checked(self) -> list[str]:
         """SIGTERM the gateway, then the assistant, and wait; a line per daemon that had
         crashed or did not exit 0, with the tail of its log."""
-        problems = []
-        for daemon in (self.gateway, self.assistant):
-            if daemon.proc is None:
-                continue
-            if daemon.proc.poll() is not None:
-                if not daemon.expected_down:
-                    problems.append(_problem(daemon, "crashed"))
-                continue
-            try:
-                code = daemon.stop()
-            except subprocess.TimeoutExpired:
-                daemon.close()
-                problems.append(_problem(daemon, f"did not stop within {STOP_TIMEOUT}s of SIGTERM"))
-                continue
-            if code != 0:
-                problems.append(_problem(daemon, "did not exit 0 on SIGTERM"))
-        self.close()
-        return problems
+        problems = [daemon.stop_checked() for daemon in (self.gateway, self.assistant)]
+        return [problem for problem in problems if problem is not None]
+
+    def __enter__(self) -> Pair:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        _raise_if(kind, self.stop_checked())
+
+
+class DaemonsFailed(AssertionError):
+    """Raised when a test's daemons did not end as they should: every daemon a test starts
+    must exit 0 on SIGTERM (or have been stopped or killed by the test itself)."""
+
+
+def _raise_if(kind: type[BaseException] | None, problems: Sequence[str | None]) -> None:
+    found = [problem for problem in problems if problem is not None]
+    # A test that already failed keeps its own error; the daemons' is in their logs.
+    if found and kind is None:
+        raise DaemonsFailed("\n\n".join(found))
 
 
 def _problem(daemon: DaemonProcess, what: str) -> str:

@@ -11,14 +11,10 @@ from pair.testing import DaemonProcess, Pair
 @pytest.fixture
 def demo(short_tmp: Path) -> Iterator[DaemonProcess]:
     """The protocol demo daemon, ready, with a short frame timeout for stall tests."""
-    daemon = DaemonProcess(
+    with DaemonProcess(
         "tests.support.demo_server", short_tmp, short_tmp, "--frame-timeout", "0.5"
-    )
-    daemon.start()
-    try:
+    ) as daemon:
         yield daemon
-    finally:
-        daemon.close()
 
 
 @pytest.fixture
@@ -28,12 +24,8 @@ def demo_socket(demo: DaemonProcess) -> str:
 
 def _assistant(root: Path) -> Iterator[DaemonProcess]:
     (root / "run").mkdir()
-    daemon = DaemonProcess("assistant", root / "run", root / "state")
-    daemon.start()
-    try:
+    with DaemonProcess("assistant", root / "run", root / "state") as daemon:
         yield daemon
-    finally:
-        daemon.close()
 
 
 @pytest.fixture
@@ -54,11 +46,8 @@ def assistant_socket(assistant: DaemonProcess) -> str:
 
 
 def _pair(root: Path) -> Iterator[Pair]:
-    both = Pair(root).start()
-    try:
+    with Pair(root) as both:
         yield both
-    finally:
-        both.close()
 
 
 # `pair`, `pair_factory`, `assistant_client` and `gateway_client` are the plugin's

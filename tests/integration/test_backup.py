@@ -38,11 +38,8 @@ pytestmark = pytest.mark.anyio
 @contextlib.contextmanager
 def started(root: Path, *gateway_args: str) -> Iterator[Pair]:
     root.mkdir(exist_ok=True)
-    both = Pair(root, gateway_args)
-    try:
-        yield both.start()
-    finally:
-        both.close()
+    with Pair(root, gateway_args) as both:
+        yield both
 
 
 def ints(db: apsw.Connection, sql: str) -> list[int]:

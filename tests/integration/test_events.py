@@ -92,13 +92,8 @@ async def test_an_invalid_batch_is_refused_whole_with_the_path_and_stores_nothin
 
 @contextlib.contextmanager
 def pair_on(root: Path, assistant_state: Path, gateway_state: Path) -> Iterator[Pair]:
-    both = Pair(root, assistant_state=assistant_state, gateway_state=gateway_state)
-    try:
-        both.assistant.start()
-        both.gateway.start()
+    with Pair(root, assistant_state=assistant_state, gateway_state=gateway_state) as both:
         yield both
-    finally:
-        both.close()
 
 
 async def contacts(gw: Client, count: int, prefix: str = "c") -> list[str]:
