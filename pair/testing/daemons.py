@@ -8,13 +8,14 @@ project's own tests (signals, socket handover, a launcher).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,34 @@ class Pair:
 
     def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
         _raise_if(kind, self.stop_checked())
+
+    @contextlib.contextmanager
+    def checked(self) -> Iterator[Pair]:
+        """The pair as the test starts it (one daemon first, say); stopped and checked
+        on leaving, as `with Pair(...)` does."""
+        try:
+            yield self
+        except BaseException:
+            self.stop_checked()
+            raise
+        _raise_if(None, self.stop_checked())
+
+
+@contextlib.contextmanager
+def crash_at(daemon: DaemonProcess, failpoint: str, timeout: float = 30.0) -> Iterator[None]:
+    """Arm `failpoint` (pair.runtime.failpoints) in `daemon` for what the block starts;
+    on leaving, the daemon must have killed itself there (SIGKILL), and it is disarmed
+    for its next start."""
+    daemon.env["PAIR_FAILPOINT"] = failpoint
+    try:
+        yield
+        assert daemon.proc is not None, f"{daemon.name}d was never started"
+        code = daemon.proc.wait(timeout)
+        if code != -signal.SIGKILL:
+            raise DaemonsFailed(f"{daemon.name}d did not reach {failpoint} (exit code {code})")
+        daemon.expected_down = True
+    finally:
+        del daemon.env["PAIR_FAILPOINT"]
 
 
 class DaemonsFailed(AssertionError):

@@ -26,7 +26,7 @@ import pytest
 
 from pair.protocol.client import Client
 from pair.protocol.errors import IpcHandlerError
-from pair.testing import Pair
+from pair.testing import Pair, crash_at
 from tests.support.ctl import json_of, pairctl
 from tests.support.disk import needs_root, small_disk
 from tests.support.raw import NOBODY, as_nobody
@@ -146,17 +146,12 @@ async def test_a_daemon_killed_mid_backup_leaves_the_last_bundle_whole_and_none_
     with started(short_tmp / "pair") as pair:
         first = str(json_of(take(pair, into))["bundle"])
         pair.assistant.stop()
-        pair.assistant.env["PAIR_FAILPOINT"] = "backup.snapshot_written"
-        pair.assistant.start()
-        pair.assistant.expected_down = True
-        killed = pairctl(pair, "backup", str(into))
-        assert killed.returncode == 69, killed.stderr
-        assert not pair.assistant.running()
+        with crash_at(pair.assistant, "backup.snapshot_written"):
+            pair.assistant.start()
+            killed = pairctl(pair, "backup", str(into))
+            assert killed.returncode == 69, killed.stderr
         assert list((pair.state / "backup").glob("*.partial")), "the daemon's half snapshot"
-
-        del pair.assistant.env["PAIR_FAILPOINT"]
         pair.assistant.start()
-        pair.assistant.expected_down = False
         # pairctl itself killed between the gateway's files and the assistant's.
         cut = take(pair, into, PAIR_FAILPOINT="pairctl.backup_collected_gateway")
         assert cut.returncode == -9

@@ -19,7 +19,7 @@ import pytest
 from pair.gateway.outbox import DEAD_AFTER
 from pair.protocol.client import Client
 from pair.protocol.errors import IpcHandlerError
-from pair.testing import Pair
+from pair.testing import Pair, crash_at
 from pair.testing.daemons import DaemonProcess
 from tests.support.disk import disk_full, needs_root, small_disk
 from tests.support.sqlite import count
@@ -161,15 +161,11 @@ async def test_a_gateway_killed_after_the_assistant_stored_a_batch_delivers_it_a
         assert pair.assistant.stop() == 0
         async with Client(pair.gateway_socket) as gw:
             ids = await contacts(gw, 20)
-        pair.gateway.env["PAIR_FAILPOINT"] = "after_emit_events"
-        pair.gateway.kill()
-        pair.gateway.restart()
-        pair.assistant.restart()
-        assert pair.gateway.proc is not None
-        pair.gateway.proc.wait(30)
-        assert pair.gateway.proc.returncode == -9, "the failpoint was not reached"
+        with crash_at(pair.gateway, "after_emit_events"):
+            pair.gateway.kill()
+            pair.gateway.restart()
+            pair.assistant.restart()
         assert await contact_ids_stored(pair.assistant_socket) == ids
-        del pair.gateway.env["PAIR_FAILPOINT"]
         pair.gateway.restart()
         await gateway_health_reaches(pair.gateway_socket, outbox_drained)
         assert await contact_ids_stored(pair.assistant_socket) == ids
@@ -182,12 +178,8 @@ async def test_an_assistant_killed_in_the_middle_of_a_batch_stores_all_of_it_onc
         assert pair.assistant.stop() == 0
         async with Client(pair.gateway_socket) as gw:
             ids = await contacts(gw, 20)
-        pair.assistant.env["PAIR_FAILPOINT"] = "mid_emit_events"
-        pair.assistant.start(wait=False)
-        assert pair.assistant.proc is not None
-        pair.assistant.proc.wait(30)
-        assert pair.assistant.proc.returncode == -9, "the failpoint was not reached"
-        del pair.assistant.env["PAIR_FAILPOINT"]
+        with crash_at(pair.assistant, "mid_emit_events"):
+            pair.assistant.start(wait=False)
         pair.assistant.restart()
         await gateway_health_reaches(pair.gateway_socket, outbox_drained)
         assert await contact_ids_stored(pair.assistant_socket) == ids

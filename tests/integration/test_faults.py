@@ -62,48 +62,52 @@ async def test_restarting_the_gateway_under_load_refuses_no_connection(short_tmp
     outcomes: Counter[str] = Counter()
     restarts = rounds(4)
     try:
-        both.assistant.start()
-        both.gateway.start()
-        stop = anyio.Event()
-
-        async def caller(fresh: bool) -> None:
-            persistent = Client(both.gateway_socket, timeout=15)
-            while not stop.is_set():
-                client = Client(both.gateway_socket, timeout=15) if fresh else persistent
-                try:
-                    await client.call("contacts_list", {"limit": 1})
-                    outcomes["ok"] += 1
-                except IpcHandlerError as exc:
-                    outcomes[exc.code] += 1
-                except IpcTransportError as exc:
-                    outcomes["sent" if exc.sent else f"not sent: {exc.message}"] += 1
-                finally:
-                    if fresh:
-                        await client.aclose()
-            await persistent.aclose()
-
-        async with anyio.create_task_group() as task_group:
-            for n in range(6):
-                task_group.start_soon(caller, n % 2 == 0)
-            for round_number in range(restarts):
-                await anyio.sleep(0.3)
-                kill = round_number % 2 == 0
-                if kill:
-                    both.gateway.kill()
-                else:
-                    assert await anyio.to_thread.run_sync(both.gateway.stop) == 0
-                before = outcomes["ok"]
-                await anyio.to_thread.run_sync(both.gateway.restart)
-                outcomes["restarts"] += 1
-                await eventually(functools.partial(_more, outcomes, before))
-            stop.set()
+        with both:
+            await _restarts_under_load(both, restarts, outcomes)
     finally:
-        both.close()
         listener.close()
     report("restarts under load", outcomes)
     assert not [key for key in outcomes if key.startswith("not sent")], outcomes
     assert set(outcomes) <= {"ok", "sent", "SHUTTING_DOWN", "restarts"}, outcomes
     assert outcomes["ok"] > restarts
+
+
+async def _restarts_under_load(both: Pair, restarts: int, outcomes: Counter[str]) -> None:
+    """Six callers (fresh and persistent clients) while the gateway is killed or stopped
+    and started again `restarts` times."""
+    stop = anyio.Event()
+
+    async def caller(fresh: bool) -> None:
+        persistent = Client(both.gateway_socket, timeout=15)
+        while not stop.is_set():
+            client = Client(both.gateway_socket, timeout=15) if fresh else persistent
+            try:
+                await client.call("contacts_list", {"limit": 1})
+                outcomes["ok"] += 1
+            except IpcHandlerError as exc:
+                outcomes[exc.code] += 1
+            except IpcTransportError as exc:
+                outcomes["sent" if exc.sent else f"not sent: {exc.message}"] += 1
+            finally:
+                if fresh:
+                    await client.aclose()
+        await persistent.aclose()
+
+    async with anyio.create_task_group() as task_group:
+        for n in range(6):
+            task_group.start_soon(caller, n % 2 == 0)
+        for round_number in range(restarts):
+            await anyio.sleep(0.3)
+            kill = round_number % 2 == 0
+            if kill:
+                both.gateway.kill()
+            else:
+                assert await anyio.to_thread.run_sync(both.gateway.stop) == 0
+            before = outcomes["ok"]
+            await anyio.to_thread.run_sync(both.gateway.restart)
+            outcomes["restarts"] += 1
+            await eventually(functools.partial(_more, outcomes, before))
+        stop.set()
 
 
 async def _more(outcomes: Counter[str], before: int) -> bool:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import signal
 import socket
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pytest
 
 from pair.protocol.client import Client
 from pair.protocol.errors import IpcHandlerError, IpcTransportError
-from pair.testing import Pair
+from pair.testing import Pair, crash_at
 from tests.support.sqlite import count
 from tests.support.waiting import (
     eventually,
@@ -85,8 +85,7 @@ async def test_redemption_works_with_the_assistant_down_and_events_arrive_once_a
 
 
 async def test_the_gateway_started_first_serves_invites_and_converges(short_tmp: Path) -> None:
-    both = Pair(short_tmp)
-    try:
+    with Pair(short_tmp).checked() as both:
         both.gateway.start()
         early = await health(both)
         assert early["assistant"]["state"] in ("unknown", "down")
@@ -113,8 +112,6 @@ async def test_the_gateway_started_first_serves_invites_and_converges(short_tmp:
         await anyio.to_thread.run_sync(
             both.gateway.wait_for, f"STATUS=serving {db}; assistant link connected"
         )
-    finally:
-        both.close()
 
 
 async def test_a_failing_assistant_health_is_reported_not_fatal(short_tmp: Path) -> None:
@@ -139,7 +136,7 @@ async def test_a_failing_assistant_health_is_reported_not_fatal(short_tmp: Path)
                 reply = answer.replace(b'"id":1', b'"id":%d' % request_id)
                 conn.sendall(struct.pack(">I", len(reply)) + reply)
 
-    try:
+    with both.checked():
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(anyio.to_thread.run_sync, serve_errors)
             both.gateway.start()
@@ -153,8 +150,6 @@ async def test_a_failing_assistant_health_is_reported_not_fatal(short_tmp: Path)
             assert both.gateway.proc.poll() is None
             both.gateway.kill()
             server.close()
-    finally:
-        both.close()
 
 
 def seed_legacy(db_path: Path, code_of: dict[str, str]) -> None:
@@ -206,42 +201,32 @@ async def assert_legacy_imported(pair: Pair) -> None:
         assert caught.value.code == "INVITE_INVALID"
 
 
-async def start_with_legacy(root: Path, failpoint: str | None = None) -> Pair:
-    both = Pair(root)
-    both.assistant.start()
-    seed_legacy(both.state / "assistant.db", LEGACY)
-    if failpoint:
-        both.gateway.env["PAIR_FAILPOINT"] = failpoint
-        both.gateway.start(wait=False)
-    else:
-        both.gateway.start()
-    return both
+@contextlib.contextmanager
+def with_legacy(root: Path) -> Iterator[Pair]:
+    """The assistant up with legacy invites in its database; the gateway not started."""
+    with Pair(root).checked() as both:
+        both.assistant.start()
+        seed_legacy(both.state / "assistant.db", LEGACY)
+        yield both
 
 
 async def test_the_legacy_migration_moves_active_invites_once(short_tmp: Path) -> None:
-    both = await start_with_legacy(short_tmp)
-    try:
+    with with_legacy(short_tmp) as both:
+        both.gateway.start()
         await gateway_health_reaches(both.gateway_socket, migrations_done)
         await assert_legacy_imported(both)
-    finally:
-        both.close()
 
 
 async def test_a_gateway_killed_between_import_and_delete_converges_on_restart(
     short_tmp: Path,
 ) -> None:
-    both = await start_with_legacy(short_tmp, failpoint="after_legacy_import")
-    try:
-        assert both.gateway.proc is not None
-        assert await anyio.to_thread.run_sync(both.gateway.proc.wait, 20) == -signal.SIGKILL
+    with with_legacy(short_tmp) as both:
+        with crash_at(both.gateway, "after_legacy_import"):
+            both.gateway.start(wait=False)
         assert await legacy_left(both) == ["legacy-a", "legacy-b", "legacy-expired"]
-        del both.gateway.env["PAIR_FAILPOINT"]
         both.gateway.restart()
-
         await gateway_health_reaches(both.gateway_socket, migrations_done)
         await assert_legacy_imported(both)
-    finally:
-        both.close()
 
 
 async def test_sigkill_mid_redemptions_leaves_invites_and_channels_consistent(pair: Pair) -> None:
