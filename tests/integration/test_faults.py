@@ -25,6 +25,7 @@ from pair.protocol.client import Client
 from pair.protocol.errors import IpcHandlerError, IpcTransportError
 from pair.testing import Pair
 from pair.testing.daemons import DaemonProcess
+from tests.support.proc import vm_kib
 from tests.support.sqlite import count
 from tests.support.waiting import (
     eventually,
@@ -120,18 +121,11 @@ def raise_fd_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(wanted, soft)), hard))
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 async def test_hostile_clients_leave_well_behaved_ones_untouched(pair: Pair) -> None:
     raise_fd_limit(4096)
     path = pair.gateway_socket
     rng = random.Random(5)
-    rss_before = rss_kib(pair.gateway.pid)
+    rss_before = vm_kib(pair.gateway.pid, "VmRSS")
     idle: list[socket.socket] = []
     counts: Counter[str] = Counter()
     valid = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "health"}).encode()
@@ -183,7 +177,7 @@ async def test_hostile_clients_leave_well_behaved_ones_untouched(pair: Pair) -> 
                 assert (await good.call("health"))["status"] == "ok"
                 good_calls += 1
         counts["well-behaved calls"] = good_calls
-        growth_mib = (rss_kib(pair.gateway.pid) - rss_before) / 1024
+        growth_mib = (vm_kib(pair.gateway.pid, "VmRSS") - rss_before) / 1024
         counts["rss growth MiB"] = round(growth_mib)
         assert growth_mib < 64
         async with Client(path) as after:

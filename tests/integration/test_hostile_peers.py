@@ -15,6 +15,7 @@ import pytest
 from pair.protocol.client import BatchCall, Client
 from pair.protocol.errors import IpcHandlerError
 from pair.testing.daemons import DaemonProcess
+from tests.support.calls import sql as proxy
 from tests.support.proc import vm_kib
 from tests.support.raw import RawConnection
 from tests.support.waiting import eventually, until
@@ -31,10 +32,6 @@ BAD_ROWS = (
     "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3)"
     " SELECT CASE WHEN x = 2 THEN CAST(x'80' AS TEXT) ELSE x END AS v FROM c"
 )
-
-
-async def proxy(client: Client, sql: str, mode: str = "run", **extra: Any) -> Any:
-    return await client.call("db_proxy", {"sql": sql, "mode": mode, **extra})
 
 
 async def count(client: Client) -> int:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from pair.protocol.errors import IpcHandlerError
 from pair.testing import Pair
 from tests.support.ctl import json_of, pairctl
 from tests.support.raw import RawConnection
+from tests.support.waiting import until
 
 
 def test_a_contact_an_invite_and_its_redemption_from_the_shell(pair: Pair) -> None:
@@ -126,13 +126,6 @@ def health_pid(socket_path: Path) -> int | None:
         return None
 
 
-def wait_until(check: object, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
-
 def test_up_runs_both_restarts_a_killed_one_and_stops_cleanly(short_tmp: Path) -> None:
     log = (short_tmp / "up.log").open("w")
     up = subprocess.Popen(
@@ -145,11 +138,11 @@ def test_up_runs_both_restarts_a_killed_one_and_stops_cleanly(short_tmp: Path) -
         short_tmp / "run" / "gateway.sock",
     )
     try:
-        wait_until(lambda: health_pid(assistant_sock) and health_pid(gateway_sock))
+        until(lambda: bool(health_pid(assistant_sock) and health_pid(gateway_sock)), "both up")
         first = health_pid(assistant_sock)
         assert first is not None
         os.kill(first, signal.SIGKILL)
-        wait_until(lambda: health_pid(assistant_sock) not in (None, first))
+        until(lambda: health_pid(assistant_sock) not in (None, first), "the assistant again")
         up.send_signal(signal.SIGINT)
         assert up.wait(30) == 0
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pair.testing.daemons import DaemonProcess
+from tests.support.proc import vm_kib
 from tests.support.raw import RawConnection, as_nobody
 
 
@@ -180,7 +181,7 @@ def test_a_batch_of_notifications_gets_no_answer(demo_socket: str) -> None:
 def test_a_client_that_never_reads_does_not_grow_the_server_or_block_others(
     demo: DaemonProcess, demo_socket: str
 ) -> None:
-    rss_before = rss_kib(demo.pid)
+    rss_before = vm_kib(demo.pid, "VmRSS")
     hog = RawConnection(demo_socket, timeout=0.2)
     hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     body = json.dumps(request("echo", {"text": "x" * 4000})).encode()
@@ -195,7 +196,7 @@ def test_a_client_that_never_reads_does_not_grow_the_server_or_block_others(
     assert sent < 20_000, "the server kept reading from a peer that never reads"
     with RawConnection(demo_socket) as other:
         assert other.call(request("echo", {"text": "fine"}))["result"]["text"] == "fine"
-    assert rss_kib(demo.pid) - rss_before < 64 * 1024
+    assert vm_kib(demo.pid, "VmRSS") - rss_before < 64 * 1024
     hog.close()
 
 
@@ -261,13 +262,6 @@ def drain(conn: RawConnection) -> None:
             pass
     except OSError:
         pass
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_a_peer_that_half_closes_after_its_requests_still_gets_every_answer(
