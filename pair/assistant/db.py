@@ -8,6 +8,7 @@ for the thread model and how deadlines interrupt a statement.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,8 +28,7 @@ from pair.runtime.sqlite import (
     WriteHealth,
     Writer,
     connect,
-    make_state_dir,
-    migrate,
+    open_migrated,
     stop_pools,
     timeout_error,
     watch_deadline,
@@ -172,31 +172,14 @@ class Database:
 
     def open(self) -> None:
         """Open, migrate and start the threads (blocking; call off the loop)."""
-        make_state_dir(self.path)
+        writer, self.schema_version = open_migrated(
+            self.path, functools.partial(self._open, readonly=False), MIGRATIONS, log=log.info
+        )
         try:
-            writer = open_guarded(
-                self.path,
-                readonly=False,
-                busy_timeout_ms=self.busy_timeout_ms,
-                synchronous=self.synchronous,
-                max_length=self.max_length,
-            )
-        except apsw.Error as exc:
-            raise DbOpenError(f"cannot open database {self.path}: {exc}", EX_CANTCREAT) from exc
-        try:
-            self.schema_version = migrate(writer, MIGRATIONS, log=log.info)
-            readers = [
-                open_guarded(
-                    self.path,
-                    readonly=True,
-                    busy_timeout_ms=self.busy_timeout_ms,
-                    max_length=self.max_length,
-                )
-                for _ in range(READERS + SLOW_READERS)
-            ]
+            readers = [self._open(readonly=True) for _ in range(READERS + SLOW_READERS)]
         except apsw.Error as exc:
             writer.db.close()
-            raise DbOpenError(f"cannot migrate database {self.path}: {exc}", EX_CANTCREAT) from exc
+            raise DbOpenError(f"cannot open database {self.path}: {exc}", EX_CANTCREAT) from exc
         writer.health = self.write_health
         self.writer = Writer("db-writer", writer, late_error=timeout_error)
         self.readers = Readers(
@@ -206,6 +189,15 @@ class Database:
             turns=READER_TURNS,
             batch_max=READER_BATCH,
             late_error=timeout_error,
+        )
+
+    def _open(self, *, readonly: bool) -> GuardedConn:
+        return open_guarded(
+            self.path,
+            readonly=readonly,
+            busy_timeout_ms=self.busy_timeout_ms,
+            synchronous=self.synchronous,
+            max_length=self.max_length,
         )
 
     def close(self, timeout: float = STOP_TIMEOUT) -> None:

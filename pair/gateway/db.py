@@ -17,7 +17,6 @@ from typing import TypeVar
 
 import apsw
 
-from pair.runtime.errors import EX_CANTCREAT, DbOpenError
 from pair.runtime.sqlite import (
     BUSY_TIMEOUT_MS,
     STOP_TIMEOUT,
@@ -28,8 +27,7 @@ from pair.runtime.sqlite import (
     WriteTransaction,
     connect,
     database_failure,
-    make_state_dir,
-    migrate,
+    open_migrated,
     watch_deadline,
 )
 
@@ -139,24 +137,17 @@ class Database:
 
     def open(self) -> None:
         """Open, migrate and start the thread (blocking; call off the loop)."""
-        make_state_dir(self.path)
-        try:
+
+        def writer() -> Conn:
             db = connect(
                 self.path, synchronous=self.synchronous, busy_timeout_ms=self.busy_timeout_ms
             )
-            conn = Conn(
-                db,
-                watch_deadline(db),
-                busy_timeout_ms=self.busy_timeout_ms,
+            return Conn(
+                db, watch_deadline(db), busy_timeout_ms=self.busy_timeout_ms,
                 health=self.write_health,
-            )
-        except apsw.Error as exc:
-            raise DbOpenError(f"cannot open database {self.path}: {exc}", EX_CANTCREAT) from exc
-        try:
-            self.schema_version = migrate(conn, MIGRATIONS, log=log.info)
-        except apsw.Error as exc:
-            db.close()
-            raise DbOpenError(f"cannot migrate database {self.path}: {exc}", EX_CANTCREAT) from exc
+            )  # fmt: skip
+
+        conn, self.schema_version = open_migrated(self.path, writer, MIGRATIONS, log=log.info)
         self._worker = Writer("gateway-db", conn)
 
     def close(self, timeout: float = STOP_TIMEOUT) -> None:

@@ -18,6 +18,7 @@ from pair.runtime.sqlite.connect import (
     make_state_dir,
     migrate,
     now_ms,
+    open_migrated,
 )
 from pair.runtime.sqlite.deadline import Deadline, watch_deadline
 from pair.runtime.sqlite.errors import (
@@ -61,6 +62,7 @@ __all__ = [
     "make_state_dir",
     "migrate",
     "now_ms",
+    "open_migrated",
     "ours",
     "sqlite_codes",
     "stop_pools",

@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import apsw
 
@@ -87,6 +88,31 @@ def migrate(conn: Conn, migrations: tuple[str, ...], *, log: Callable[[str], Non
         raise
     log(f"migrated {conn.db.filename} from schema version {current} to {target}")
     return target
+
+
+C = TypeVar("C", bound=Conn)
+
+
+def open_migrated(
+    path: str,
+    open_writer: Callable[[], C],
+    migrations: tuple[str, ...],
+    *,
+    log: Callable[[str], None],
+) -> tuple[C, int]:
+    """The writer connection of `path` (its directory made), migrated; its schema version.
+    Both daemons open their database so: a failure is a `DbOpenError` naming the path."""
+    make_state_dir(path)
+    try:
+        conn = open_writer()
+    except apsw.Error as exc:
+        raise DbOpenError(f"cannot open database {path}: {exc}", EX_CANTCREAT) from exc
+    try:
+        version = migrate(conn, migrations, log=log)
+    except apsw.Error as exc:
+        conn.db.close()
+        raise DbOpenError(f"cannot migrate database {path}: {exc}", EX_CANTCREAT) from exc
+    return conn, version
 
 
 def commits_durable(path: str, synchronous: str) -> None:
