@@ -77,12 +77,18 @@ class Redemption(Struct, rename="camel", gc=False):
 
 @dataclass(slots=True)
 class _Candidate:
+    """An invite whose code hash matched, as the redemption reads it."""
+
     id: str
     contact_id: str
     status: str
     expires_at: int
     use_count: int
     max_uses: int
+    created_at: int
+
+    def live(self, now: int) -> bool:
+        return self.status == "active" and self.expires_at > now
 
 
 def create_invite(
@@ -185,7 +191,8 @@ def _check_guess_limits(conn: Conn, limits: GuessLimits, scopes: tuple[str, str]
     """Raise RATE_LIMITED when a scope is over its limit; the sender's failures in the window."""
     since = now - limits.window_ms
     counts = []
-    for scope, allowed in zip(scopes, (limits.per_sender, limits.per_channel), strict=True):
+    limited = (("sender", limits.per_sender), ("channel", limits.per_channel))
+    for scope, (who, allowed) in zip(scopes, limited, strict=True):
         count = conn.execute(
             "SELECT count(*) FROM redeem_failures WHERE scope = ? AND at > ?", (scope, since)
         )[0][0]
@@ -199,7 +206,6 @@ def _check_guess_limits(conn: Conn, limits: GuessLimits, scopes: tuple[str, str]
             (scope, since, count - allowed),
         )[0]
         retry_after = max(1, freed_at + limits.window_ms - now)
-        who = "sender" if scope.startswith("sender:") else "channel"
         raise RateLimited(
             f"too many failed redemption attempts for this {who}; retry in {retry_after} ms",
             data={"retryAfterMs": retry_after},
@@ -219,25 +225,22 @@ def _find_invite(
     # (for the error); chosen here, not by ORDER BY, whose sorter costs more
     # than the lookup itself. The keyed form is looked up alone first: one
     # equality probe is a quarter of the cost of an IN over both forms.
-    def live(row: tuple[Any, ...]) -> bool:
-        return bool(row[2] == "active" and row[3] > now)
-
     keyed, legacy = hasher.candidates(code)
-    rows = _invites_by_hash(conn, keyed, channel)
-    if not any(live(row) for row in rows):
-        rows += _invites_by_hash(conn, legacy, channel)
-    if not rows:
+    found = _invites_by_hash(conn, keyed, channel)
+    if not any(invite.live(now) for invite in found):
+        found += _invites_by_hash(conn, legacy, channel)
+    if not found:
         return None
-    best = max(rows, key=lambda row: (live(row), row[6]))
-    return _Candidate(*best[:6])
+    return max(found, key=lambda invite: (invite.live(now), invite.created_at))
 
 
-def _invites_by_hash(conn: Conn, code_hash: str, channel: str) -> list[tuple[Any, ...]]:
-    return conn.execute(
+def _invites_by_hash(conn: Conn, code_hash: str, channel: str) -> list[_Candidate]:
+    rows = conn.execute(
         "SELECT id, contact_id, status, expires_at, use_count, max_uses, created_at"
         " FROM ingress_invites WHERE invite_code_hash = ? AND source_channel = ?",
         (code_hash, channel),
     )
+    return [_Candidate(*row) for row in rows]
 
 
 def _refusal(invite: _Candidate | None, channels: list[Channel], now: int) -> DomainError | None:
