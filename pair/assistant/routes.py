@@ -102,8 +102,9 @@ class AssistantRoutes:
         self.router.add("health", self.health, inline=True)
         self.router.add("db_proxy", self.db_proxy)
         self.router.add("db_proxy_transaction", self.db_proxy_transaction)
-        self.router.add("emit_event", self.emit_event)
-        self.router.add("emit_events", self.emit_events)
+        durable = self.db.synchronous.upper() != "FULL"
+        self.router.add("emit_event", self._emit_event_durable if durable else self.emit_event)
+        self.router.add("emit_events", self._emit_events_durable if durable else self.emit_events)
         self.router.add("metrics", self.metrics, inline=True)
         self.router.add("backup", method_of(snapshots), thread=True, admin=True)
 
@@ -173,25 +174,42 @@ class AssistantRoutes:
         )
         return self.db.submit_write(job, time.monotonic() + params.timeout_ms / 1000)
 
-    async def emit_event(self, params: EmitEventParams) -> EmitEventResult:
+    def emit_event(self, params: EmitEventParams) -> Deferred[EmitEventResult]:
         """Store an event once per id; a repeated id is accepted and reported as a duplicate."""
-        payload = msgspec.json.encode(params.payload).decode()
-        job = functools.partial(insert_event, event_id=params.id, kind=params.kind, payload=payload)
-        return await self._stored(job)
+        return self.db.submit_write(_one_event(params))
 
-    async def emit_events(self, params: EmitEventsParams) -> EmitEventsResult:
+    def emit_events(self, params: EmitEventsParams) -> Deferred[EmitEventsResult]:
         """Store 1..500 events in order in one transaction; ids already stored are skipped and
         listed in `duplicates`, so a batch delivered again is harmless. An invalid event
         refuses the whole call (`data.path` names it) and stores nothing."""
-        events = [(e.id, e.kind, _encoder.encode(e.payload).decode()) for e in params.events]
-        return await self._stored(functools.partial(insert_events, events=events))
+        return self.db.submit_write(_events(params))
+
+    # Under --synchronous normal the events are made durable before they are acknowledged:
+    # the gateway forgets what it was told is stored. Registered in place of the two above.
+    async def _emit_event_durable(self, params: EmitEventParams) -> EmitEventResult:
+        """Store an event once per id; a repeated id is accepted and reported as a duplicate."""
+        return await self._stored(_one_event(params))
+
+    async def _emit_events_durable(self, params: EmitEventsParams) -> EmitEventsResult:
+        """Store 1..500 events in order in one transaction; ids already stored are skipped and
+        listed in `duplicates`, so a batch delivered again is harmless. An invalid event
+        refuses the whole call (`data.path` names it) and stores nothing."""
+        return await self._stored(_events(params))
 
     async def _stored(self, job: Callable[[GuardedConn], T]) -> T:
-        """The events' write, durable before it is acknowledged: the gateway forgets
-        what it was told is stored (under --synchronous normal too)."""
         result = await self.db.write(job)
         await anyio.to_thread.run_sync(commits_durable, self.db.path, self.db.synchronous)
         return result
+
+
+def _one_event(params: EmitEventParams) -> Callable[[GuardedConn], EmitEventResult]:
+    payload = msgspec.json.encode(params.payload).decode()
+    return functools.partial(insert_event, event_id=params.id, kind=params.kind, payload=payload)
+
+
+def _events(params: EmitEventsParams) -> Callable[[GuardedConn], EmitEventsResult]:
+    events = [(e.id, e.kind, _encoder.encode(e.payload).decode()) for e in params.events]
+    return functools.partial(insert_events, events=events)
 
 
 def _check_statement(sql: str, bind: Bind, step: int | None = None) -> None:
