@@ -198,7 +198,7 @@ class AssistantRoutes:
 
     async def _stored(self, job: Callable[[GuardedConn], T]) -> T:
         result = await self.db.write(job)
-        await anyio.to_thread.run_sync(commits_durable, self.db.path, self.db.synchronous)
+        await anyio.to_thread.run_sync(commits_durable, self.db.path)
         return result
 
 

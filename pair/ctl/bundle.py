@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -225,7 +226,7 @@ def bundles(into: Dir) -> Iterator[tuple[Path, str]]:
         if not name.lstrip(".").startswith(PREFIX):
             continue
         found = into.lstat(name)
-        if found is None or not found.st_mode & 0o040000:
+        if found is None or not stat.S_ISDIR(found.st_mode):
             continue
         if name.endswith(PARTIAL):
             yield into.path / name, "INCOMPLETE: cut short, not a bundle"

@@ -113,14 +113,11 @@ def cut_check(manifest: Manifest) -> Check:
 
 
 def check_database(path: Path, daemon: str, database: BundleDatabase) -> list[Check]:
-    """The checks of one database file (a bundle's or restore's private copy)."""
+    """The checks of one private copy of a database (its size against its header was
+    checked on the file it was copied from, whose bytes it holds)."""
     import apsw  # only the commands that open a database pay for it
 
     name = database.file
-    with Dir.open(path.parent) as directory, directory.open_regular(path.name) as file:
-        size_problem = size_problem_of(file)
-    if size_problem is not None:
-        return [Check(False, f"{name}: {size_problem}")]
     try:
         # immutable: nothing is written beside the file, not even a -shm.
         db = apsw.Connection(

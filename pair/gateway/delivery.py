@@ -167,7 +167,7 @@ class Delivery:
         # Under --synchronous normal, what the assistant stores must not outlive a power cut
         # that takes its redemption away here (under FULL every commit already is durable).
         if self._db.synchronous.upper() != "FULL":
-            await anyio.to_thread.run_sync(commits_durable, self._db.path, self._db.synchronous)
+            await anyio.to_thread.run_sync(commits_durable, self._db.path)
         try:
             if await self._link.can("emit_events"):
                 await self._link.call_assistant(

@@ -118,10 +118,7 @@ def file_created(path: str) -> None:
 def file_synced(fd: int, ranges: Iterable[tuple[int, bytes]] | None = None) -> None:
     """The file open on `fd` was fsynced: `ranges` (offset, data) written since the last
     sync (a VFS file keeps them), or else all of it, are now durable, at its size now."""
-    if not ENABLED:
-        return
-    path = os.readlink(f"/proc/self/fd/{fd}")
-    if not watched(path):
+    if _watched_path(fd) is None:
         return
     operation("sync")
     found = os.fstat(fd)
@@ -150,13 +147,19 @@ def file_synced(fd: int, ranges: Iterable[tuple[int, bytes]] | None = None) -> N
 
 def dir_synced(fd: int) -> None:
     """The directory open on `fd` was fsynced: its entries as they are now are durable."""
-    if not ENABLED:
-        return
-    path = os.readlink(f"/proc/self/fd/{fd}")
-    if not watched(path):
+    path = _watched_path(fd)
+    if path is None:
         return
     operation("dir-sync")
     dir_entries_durable(path)
+
+
+def _watched_path(fd: int) -> str | None:
+    """The path of what is open on `fd` when the tier records it, else None."""
+    if not ENABLED:
+        return None
+    path = os.readlink(f"/proc/self/fd/{fd}")
+    return path if watched(path) else None
 
 
 def dir_entries_durable(path: str) -> None:

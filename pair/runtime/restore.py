@@ -70,28 +70,17 @@ def hold_for_daemon(state_dir: Path, daemon: str) -> BinaryIO:
     """The shared lock a daemon holds for its life (keep the file open); refuses to
     start while a restore runs or was cut short (the marker is looked for once the
     lock is held: a restore cannot write it after)."""
-    try:
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        with Dir.open(state_dir) as state:
-            lock = open_lock(state)
-    except (OSError, UnsafePath) as exc:
-        reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
-        if isinstance(exc, FileExistsError):
-            reason = "it exists and is not a directory"
-        where = state_dir.absolute()
-        raise StartupError(
-            f"cannot open the state directory {where}: {reason}", EX_CANTCREAT
-        ) from exc
-    try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise StartupError(
-            f"a restore is running in {state_dir.absolute()} (pairctl holds {LOCK} there):"
-            " start again once it has ended",
-            EX_TEMPFAIL,
-        ) from None
-    with Dir.open(state_dir) as state:
+    state, lock = _state_and_lock(state_dir)
+    with state:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise StartupError(
+                f"a restore is running in {state_dir.absolute()} (pairctl holds {LOCK}"
+                " there): start again once it has ended",
+                EX_TEMPFAIL,
+            ) from None
         marker = state.lstat(MARKER) is not None
         kept = state.lstat(KEPT_ASIDE) is not None
     if marker:
@@ -104,6 +93,28 @@ def hold_for_daemon(state_dir: Path, daemon: str) -> BinaryIO:
             daemon, state_dir.absolute() / KEPT_ASIDE,
         )  # fmt: skip
     return lock
+
+
+def _state_and_lock(state_dir: Path) -> tuple[Dir, BinaryIO]:
+    """The state directory (made when missing) and its lock file, open."""
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        state = Dir.open(state_dir)
+    except (OSError, UnsafePath) as exc:
+        raise _unopenable(state_dir, exc) from exc
+    try:
+        return state, open_lock(state)
+    except (OSError, UnsafePath) as exc:
+        state.close()
+        raise _unopenable(state_dir, exc) from exc
+
+
+def _unopenable(state_dir: Path, exc: Exception) -> StartupError:
+    reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+    if isinstance(exc, FileExistsError):
+        reason = "it exists and is not a directory"
+    where = state_dir.absolute()
+    return StartupError(f"cannot open the state directory {where}: {reason}", EX_CANTCREAT)
 
 
 def cut_short(state_dir: Path) -> str:

@@ -6,6 +6,7 @@ acknowledged before the cut is checked, one finding a line."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -250,7 +251,7 @@ def _after(
                 check, both.gateway_socket, both.assistant_socket, result.acks
             )
         if plan.moment == "backup":
-            result.findings += _bundles_verify(work / "after" / "bundles", both)
+            result.findings += _bundles_verify(work / "after" / "bundles")
     finally:
         result.findings += both.stop_checked()
     result.findings += _integrity(state)
@@ -268,13 +269,11 @@ async def _restored_whole(socket: str, old: set[str]) -> tuple[list[str], str]:
     return [f"after a restore cut short the contacts are {sorted(names)}: neither cut"], ""
 
 
-def _bundles_verify(bundles: Path, both: Pair) -> list[str]:
+def _bundles_verify(bundles: Path) -> list[str]:
     listed = subprocess.run(
         [sys.executable, "-m", "pair.ctl", "--json", "backup", "--list", str(bundles)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
-    import json
-
     findings = []
     entries = json.loads(listed.stdout or "[]")
     if not isinstance(entries, list):

@@ -115,14 +115,12 @@ def open_migrated(
     return conn, version
 
 
-def commits_durable(path: str, synchronous: str) -> None:
-    """Under synchronous=NORMAL, make every transaction committed so far on `path`
-    survive a power cut: fsync its WAL (NORMAL syncs it only at a checkpoint). What
-    crosses to the other daemon (an event delivered, an event stored and acknowledged)
-    must be durable first, or a cut leaves one database holding what the other lost.
-    Under FULL every commit already is: nothing to do (blocking: call off the loop)."""
-    if synchronous.upper() != "NORMAL":
-        return
+def commits_durable(path: str) -> None:
+    """Make every transaction committed so far on `path` survive a power cut: fsync its
+    WAL. For synchronous=NORMAL, which syncs the WAL only at a checkpoint (under FULL
+    every commit already is): what crosses to the other daemon (an event delivered, an
+    event stored and acknowledged) must be durable first, or a cut leaves one database
+    holding what the other lost. Blocking: call off the loop."""
     where = Path(path)
     with Dir.open(where.parent) as directory:
         try:
