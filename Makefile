@@ -7,7 +7,7 @@ LATEST := .venv-latest
 N ?= 10
 
 
-.PHONY: test check lint types unit integration test-skew test-crash crash test-systemd run bench bench-rss soak lock test-latest test-repeat clean
+.PHONY: deb test check lint types unit integration test-skew test-crash crash test-systemd run bench bench-rss soak lock test-latest test-repeat clean
 
 # Every install of ours takes the exact versions (and hashes) of the lock; the
 # project itself goes in last, editable, built by the locked setuptools.
@@ -55,6 +55,16 @@ crash: $(STAMP)
 test-systemd: $(STAMP)
 	$(BIN)/pytest tests/systemd -p no:randomly
 
+# The Debian packages in dist/ (README, "Install on a host"): Debian's debhelper and
+# lintian, the system's Python; the locked wheels are fetched once, the build is offline.
+SYSTEM_PYTHON_VERSION = $(shell /usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+WHEELHOUSE = .pair/wheelhouse-$(SYSTEM_PYTHON_VERSION)
+deb: $(STAMP)
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --require-hashes \
+		--only-binary=:all: --python-version $(SYSTEM_PYTHON_VERSION) \
+		-r deploy/requirements-runtime.lock -d $(WHEELHOUSE)
+	/usr/bin/python3 deploy/build-deb --wheelhouse $(WHEELHOUSE) --lintian
+
 # Both daemons on the default paths (./.pair/run, ./.pair/state); Ctrl-C stops both.
 run: $(STAMP)
 	$(BIN)/pairctl up
@@ -100,4 +110,4 @@ test-repeat: $(STAMP)
 	done; echo "$$passed of $(N) runs passed (logs: .pair/test-repeat-*.log)"; test $$passed -eq $(N)
 
 clean:
-	rm -rf $(VENV) $(LATEST) .pair .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) .pair dist .pytest_cache .mypy_cache .ruff_cache

@@ -1,21 +1,35 @@
 #!/bin/sh
-# Install (or upgrade) the pair on this host, as root. Idempotent: run it again after
+# Install (or upgrade) the pair on a host without dpkg, as root; on Debian and Ubuntu
+# use the package (README, "Install on a host"). Idempotent: run it again after
 # pulling a new version. README.md, "Install on a host", says what each step is for.
 #
-#   deploy/install.sh [--prefix DIR] [--unit-dir DIR] [--wheelhouse DIR]
+#   deploy/install.sh [--only gateway|assistant] [--prefix DIR] [--unit-dir DIR]
+#                     [--wheelhouse DIR]
 #
-#   --prefix      where the venv and the README go (default /opt/pair)
+#   --only        upgrade (or downgrade) this daemon alone; the other keeps its release
+#   --prefix      where the releases, pairctl and the README go (default /opt/pair)
 #   --unit-dir    where the units go (default /etc/systemd/system)
 #   --wheelhouse  install the locked dependencies from this directory, offline
 #                 (fill it elsewhere: pip download --no-deps --require-hashes
 #                 -r deploy/requirements-runtime.lock -d DIR)
+#
+# Each daemon runs PREFIX/SIDE/current, a link to a release directory of its own
+# (a venv, VERSION-STAMP). A new release is built beside the running one and the link
+# is switched in one rename, so a failed build leaves the old release serving; the
+# release it replaced stays, for a downgrade, and older ones are removed.
 set -eu
 
 prefix=/opt/pair
 unit_dir=/etc/systemd/system
-wheelhouse=
+wheelhouse=-
+sides="gateway assistant"
 while [ $# -gt 0 ]; do
     case $1 in
+    --only)
+        case ${2:-} in gateway | assistant) sides=$2 ;;
+        *) echo "install.sh: --only takes gateway or assistant, not '${2:-}'" >&2; exit 64 ;;
+        esac
+        shift 2 ;;
     --prefix) prefix=$2; shift 2 ;;
     --unit-dir) unit_dir=$2; shift 2 ;;
     --wheelhouse) wheelhouse=$2; shift 2 ;;
@@ -28,44 +42,62 @@ die() { echo "install.sh: $*" >&2; exit "${2:-1}"; }
 
 src=$(cd "$(dirname "$0")/.." && pwd)
 [ "$(id -u)" = 0 ] || die "run as root (it creates the user pair and installs units)" 77
+if dpkg-query -W -f '${Status}' pair 2>/dev/null | grep -q 'ok installed'; then
+    die "the Debian package pair manages this host: upgrade with apt (README, \"Install on a host\")" 78
+fi
 # The system's Python, not a pyenv or a venv: the units run it as user pair, under
 # ProtectHome=yes, so it must live outside /root and /home.
 python=/usr/bin/python3
 [ -x "$python" ] || die "$python is missing: apt-get install python3 python3-venv" 69
 "$python" -c 'import ensurepip, sys; assert sys.version_info >= (3, 11)' 2>/dev/null ||
     die "$python needs to be 3.11+ with venv: apt-get install python3-venv" 69
-
-say "user and group pair (sysusers.d)"
+# The interpreter by its versioned name: a release runs on the one it was built for.
+python=$("$python" -c 'import sys; print("/usr/bin/python%d.%d" % sys.version_info[:2])')
+say "user and group pair (sysusers.d), state directories (tmpfiles.d)"
 install -D -m 0644 "$src/deploy/sysusers.d/pair.conf" /etc/sysusers.d/pair.conf
 systemd-sysusers /etc/sysusers.d/pair.conf
+install -D -m 0644 "$src/deploy/tmpfiles.d/pair.conf" /etc/tmpfiles.d/pair.conf
+systemd-tmpfiles --create /etc/tmpfiles.d/pair.conf
 
-venv=$prefix/venv
-say "venv $venv from deploy/requirements-runtime.lock"
-if [ -x "$venv/bin/python" ] && ! "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != tuple(map(int, sys.argv[1].split("."))))' \
-    "$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"; then
-    say "the system's Python changed: the venv is made anew"
-    rm -rf "$venv"
-fi
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-if [ -n "$wheelhouse" ]; then
-    set -- --no-index --find-links "$wheelhouse"
-else
-    set --
-fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check --require-hashes --no-deps "$@" \
-    -r "$src/deploy/requirements-runtime.lock"
-# Built from this checkout with the locked setuptools: nothing is fetched.
-build=$(mktemp -d)
-trap 'rm -rf "$build"' EXIT
-tar -C "$src" --exclude=./.git --exclude=./.venv --exclude=./.pair -cf - . | tar -C "$build" -xf -
-"$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
-    --no-index --force-reinstall "$build"
+version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$src/pair/__init__.py")
+release=$version-$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$prefix"
+touch "$prefix/.install-sh"
+for side in $sides; do
+    say "$side: release $release in $prefix/$side"
+    mkdir -p "$prefix/$side"
+    rm -rf "$prefix/$side/.$release"
+    "$src/deploy/make-venv" "$python" "$src" "$wheelhouse" "$prefix/$side/.$release" \
+        "$prefix/$side/$release" || {
+        rm -rf "$prefix/$side/.$release"
+        [ "$wheelhouse" != - ] ||
+            say "no package index here? fill a wheelhouse elsewhere and pass --wheelhouse DIR (see the top of this file)"
+        die "$side: the release was not built; the one running stays" 69
+    }
+    mv "$prefix/$side/.$release" "$prefix/$side/$release"
+    previous=$(readlink "$prefix/$side/current" 2>/dev/null || true)
+    ln -sfn "$release" "$prefix/$side/.current"
+    mv -T "$prefix/$side/.current" "$prefix/$side/current"
+    for old in "$prefix/$side"/*; do
+        case ${old##*/} in
+        current | "$release" | "$previous") ;;
+        *) rm -rf "$old" ;;
+        esac
+    done
+done
+install -D -m 0755 "$src/deploy/pairctl" "$prefix/bin/pairctl"
+mkdir -p /usr/local/bin
+ln -sfn "$prefix/bin/pairctl" /usr/local/bin/pairctl
 install -m 0644 "$src/README.md" "$prefix/README.md"
 
 say "units in $unit_dir"
-for unit in "$src"/deploy/systemd/pair-*; do
-    sed "s|/opt/pair/|$prefix/|g" "$unit" >"$unit_dir/.$(basename "$unit").new"
-    mv "$unit_dir/.$(basename "$unit").new" "$unit_dir/$(basename "$unit")"
+units="pair-metrics.service pair-metrics.timer"
+for side in $sides; do
+    units="$units pair-$side.service pair-$side.socket"
+done
+for unit in $units; do
+    sed "s|/opt/pair/|$prefix/|g" "$src/deploy/systemd/$unit" >"$unit_dir/.$unit.new"
+    mv "$unit_dir/.$unit.new" "$unit_dir/$unit"
 done
 
 textfiles=/var/lib/prometheus/node-exporter
@@ -80,7 +112,13 @@ if [ ! -d /run/systemd/system ]; then
 fi
 systemctl daemon-reload
 systemctl enable --now pair-assistant.socket pair-gateway.socket pair-metrics.timer
-# A running daemon takes the new code now; its socket holds callers meanwhile.
-systemctl try-restart pair-assistant.service pair-gateway.service
+# A running daemon takes the new release now; its socket holds callers meanwhile.
+for side in $sides; do
+    systemctl try-restart "pair-$side.service"
+done
+# The single venv of install.sh before 0.2.0, once no daemon runs from it.
+if [ -d "$prefix/venv" ] && ! grep -qs "$prefix/ven[v]/" /proc/[0-9]*/cmdline; then
+    rm -rf "$prefix/venv"
+fi
 say "done: $(systemctl is-active pair-assistant.socket pair-gateway.socket | tr '\n' ' ')"
-say "try: $venv/bin/pairctl status"
+say "try: pairctl status"

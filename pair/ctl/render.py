@@ -189,10 +189,10 @@ def status_table(healths: dict[str, Any]) -> str:
     rows = []
     for name, health in healths.items():
         if health.get("status") == "forbidden":
-            rows.append([name, "forbidden", "-", "-", health["error"]])
+            rows.append([name, "forbidden", "-", "-", "-", health["error"]])
             continue
         if health.get("status") == "down":
-            rows.append([name, "down", "-", "-", f"no answer on {health['socket']}"])
+            rows.append([name, "down", "-", "-", "-", f"no answer on {health['socket']}"])
             continue
         details = f"db schema {health['db']['schemaVersion']}"
         if "assistant" in health:
@@ -206,5 +206,6 @@ def status_table(healths: dict[str, Any]) -> str:
         uptime = duration(health["uptimeMs"])
         # "degraded", or a status a later release adds: shown as the daemon says it.
         state = "up" if health.get("status") == "ok" else str(health.get("status"))
-        rows.append([name, state, str(health["pid"]), uptime, details])
-    return table(["DAEMON", "STATE", "PID", "UPTIME", "DETAILS"], rows)
+        release = str(health.get("version", "-"))
+        rows.append([name, state, release, str(health["pid"]), uptime, details])
+    return table(["DAEMON", "STATE", "VERSION", "PID", "UPTIME", "DETAILS"], rows)

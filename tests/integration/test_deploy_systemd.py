@@ -15,7 +15,8 @@ from pair.testing.daemons import DaemonProcess
 from tests.support.raw import RawConnection
 
 UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
-INSTALLED_BIN = "/opt/pair/venv/bin/"
+# Where the units run each program from: a side's current release, or pairctl's wrapper.
+INSTALLED_BIN = re.compile(r"/opt/pair/(?:(?:gateway|assistant)/current/)?bin/")
 SERVICES = ("pair-assistant.service", "pair-gateway.service")
 RATED = (*SERVICES, "pair-metrics.service")
 
@@ -31,7 +32,7 @@ def units(tmp_path: Path) -> Path:
     """The units with ExecStart pointing at this checkout's venv instead of /opt/pair."""
     bin_dir = str(Path(sys.executable).parent) + "/"
     for unit in UNITS.iterdir():
-        (tmp_path / unit.name).write_text(unit.read_text().replace(INSTALLED_BIN, bin_dir))
+        (tmp_path / unit.name).write_text(INSTALLED_BIN.sub(bin_dir, unit.read_text()))
     return tmp_path
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pair import __version__ as RELEASE
 from pair.protocol.errors import IpcHandlerError
 from pair.testing import Pair
 from tests.support.ctl import json_of, pairctl
@@ -45,12 +46,12 @@ def test_a_contact_an_invite_and_its_redemption_from_the_shell(pair: Pair) -> No
     assert "Dana" in pairctl(pair, "contact", "list").stdout
 
 
-def test_status_shows_both_daemons_and_the_link(pair: Pair) -> None:
+def test_status_shows_both_daemons_their_release_and_the_link(pair: Pair) -> None:
     result = pairctl(pair, "status")
     assert result.returncode == 0
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["DAEMON", "STATE", "PID", "UPTIME", "DETAILS"]
-    assert lines[1].split()[:3] == ["assistant", "up", str(pair.assistant.pid)]
+    assert lines[0].split() == ["DAEMON", "STATE", "VERSION", "PID", "UPTIME", "DETAILS"]
+    assert lines[1].split()[:4] == ["assistant", "up", RELEASE, str(pair.assistant.pid)]
     assert "assistant link connected" in lines[2]
 
 

@@ -33,27 +33,31 @@ def previous_python() -> tuple[str, ...]:
 
 
 def _install(home: Path) -> None:
-    commit = _commit()
     home.mkdir(parents=True, exist_ok=True)
     venv = home / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
     with tempfile.TemporaryDirectory(prefix="release-") as source:
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", "--format=tar", commit],
-            capture_output=True,
-            check=True,
-        ).stdout
-        with tempfile.TemporaryFile() as tar:
-            tar.write(archive)
-            tar.seek(0)
-            with tarfile.open(fileobj=tar) as release:
-                release.extractall(source, filter="data")
+        export_previous(Path(source))
         lock = Path(source) / "deploy" / "requirements-runtime.lock"
         subprocess.run([*pip, "--require-hashes", "--no-deps", "-r", str(lock)], check=True)
         subprocess.run(
             [*pip, "--no-deps", "--no-build-isolation", "--no-index", source], check=True
         )
+
+
+def export_previous(destination: Path) -> None:
+    """The previous release's tree, as its commit holds it, into `destination`."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", _commit()],
+        capture_output=True,
+        check=True,
+    ).stdout
+    with tempfile.TemporaryFile() as tar:
+        tar.write(archive)
+        tar.seek(0)
+        with tarfile.open(fileobj=tar) as release:
+            release.extractall(destination, filter="data")
 
 
 def _commit() -> str:

@@ -63,6 +63,9 @@ rmdir /.host
 : >/etc/fstab
 rm -rf /etc/systemd/system/* /usr/lib/systemd/system/*.wants /usr/lib/systemd/system-generators/*
 rm -f /etc/machine-id
+# A container image's "start no service" policy (Docker's exit 101): a host that boots
+# systemd has none, and the package's scripts start units through it.
+rm -f /usr/sbin/policy-rc.d
 mkdir -p /etc/systemd/system
 cat >"/etc/systemd/system/$target" <<UNIT
 [Unit]

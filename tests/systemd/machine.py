@@ -14,6 +14,7 @@ Stopping it: SIGKILL of that PID 1, never a shutdown sequence.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ TOOLS = ("unshare", "nsenter", "pivot_root", "findmnt", "runuser")
 BOOT_TIMEOUT = 60.0
 PREFIX = "/opt/pair"
 POLL = 0.05
+_BOOTS = itertools.count()
 
 
 def why_not() -> str | None:
@@ -58,9 +60,12 @@ class Machine:
         self.workdir = workdir
         self.console = workdir / "console.log"
         self._mountpoint = Path(tempfile.mkdtemp(prefix="pair-systemd-"))
-        self._cgroups = [root / f"pair-systemd-test-{os.getpid()}" for root in CGROUP_ROOTS]
+        name = f"pair-systemd-test-{os.getpid()}-{next(_BOOTS)}"
+        self._cgroups = [root / name for root in CGROUP_ROOTS]
         self._unshare: subprocess.Popen[bytes] | None = None
         self.pid = 0
+        # install.sh's; the package's is /usr/bin/pairctl.
+        self.pairctl_path = f"{PREFIX}/bin/pairctl"
 
     def boot(self) -> None:
         self.console.touch()
@@ -135,7 +140,7 @@ class Machine:
         return Path(f"/proc/{self.pid}/root") / inside.lstrip("/")
 
     def pairctl(self, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
-        return self.run(f"{PREFIX}/venv/bin/pairctl", *args, user=user, check=False)
+        return self.run(self.pairctl_path, *args, user=user, check=False)
 
     def show(self, unit: str, *properties: str) -> dict[str, str]:
         out = self.run("systemctl", "show", unit, "-p", ",".join(properties)).stdout

@@ -40,7 +40,7 @@ Snapshotter.take = _forged_take
 
 
 def installed_module(machine: Machine, module: str) -> str:
-    python = f"{PREFIX}/venv/bin/python"
+    python = f"{PREFIX}/gateway/current/bin/python"
     return machine.run(python, "-c", f"import {module} as m; print(m.__file__)").stdout.strip()
 
 

@@ -209,15 +209,14 @@ def test_systemctl_stop_ends_within_the_grace_with_a_statement_stuck_in_sqlite(
 ) -> None:
     """A quadratic trim() runs for many seconds inside one SQLite step, which no
     interrupt reaches; the daemon still exits 0 within --grace of the SIGTERM."""
-    command = (
-        f"{PREFIX}/venv/bin/assistantd --log-format journal --grace {GRACE} --allow-group pair"
-    )
+    flags = f"--log-format journal --grace {GRACE} --allow-group pair"
+    command = f"{PREFIX}/assistant/current/bin/assistantd {flags}"
     with drop_in(machine, "assistant", f"[Service]\nExecStart=\nExecStart={command}\n"):
         pid, _ = main_pid(machine, "assistant")
         cpu_before = cpu_ticks(machine, pid)
         params = json.dumps({"sql": STUCK, "mode": "query", "timeoutMs": 60_000})
         stuck = subprocess.Popen(
-            machine.command(f"{PREFIX}/venv/bin/pairctl", "call", "assistant", "db_proxy", params),
+            machine.command(f"{PREFIX}/bin/pairctl", "call", "assistant", "db_proxy", params),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

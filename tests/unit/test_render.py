@@ -39,9 +39,9 @@ def test_a_degraded_daemon_and_a_status_of_a_later_release_are_shown_as_said() -
         "gateway": health("draining", aMemberOfALaterRelease=[1, 2]),
     })  # fmt: skip
     rows = table.splitlines()[1:]
-    assert rows[0].split()[:3] == ["assistant", "degraded", "7"]
+    assert rows[0].split()[:4] == ["assistant", "degraded", "0.9.0", "7"]
     assert rows[0].endswith("db schema 1; db: DB_FULL: disk full")
-    assert rows[1].split()[:3] == ["gateway", "draining", "7"]
+    assert rows[1].split()[:4] == ["gateway", "draining", "0.9.0", "7"]
 
 
 def test_a_daemon_that_did_not_answer_is_down() -> None:
