@@ -113,7 +113,7 @@ class Caller:
             params = {
                 "sourceChannel": "tg",
                 "code": created["code"],
-                "externalUserId": f"u{number}",
+                "externalUserId": f"{self.run}-{number}",
             }
             result = self.on("gateway", "invites_redeem", params)
             if result is None:
