@@ -42,9 +42,12 @@ die() { echo "install.sh: $*" >&2; exit "${2:-1}"; }
 
 src=$(cd "$(dirname "$0")/.." && pwd)
 [ "$(id -u)" = 0 ] || die "run as root (it creates the user pair and installs units)" 77
-if dpkg-query -W -f '${Status}' pair 2>/dev/null | grep -q 'ok installed'; then
-    die "the Debian package pair manages this host: upgrade with apt (README, \"Install on a host\")" 78
-fi
+case $(dpkg-query -W -f '${Status}' pair 2>/dev/null || true) in
+"" | *not-installed) ;;
+*config-files)
+    die "the Debian package pair was removed but not purged: its purge would delete /var/lib/pair under this install. Reinstall the package (apt install), or take a backup and apt purge pair first" 78 ;;
+*) die "the Debian package pair manages this host: upgrade with apt (README, \"Install on a host\")" 78 ;;
+esac
 # The system's Python, not a pyenv or a venv: the units run it as user pair, under
 # ProtectHome=yes, so it must live outside /root and /home.
 python=/usr/bin/python3
@@ -63,27 +66,24 @@ version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$src/pair/__init__.py")
 release=$version-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$prefix"
 touch "$prefix/.install-sh"
+# Every side is built before any is switched: a failure leaves all of them as they were.
 for side in $sides; do
     say "$side: release $release in $prefix/$side"
     mkdir -p "$prefix/$side"
-    rm -rf "$prefix/$side/.$release"
+    # What an interrupted run left half built.
+    rm -rf "$prefix/$side"/.[0-9]*
     "$src/deploy/make-venv" "$python" "$src" "$wheelhouse" "$prefix/$side/.$release" \
         "$prefix/$side/$release" || {
-        rm -rf "$prefix/$side/.$release"
+        for built in $sides; do rm -rf "$prefix/$built/.$release"; done
         [ "$wheelhouse" != - ] ||
             say "no package index here? fill a wheelhouse elsewhere and pass --wheelhouse DIR (see the top of this file)"
         die "$side: the release was not built; the one running stays" 69
     }
+done
+for side in $sides; do
     mv "$prefix/$side/.$release" "$prefix/$side/$release"
-    previous=$(readlink "$prefix/$side/current" 2>/dev/null || true)
     ln -sfn "$release" "$prefix/$side/.current"
     mv -T "$prefix/$side/.current" "$prefix/$side/current"
-    for old in "$prefix/$side"/*; do
-        case ${old##*/} in
-        current | "$release" | "$previous") ;;
-        *) rm -rf "$old" ;;
-        esac
-    done
 done
 install -D -m 0755 "$src/deploy/pairctl" "$prefix/bin/pairctl"
 mkdir -p /usr/local/bin
@@ -101,7 +101,7 @@ for unit in $units; do
 done
 
 textfiles=/var/lib/prometheus/node-exporter
-if [ -d "$textfiles" ] && [ ! -e "$textfiles/pair.prom" ]; then
+if [ -d "$textfiles" ] && [ ! -e "$textfiles/pair.prom" ] && [ ! -L "$textfiles/pair.prom" ]; then
     say "node_exporter's textfile collector reads the metrics through $textfiles/pair.prom"
     ln -s /var/lib/pair-metrics/pair.prom "$textfiles/pair.prom"
 fi
@@ -111,13 +111,26 @@ if [ ! -d /run/systemd/system ]; then
     exit 0
 fi
 systemctl daemon-reload
-systemctl enable --now pair-assistant.socket pair-gateway.socket pair-metrics.timer
+sockets=
+for side in $sides; do
+    sockets="$sockets pair-$side.socket"
+done
+systemctl enable --now $sockets pair-metrics.timer
 # A running daemon takes the new release now; its socket holds callers meanwhile.
 for side in $sides; do
     systemctl try-restart "pair-$side.service"
 done
-# The single venv of install.sh before 0.2.0, once no daemon runs from it.
-if [ -d "$prefix/venv" ] && ! grep -qs "$prefix/ven[v]/" /proc/[0-9]*/cmdline; then
+# Kept: each side's current release and the one before it (a downgrade is a link and a
+# restart); any other goes once no process runs from it. Then the single venv of
+# install.sh before 0.2.0, once no process runs from it and no unit names it.
+running() { grep -qsF "$1/" /proc/[0-9]*/cmdline; }
+for side in $sides; do
+    keep=$(readlink "$prefix/$side/current")
+    for old in $(ls -1t "$prefix/$side" | grep -vx -e current -e "$keep" | tail -n +2); do
+        running "$prefix/$side/$old" || rm -rf "${prefix:?}/$side/$old"
+    done
+done
+if [ -d "$prefix/venv" ] && ! running "$prefix/venv" && ! grep -qsrF "$prefix/venv/" "$unit_dir"; then
     rm -rf "$prefix/venv"
 fi
 say "done: $(systemctl is-active pair-assistant.socket pair-gateway.socket | tr '\n' ' ')"

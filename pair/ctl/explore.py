@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from typing import Any
 
 from pair.ctl import render
 
-SUMMARY_WIDTH = 72
+# Below this a summary is cut no further; the table is then wider than the terminal.
+SUMMARY_MIN = 24
+# The terminal's width when stdout is not one (a pipe, a file).
+DEFAULT_COLUMNS = 120
 # What --bind's value is when it is not JSON: text, as typed. `I` and `N` are tried
 # so that Infinity and NaN are refused as numbers, not bound as text by surprise.
 _JSON_START = set('-0123456789[{"') | {"t", "f", "n", "I", "N"}
@@ -23,11 +27,15 @@ _PREFIXES = ":@$"
 @render.reads_answer
 def methods_table(documents: dict[str, dict[str, Any]]) -> str:
     rows = [
-        [daemon, method["name"], _params_line(method), _result_name(method), _short(method)]
+        [daemon, method["name"], _params_line(method), _result_name(method), method["summary"]]
         for daemon, document in documents.items()
         for method in sorted(document["methods"], key=lambda m: str(m["name"]))
     ]
-    return render.table(["DAEMON", "METHOD", "PARAMS", "RESULT", "SUMMARY"], rows)
+    header = ["DAEMON", "METHOD", "PARAMS", "RESULT", "SUMMARY"]
+    # The summary takes what the other columns leave of the terminal's width.
+    used = sum(max(len(str(row[i])) for row in [header, *rows]) + 2 for i in range(4))
+    width = max(SUMMARY_MIN, shutil.get_terminal_size((DEFAULT_COLUMNS, 24)).columns - used)
+    return render.table(header, [[*row[:4], _short(row[4], width)] for row in rows])
 
 
 @render.reads_answer
@@ -37,7 +45,12 @@ def describe(document: dict[str, Any], method: dict[str, Any]) -> str:
     name = method["name"]
     components = document.get("components", {}).get("schemas", {})
     params = [
-        [p["name"], _type_of(p["schema"]), "required" if p["required"] else "optional"]
+        [
+            p["name"],
+            _type_of(p["schema"]),
+            "required" if p["required"] else "optional",
+            _limits_of(p["schema"]) or "-",
+        ]
         for p in method["params"]
     ]
     result = method["result"]["schema"]
@@ -49,7 +62,7 @@ def describe(document: dict[str, Any], method: dict[str, Any]) -> str:
         render.escaped(f"{name}: {method['description']}"),
         "",
         "params:",
-        render.table(["NAME", "TYPE", ""], params),
+        render.table(["NAME", "TYPE", "", "DEFAULT, LIMITS"], params),
         "",
         render.escaped(f"result: {_result_name(method)}"),
         render.table(["FIELD", "TYPE", ""], fields),
@@ -57,9 +70,33 @@ def describe(document: dict[str, Any], method: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _short(method: dict[str, Any]) -> str:
-    summary = " ".join(str(method["summary"]).split())
-    return summary if len(summary) <= SUMMARY_WIDTH else summary[: SUMMARY_WIDTH - 3] + "..."
+def _short(summary: object, width: int) -> str:
+    text = " ".join(str(summary).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _limits_of(schema: dict[str, Any]) -> str:
+    """What a param's schema allows beyond its type, as rpc.discover states it:
+    `default 86400, 1..2592000`, `length 1..200`, `at most 500 items`."""
+    said = [f"default {json.dumps(schema['default'])}"] if "default" in schema else []
+    for member in [schema, *schema.get("anyOf", ())]:
+        said += _bounds(member, "minimum", "maximum", "")
+        said += _bounds(member, "minLength", "maxLength", "length ")
+        said += _bounds(member, "minItems", "maxItems", "items ")
+        if "pattern" in member:
+            said.append(f"matching {member['pattern']}")
+    return ", ".join(said)
+
+
+def _bounds(schema: dict[str, Any], low: str, high: str, what: str) -> list[str]:
+    lowest, highest = schema.get(low), schema.get(high)
+    if lowest is None and highest is None:
+        return []
+    if highest is None:
+        return [f"{what}>= {lowest}"]
+    if lowest is None:
+        return [f"{what}<= {highest}"]
+    return [f"{what}{lowest}..{highest}"]
 
 
 def _params_line(method: dict[str, Any]) -> str:

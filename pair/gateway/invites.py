@@ -207,10 +207,23 @@ def _check_guess_limits(conn: Conn, limits: GuessLimits, scopes: tuple[str, str]
         )[0]
         retry_after = max(1, freed_at + limits.window_ms - now)
         raise RateLimited(
-            f"too many failed redemption attempts for this {who}; retry in {retry_after} ms",
+            f"too many failed redemption attempts for this {who};"
+            f" retry in {_wait_in_words(retry_after)}",
             data={"retryAfterMs": retry_after},
         )
     return int(counts[0])
+
+
+def _wait_in_words(ms: int) -> str:
+    """A wait as a person reads it, rounded up ("40 s", "15 min", "2 h 5 min"); the
+    exact milliseconds are in `data.retryAfterMs`."""
+    seconds = -(-ms // 1000)
+    if seconds < 60:
+        return f"{seconds} s"
+    hours, minutes = divmod(-(-seconds // 60), 60)
+    if not hours:
+        return f"{minutes} min"
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
 def _record_failure(conn: Conn, scopes: tuple[str, str], now: int) -> None:

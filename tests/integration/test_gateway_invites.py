@@ -165,6 +165,8 @@ async def test_guess_limits_stop_a_guesser_and_survive_a_restart(pair: Pair) -> 
         limited = await failure(redeem(gw, code, "guesser"))
     assert (limited.code, limited.status_code, limited.retryable) == ("RATE_LIMITED", 429, True)
     assert 0 < limited.data["retryAfterMs"] <= 15 * 60 * 1000
+    # Said for a person: a 15-minute window reads "retry in 15 min", not in milliseconds.
+    assert limited.message.endswith("; retry in 15 min")
     assert pair.gateway.stop() == 0
     pair.gateway.restart()
     async with Client(pair.gateway_socket) as gw:

@@ -14,10 +14,13 @@ from pair.testing import Pair
 
 
 def pairctl_in(
-    where: Path, runtime: Path, *args: str, env_dir: bool = True
+    where: Path, runtime: Path, *args: str, env_dir: bool = True, columns: int | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """pairctl run from `where`, told of `runtime` only through $PAIR_RUNTIME_DIR."""
+    """pairctl run from `where`, told of `runtime` only through $PAIR_RUNTIME_DIR (and of
+    the terminal's width through $COLUMNS)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PAIR_")}
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
     if env_dir:
         env["PAIR_RUNTIME_DIR"] = str(runtime)
     return subprocess.run(
@@ -60,15 +63,20 @@ def test_with_json_an_error_is_a_json_object_on_stdout_too(pair: Pair, short_tmp
 def test_methods_and_describe_say_what_each_daemon_can_be_called_with(
     pair: Pair, short_tmp: Path
 ) -> None:
-    listed = pairctl_in(short_tmp, pair.runtime, "methods")
+    listed = pairctl_in(short_tmp, pair.runtime, "methods", columns=100)
     assert listed.returncode == 0, listed.stderr
     rows = {tuple(line.split()[:2]) for line in listed.stdout.splitlines()}
     assert {("assistant", "db_proxy"), ("gateway", "invites_create")} <= rows
+    # Summaries are cut to the terminal, unless that would leave them under 24 columns.
+    narrowest = max(
+        len(line) - len(line.rsplit("  ", 1)[-1]) for line in listed.stdout.splitlines()
+    )
+    assert max(map(len, listed.stdout.splitlines())) <= max(100, narrowest + 24)
     described = pairctl_in(short_tmp, pair.runtime, "describe", "gateway", "invites_create")
     assert described.returncode == 0, described.stderr
     lines = [line.split() for line in described.stdout.splitlines()]
-    assert ["contactId", "string", "required"] in lines
-    assert ["ttlSeconds", "integer", "optional"] in lines
+    assert ["contactId", "string", "required", "length", "1..200"] in lines
+    assert ["ttlSeconds", "integer", "optional", "default", "86400,", "1..2592000"] in lines
     assert ["code", "string", "required"] in lines
     unknown = pairctl_in(short_tmp, pair.runtime, "describe", "gateway", "invites_frob")
     assert unknown.returncode == 2

@@ -141,9 +141,12 @@ def assert_served_without_a_loss(machine: Machine, report: dict[str, Any]) -> No
     )
     redeemed = set(report["redeemed"])
     assert len(redeemed) == len(report["redeemed"])
+    # Every round redeemed a new invite for a new user: no other outcome, none lost.
+    assert redeemed
+    assert report["outcomes"] == {"redeemed": len(redeemed)}
     invite = "json_extract(payload, '$.inviteId')"
     # Invite ids grow with time: this run's are those from its first one on.
-    mine = f"kind = 'invite_redeemed' AND {invite} >= '{min(redeemed, default='~')}'"
+    mine = f"kind = 'invite_redeemed' AND {invite} >= '{min(redeemed)}'"
     stored = assistant_row(
         machine,
         f"SELECT count(*) AS events, count(DISTINCT {invite}) AS invites FROM events WHERE {mine}",
@@ -175,8 +178,12 @@ def changing(machine: Machine, restarted: tuple[str, ...]) -> Iterator[None]:
         pid, inode = before[side]
         assert socket_inode(machine, side) == inode, f"{side}'s socket was made anew"
         if side in restarted:
-            assert main_pid(machine, side) != pid
-            assert (len(watch.pids), watch.starts) == (2, 1), watch
+            new_pid = main_pid(machine, side)
+            assert new_pid != pid
+            # One start; no process but the old and the new one logged (journald may
+            # miss the unit of the old one's last lines, never add a third).
+            assert watch.starts == 1, watch
+            assert watch.pids <= {pid, new_pid}, watch
         else:
             assert main_pid(machine, side) == pid
             assert watch.starts == 0, watch
@@ -321,13 +328,17 @@ def test_the_package_takes_over_a_host_that_install_sh_set_up(
         contact = pairctl_json(machine, "contact", "create", "Grace")["contact"]["id"]
         key = machine.path("/var/lib/pair/gateway.key").read_bytes()
         machine.pairctl_path = "/usr/bin/pairctl"
-        with calling(machine, contact) as report:
+        with changing(machine, SIDES), calling(machine, contact) as report:
             apt_install(machine, *releases["current"].all())
         assert_served_without_a_loss(machine, report)
         for side in SIDES:
-            assert not machine.path(f"/etc/systemd/system/pair-{side}.service").exists()
-            fragment = machine.show(f"pair-{side}.service", "FragmentPath")["FragmentPath"]
-            assert fragment == f"/lib/systemd/system/pair-{side}.service"
+            for unit in (f"pair-{side}.service", f"pair-{side}.socket"):
+                assert not machine.path(f"/etc/systemd/system/{unit}").exists()
+                assert not machine.path(f"/etc/systemd/system/{unit}.install-sh").exists()
+                fragment = machine.show(unit, "FragmentPath")["FragmentPath"]
+                assert fragment == f"/lib/systemd/system/{unit}"
+            socket = machine.show(f"pair-{side}.socket", "ActiveState", "UnitFileState")
+            assert socket == {"ActiveState": "active", "UnitFileState": "enabled"}
             pid = main_pid(machine, side)
             cmdline = machine.path(f"/proc/{pid}/cmdline").read_bytes()
             assert f"/usr/lib/pair/{side}/current/".encode() in cmdline

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support.waiting import until
-from tests.systemd.conftest import install
+from tests.systemd.conftest import ROOT, install
 from tests.systemd.machine import PREFIX, Machine
 
 pytestmark = pytest.mark.timeout(180)
@@ -273,14 +273,91 @@ def test_the_metrics_timer_writes_the_textfile_for_node_exporter(machine: Machin
     assert service == {"Result": "success", "ExecMainStatus": "0"}
 
 
+def test_a_good_metrics_run_writes_nothing_to_the_journal_and_a_failed_one_does(
+    machine: Machine,
+) -> None:
+    """Every 15 s would be ~17,000 lines a day of systemd's Starting/Finished."""
+
+    def said(cursor: str) -> list[str]:
+        out = machine.run("journalctl", f"--after-cursor={cursor}", "-o", "json", "-q").stdout
+        entries = [json.loads(line) for line in out.splitlines()]
+        return [
+            f"{entry.get('PRIORITY')} {entry['MESSAGE']}"
+            for entry in entries
+            if "pair-metrics.service" in (entry.get("UNIT"), entry.get("_SYSTEMD_UNIT"))
+        ]
+
+    cursor = machine.run("journalctl", "-n", "0", "--show-cursor", "-q").stdout.split()[-1]
+    for _ in range(3):
+        machine.run("systemctl", "start", "pair-metrics.service")
+    assert machine.show("pair-metrics.service", "Result")["Result"] == "success"
+    assert said(cursor) == []
+    cursor = machine.run("journalctl", "-n", "0", "--show-cursor", "-q").stdout.split()[-1]
+    with drop_in_unit(
+        machine, "pair-metrics.service", "[Service]\nExecStart=\nExecStart=/bin/false\n"
+    ):
+        machine.run("systemctl", "start", "pair-metrics.service", check=False)
+    assert any("Failed" in line or "failed" in line for line in said(cursor))
+    machine.run("systemctl", "start", "pair-metrics.service")
+
+
+@contextlib.contextmanager
+def drop_in_unit(machine: Machine, name: str, text: str) -> Iterator[None]:
+    directory = machine.path(f"/run/systemd/system/{name}.d")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "50-test.conf").write_text(text)
+    machine.run("systemctl", "daemon-reload")
+    try:
+        yield
+    finally:
+        (directory / "50-test.conf").unlink()
+        machine.run("systemctl", "daemon-reload")
+
+
 def test_install_again_is_harmless_and_links_node_exporters_textfile_directory(
     machine: Machine,
 ) -> None:
+    """While install.sh builds and switches each release, pairctl (run in a loop)
+    always finds a whole release: never "not found", never a half-written venv."""
     machine.path("/var/lib/prometheus/node-exporter").mkdir(parents=True, exist_ok=True)
-    install(machine)
+    stop = f"/run/pairctl-loop-{time.monotonic_ns()}"
+    loop = (
+        f"n=0; bad=0; while [ ! -e {stop} ]; do n=$((n+1));"
+        f" {machine.pairctl_path} status >/dev/null 2>&1 || bad=$((bad+1)); done; echo $n $bad"
+    )
+    caller = subprocess.Popen(
+        machine.command("/bin/sh", "-c", loop), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        install(machine)
+    finally:
+        machine.path(stop).touch()
+        calls, failed = map(int, caller.communicate(timeout=60)[0].split())
+    print(f"pairctl status during install.sh: {calls} calls, {failed} failed")
+    assert calls > 0
+    assert failed == 0
     link = machine.path("/var/lib/prometheus/node-exporter/pair.prom")
     assert link.is_symlink()
     assert str(link.readlink()) == "/var/lib/pair-metrics/pair.prom"
+    assert machine.pairctl("status").returncode == 0
+
+
+def test_an_upgrade_that_cannot_build_leaves_the_old_release_serving(machine: Machine) -> None:
+    empty = ROOT / ".pair" / "empty-wheelhouse"
+    empty.mkdir(parents=True, exist_ok=True)
+    current = machine.path(f"{PREFIX}/assistant/current").readlink()
+    pid, _ = main_pid(machine, "assistant")
+    result = machine.run(
+        "sh", str(ROOT / "deploy" / "install.sh"), "--only", "assistant",
+        "--wheelhouse", str(empty), check=False, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 69, result.stdout + result.stderr
+    assert "the release was not built; the one running stays" in result.stderr
+    assert machine.path(f"{PREFIX}/assistant/current").readlink() == current
+    assert [
+        p.name for p in machine.path(f"{PREFIX}/assistant").iterdir() if p.name.startswith(".")
+    ] == []
+    assert main_pid(machine, "assistant")[0] == pid
     assert machine.pairctl("status").returncode == 0
 
 
