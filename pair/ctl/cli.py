@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, UnsafePath) as exc:
         return failures.usage(str(exc), as_json)
     except (IpcHandlerError, IpcTransportError) as exc:
-        return failures.report(exc, as_json)
+        return failures.report(exc, as_json, wire=args.command == "call")
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -49,8 +49,16 @@ PATTERNS = {
     "$.sourceChannel": "1-32 of a-z, 0-9, _ and -",
     "$.role": "a-z, then up to 31 of a-z, 0-9, _ and -",
 }
-# The daemon's words for a wire param, as pairctl's flag.
-_WIRE_WORDS = {"use mode=run": "use --write"}
+# The daemon's words for a wire param, as pairctl's flag (not for `pairctl call`,
+# whose caller wrote the wire params).
+_WIRE_WORDS = {
+    "use mode=run": "use --write",
+    "(use mode=exec for a script)": "(a script: pairctl call assistant db_proxy, mode exec)",
+    "externalUserId or externalChatId": "--external-user-id or --external-chat-id",
+    "before maxRows or maxBytes stops them; ask for fewer rows or a smaller maxBytes": (
+        "before --max-rows stops them; ask for fewer rows"
+    ),
+}
 _TYPES = {"int": "a whole number", "str": "text", "bool": "true or false", "float": "a number"}
 _EXPECTED = re.compile(r"Expected `(\w+)`(?: (.*?))? - at `")
 
@@ -71,15 +79,16 @@ def _group_of(path: str) -> str:
         return "the socket's group"
 
 
-def report(exc: IpcHandlerError | IpcTransportError, as_json: bool) -> int:
-    """Print why the call failed (stderr; stdout too with --json); the exit code."""
+def report(exc: IpcHandlerError | IpcTransportError, as_json: bool, *, wire: bool = False) -> int:
+    """Print why the call failed (stderr; stdout too with --json); the exit code. `wire`:
+    the caller wrote the call's params itself (`pairctl call`): its words are the wire's."""
     refusal = forbidden(exc)
     if refusal is not None:
         code, error = EX_NOPERM, _error(Forbidden.code, "FORBIDDEN", refusal, {})
         lines = [f"error: FORBIDDEN: {refusal}"]
     elif isinstance(exc, IpcHandlerError):
         code, error = EX_HANDLER, _error(exc.rpc_code, exc.code, exc.message, exc.data)
-        lines = _handler_lines(exc)
+        lines = _handler_lines(exc, wire)
     elif isinstance(exc, IncompatiblePeer):
         code, error = EX_HANDLER, _error(None, "INCOMPATIBLE_ANSWER", exc.message, {})
         lines = [f"pairctl: {exc.message}"]
@@ -117,17 +126,20 @@ def _error(rpc_code: int | None, error_code: str, message: str, data: Any) -> di
     return {"code": rpc_code, "errorCode": error_code, "message": message, "data": data}
 
 
-def _handler_lines(exc: IpcHandlerError) -> list[str]:
+def _handler_lines(exc: IpcHandlerError, wire: bool) -> list[str]:
     path = exc.data.get("path")
+    if wire:
+        return [f"error: {exc.code}: {exc.message}", *([f"  at {path}"] if path else [])]
     rule = _rule(path, exc.message) if exc.code == "INVALID_PARAMS" and path else None
     if rule is not None:
         return [f"error: {exc.code}: {rule}", f"  the daemon said: {exc.message}"]
     message = exc.message
-    for wire, words in _WIRE_WORDS.items():
-        message = message.replace(wire, words)
+    for said, words in _WIRE_WORDS.items():
+        message = message.replace(said, words)
     lines = [f"error: {exc.code}: {message}"]
     if path:
-        lines.append(f"  at {path}")
+        flag = FLAGS.get(path)
+        lines.append(f"  at {path} ({flag})" if flag else f"  at {path}")
     return lines
 
 

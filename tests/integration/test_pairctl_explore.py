@@ -107,6 +107,32 @@ def test_sql_prints_a_table_and_writes_with_binds(pair: Pair, short_tmp: Path) -
     assert refused.returncode == 1
     assert refused.stderr.startswith("error: SQL_FORBIDDEN")
     assert sql("SELECT 1", "--bind", "oops").returncode == 2
+    script = sql("SELECT 1; SELECT 2")
+    assert "(a script: pairctl call assistant db_proxy, mode exec)" in script.stderr
+
+
+def test_a_refusal_names_pairctls_flags_but_the_wire_params_for_call(
+    pair: Pair, short_tmp: Path
+) -> None:
+    contact = json.loads(
+        pairctl_in(short_tmp, pair.runtime, "--json", "contact", "create", "Ann").stdout
+    )["contact"]["id"]
+    invite = json.loads(
+        pairctl_in(
+            short_tmp, pair.runtime, "--json", "invite", "create", "--contact", contact,
+            "--channel", "tg",
+        ).stdout
+    )  # fmt: skip
+    flags = pairctl_in(
+        short_tmp, pair.runtime, "invite", "redeem", "--channel", "tg", "--code", invite["code"]
+    )
+    assert flags.returncode == 1
+    assert "--external-user-id or --external-chat-id is required" in flags.stderr
+    assert "externalUserId" not in flags.stderr.replace("$.externalUserId", "")
+    params = json.dumps({"sourceChannel": "tg", "code": invite["code"]})
+    wire = pairctl_in(short_tmp, pair.runtime, "call", "gateway", "invites_redeem", params)
+    assert wire.returncode == 1
+    assert "externalUserId or externalChatId is required" in wire.stderr
 
 
 def test_a_second_up_on_a_running_pair_stops_and_says_why_once(pair: Pair) -> None:
