@@ -7,6 +7,7 @@ release itself, built offline by the locked setuptools, as `deploy/install.sh` d
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tarfile
@@ -15,9 +16,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The release before this one: its tag, and its commit for a clone made without tags.
-PREVIOUS = "0.1.0"
-PREVIOUS_COMMIT = "1c6e6c7153b046be308c215e650a70b34cd68a0c"
+
+def _last_release() -> tuple[str, str]:
+    """The newest row of RELEASES.md: the release before this tree, and its commit
+    (for a clone made without tags)."""
+    rows = re.findall(
+        r"^\| ([0-9][^ |]*) \| ([0-9a-f]{40}) \|", (ROOT / "RELEASES.md").read_text(), re.M
+    )
+    version, commit = rows[-1]
+    return version, commit
+
+
+PREVIOUS, PREVIOUS_COMMIT = _last_release()
 
 
 def previous_python() -> tuple[str, ...]:

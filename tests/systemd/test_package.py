@@ -246,6 +246,8 @@ def test_an_install_enables_the_sockets_and_the_timer_and_the_pair_serves(
     # A member of group pair drives it too, with the pairctl on the PATH.
     machine.run("useradd", "--no-create-home", "--groups", "pair", "ops")
     try:
+        status = pairctl_json(machine, "status", user="ops")
+        assert {status[side]["status"] for side in SIDES} == {"ok"}
         listed = pairctl_json(machine, "contact", "list", user="ops")
         assert [c["displayName"] for c in listed["contacts"]] == ["Ada"]
     finally:
