@@ -352,17 +352,19 @@ async def status(args: argparse.Namespace) -> int:
 async def metrics(args: argparse.Namespace) -> int:
     """Exit 0 even when a daemon is down: that is `pair_up{daemon} 0`, for the scraper."""
     answers: dict[str, dict[str, Any] | None] = {}
+    healths: dict[str, dict[str, Any]] = {}
     for daemon in DAEMONS:
         try:
             async with Client(socket_of(args, daemon), timeout=2, connect_timeout=2) as client:
                 answers[daemon] = await client.call("metrics")
+                healths[daemon] = await client.call("health")
         except (IpcTransportError, IpcHandlerError) as exc:
             print(f"pairctl: {daemon}: {render.escaped(str(exc))}", file=sys.stderr)
-            answers[daemon] = None
+            answers.setdefault(daemon, None)
     if args.json:
         print(render.as_json(answers))
         return EX_OK
-    text = exposition_text(answers)
+    text = exposition_text(answers, healths)
     if args.textfile is not None:
         try:
             write_textfile(args.textfile, text.encode())

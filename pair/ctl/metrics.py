@@ -29,10 +29,16 @@ from pair.runtime.files import Dir, replace_atomically
 
 class PairCollector(Collector):
     """The metric families of SPEC.md section 10, from each daemon's `metrics` answer
-    (None: the daemon could not be reached)."""
+    (None: the daemon could not be reached), and what its `health` answer adds for the
+    alerts (deploy/prometheus/): its release, its pid, degraded, the assistant link."""
 
-    def __init__(self, answers: dict[str, dict[str, Any] | None]) -> None:
+    def __init__(
+        self,
+        answers: dict[str, dict[str, Any] | None],
+        healths: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.answers = answers
+        self.healths = healths or {}
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("pair_up", "1 if the daemon answered metrics", labels=["daemon"])
@@ -42,6 +48,7 @@ class PairCollector(Collector):
         answered = {d: answer for d, answer in self.answers.items() if answer is not None}
         yield from _call_families(answered)
         yield from _backup_families(answered)
+        yield from _health_families(self.healths)
         gateway = self.answers.get("gateway")
         if gateway is not None:
             yield from _gateway_families(gateway)
@@ -104,6 +111,32 @@ def _call_families(answers: dict[str, dict[str, Any]]) -> Iterator[Metric]:
     yield from (calls, durations, connections, refused, db_errors)
 
 
+def _health_families(healths: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    info = GaugeMetricFamily(
+        "pair_info", "The daemon's release (always 1)", labels=["daemon", "version"]
+    )
+    pid = GaugeMetricFamily(
+        "pair_pid", "The daemon's process id: a change is a restart", labels=["daemon"]
+    )
+    degraded = GaugeMetricFamily(
+        "pair_degraded",
+        "1 while the daemon says degraded (its database refuses writes: disk full, I/O)",
+        labels=["daemon"],
+    )
+    for daemon, health in healths.items():
+        info.add_metric([daemon, str(health["version"])], 1)
+        pid.add_metric([daemon], health["pid"])
+        degraded.add_metric([daemon], 1 if health["status"] == "degraded" else 0)
+    yield from (info, pid, degraded)
+    gateway = healths.get("gateway")
+    if gateway is not None:
+        yield GaugeMetricFamily(
+            "pair_assistant_link_up",
+            "1 while the gateway's link to the assistant is connected",
+            value=1 if gateway["assistant"]["state"] == "connected" else 0,
+        )
+
+
 def _backup_families(answers: dict[str, dict[str, Any]]) -> Iterator[Metric]:
     backups = CounterMetricFamily(
         "pair_backups", "Snapshots taken by the backup method", labels=["daemon"]
@@ -129,16 +162,20 @@ def _backup_families(answers: dict[str, dict[str, Any]]) -> Iterator[Metric]:
     yield from (backups, failures, taken_at, size)
 
 
-def exposition(answers: dict[str, dict[str, Any] | None]) -> bytes:
-    """The text exposition of `answers`."""
-    return generate_latest(_registry(answers))
+def exposition(
+    answers: dict[str, dict[str, Any] | None], healths: dict[str, dict[str, Any]] | None = None
+) -> bytes:
+    """The text exposition of `answers` (and `healths`)."""
+    return generate_latest(_registry(answers, healths))
 
 
 @reads_answer
-def exposition_text(answers: dict[str, dict[str, Any] | None]) -> str:
+def exposition_text(
+    answers: dict[str, dict[str, Any] | None], healths: dict[str, dict[str, Any]] | None = None
+) -> str:
     """The exposition as text; an answer of a shape pairctl cannot read is an
     `IncompatiblePeer` with words, never a traceback."""
-    return exposition(answers).decode()
+    return exposition(answers, healths).decode()
 
 
 def write_textfile(path: Path, data: bytes) -> None:
@@ -149,7 +186,9 @@ def write_textfile(path: Path, data: bytes) -> None:
         replace_atomically(directory, path.name, data, mode=0o644)
 
 
-def _registry(answers: dict[str, dict[str, Any] | None]) -> CollectorRegistry:
+def _registry(
+    answers: dict[str, dict[str, Any] | None], healths: dict[str, dict[str, Any]] | None
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PairCollector(answers))
+    registry.register(PairCollector(answers, healths))
     return registry

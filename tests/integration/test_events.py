@@ -21,6 +21,7 @@ from pair.protocol.client import Client
 from pair.protocol.errors import IpcHandlerError
 from pair.testing import Pair, crash_at
 from pair.testing.daemons import DaemonProcess
+from tests.support.alerts import conditions_holding, metrics_of
 from tests.support.disk import disk_full, needs_root, small_disk
 from tests.support.sqlite import count
 from tests.support.waiting import eventually, gateway_health_reaches, outbox_drained
@@ -152,6 +153,9 @@ async def test_a_poison_event_in_the_middle_of_a_batch_alone_goes_to_outbox_dead
         assert dead_ids(pair.gateway_db) == ["ev_poison"]
         assert health["outbox"]["deliveredTotal"] == 6
         assert health["outbox"]["oldestAgeMs"] is None
+        # The alert an operator gets (deploy/prometheus/), on this very moment's metrics.
+        alerts = ["PairOutboxEventsDead", "PairAssistantLinkDown", "PairDaemonDown"]
+        assert conditions_holding(metrics_of(pair), alerts) == ["PairOutboxEventsDead"]
 
 
 async def test_a_gateway_killed_after_the_assistant_stored_a_batch_delivers_it_again_once(
@@ -209,6 +213,8 @@ async def test_a_full_assistant_disk_degrades_it_and_loses_no_event(short_tmp: P
                 health = await assistant.call("health")
                 assert health["status"] == "degraded"
                 assert "DB_FULL" in health["db"]["lastError"]
+                degraded = conditions_holding(metrics_of(pair), ["PairDaemonDegraded"])
+                assert degraded == ["PairDaemonDegraded"]
                 during = await contacts(gw, 5, "during")
 
                 async def refused_for_space() -> bool:
