@@ -69,6 +69,13 @@ def metric_names(expression: str) -> set[str]:
 def conditions_holding(textfile: str, alerts: list[str]) -> list[str]:
     """Those of `alerts` whose condition holds on `textfile`'s samples."""
     expressions = alert_expressions()
+    return holding(textfile, {alert: expressions[alert] for alert in alerts})
+
+
+def holding(textfile: str, expressions: dict[str, str]) -> list[str]:
+    """The names of `expressions` that return at least one sample on `textfile`'s
+    samples (each held for ten minutes, evaluated at five) as promtool computes them;
+    an expression promtool cannot parse or evaluate fails the test."""
     series = []
     for family in text_string_to_metric_families(textfile):
         for sample in family.samples:
@@ -77,15 +84,15 @@ def conditions_holding(textfile: str, alerts: list[str]) -> list[str]:
             )
             selector = f"{sample.name}{{{labels + ',' if labels else ''}{SCRAPE}}}"
             series.append(f"      - series: '{selector}'\n        values: '{sample.value}x40'")
-    holding = []
+    found = []
     with tempfile.TemporaryDirectory(prefix="pair-alerts-") as scratch:
-        for alert in alerts:
-            test = Path(scratch) / f"{alert}.yml"
+        for name, expression in expressions.items():
+            test = Path(scratch) / "test.yml"
             test.write_text(
                 f"rule_files: ['{RULES}']\nevaluation_interval: 15s\ntests:\n"
                 "  - interval: 15s\n    input_series:\n" + "\n".join(series) + "\n"
                 "    promql_expr_test:\n"
-                f"      - expr: 'clamp_max(count({expressions[alert]}), 1)'\n"
+                f"      - expr: '{_quoted(f'clamp_max(count({expression}), 1)')}'\n"
                 "        eval_time: 5m\n"
                 "        exp_samples: [{labels: '{}', value: 1}]\n"
             )
@@ -93,10 +100,15 @@ def conditions_holding(textfile: str, alerts: list[str]) -> list[str]:
                 [promtool(), "test", "rules", str(test)], capture_output=True, text=True
             )
             if result.returncode == 0:
-                holding.append(alert)
+                found.append(name)
             elif not re.search(r"got: *nil", result.stdout + result.stderr):
-                raise AssertionError(f"promtool on {alert}: {result.stdout}{result.stderr}")
-    return holding
+                raise AssertionError(f"promtool on {name}: {result.stdout}{result.stderr}")
+    return found
+
+
+def _quoted(expression: str) -> str:
+    """For a single-quoted YAML string."""
+    return expression.replace("'", "''")
 
 
 def _escaped(value: str) -> str:
