@@ -154,15 +154,6 @@ class AssistantLink:
         params = {"sql": sql, "mode": "query", "bind": bind}
         return await self.call_assistant("db_proxy", params, timeout=DB_TIMEOUT)
 
-    async def assistant_db_run(self, sql: str, bind: object = None) -> Any:
-        params = {"sql": sql, "mode": "run", "bind": bind}
-        return await self.call_assistant("db_proxy", params, timeout=DB_TIMEOUT)
-
-    async def assistant_db_exec(self, sql: str) -> Any:
-        return await self.call_assistant(
-            "db_proxy", {"sql": sql, "mode": "exec"}, timeout=DB_TIMEOUT
-        )
-
     async def assistant_db_transaction(
         self, steps: list[dict[str, Any]], idempotency_key: str | None = None
     ) -> Any:

@@ -27,8 +27,8 @@ from pair.protocol.answers import handler_error, result_of
 from pair.protocol.calls import loggable
 from pair.protocol.client_connection import ClientConnection
 from pair.protocol.errors import IpcHandlerError, IpcTransportError
-from pair.protocol.framing import DEFAULT_MAX_FRAME_BYTES
-from pair.protocol.messages import ClientResponse, encode_frame_of, is_batch
+from pair.protocol.framing import DEFAULT_MAX_FRAME_BYTES, encode_frame_of
+from pair.protocol.messages import ClientResponse, is_batch
 
 T = TypeVar("T")
 

@@ -29,12 +29,12 @@ from pair.protocol.flow import ReadGate
 from pair.protocol.framing import (
     HEADER_SIZE,
     FrameDecoder,
+    append_frame_of,
 )
 from pair.protocol.messages import (
     Request,
     RequestId,
     Response,
-    append_frame_of,
     decode_batch,
     decode_request,
     error_response,

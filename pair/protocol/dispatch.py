@@ -20,7 +20,7 @@ import msgspec
 from msgspec import Raw, Struct
 
 from pair.protocol.deferred import Deferred
-from pair.protocol.errors import InvalidParams, MethodNotFound, ParseError
+from pair.protocol.errors import InvalidParams, ParseError
 from pair.protocol.hello import PROTOCOL, Hello, HelloParams, ProtocolRange, answer_hello
 from pair.protocol.metrics import (
     UNKNOWN_METHOD,
@@ -194,12 +194,6 @@ class Router:
 
     def get(self, name: str) -> Method | None:
         return self._methods.get(name)
-
-    def lookup(self, name: str) -> Method:
-        method = self._methods.get(name)
-        if method is None:
-            raise MethodNotFound(f"method not found: {name}")
-        return method
 
     @property
     def methods(self) -> list[Method]:

@@ -1,11 +1,15 @@
 """Length-prefixed frames: a uint32 big-endian length, then that many body bytes.
 
-Pure byte handling; nothing here knows about JSON or sockets.
+Reading a stream apart into frame bodies (`FrameDecoder`), and writing a message as
+one frame of JSON (`encode_frame_of`, `append_frame_of`, msgspec's encoder). Nothing
+here knows about sockets or JSON-RPC.
 """
 
 from __future__ import annotations
 
 import struct
+
+import msgspec
 
 from pair.protocol.errors import FrameTooLarge, InvalidFrame
 
@@ -15,11 +19,32 @@ DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 DEFAULT_FRAME_TIMEOUT = 10.0
 
 _unpack_header = HEADER.unpack_from
+_encoder = msgspec.json.Encoder()
 
 
-def encode_frame(body: bytes) -> bytes:
-    """One frame holding `body`."""
-    return HEADER.pack(len(body)) + body
+def encode_frame_of(message: object) -> bytes:
+    """One frame holding `message` as JSON, as bytes (uvloop writes bytes without a copy)."""
+    body = _encoder.encode(message)
+    return _pack_header(len(body)) + body
+
+
+def append_frame_of(message: object, buffer: bytearray) -> None:
+    """Encode `message` as one more frame at the end of `buffer`, in place.
+
+    On an encoding error the buffer is left as it was.
+    """
+    start = len(buffer)
+    buffer.extend(_NO_LENGTH)
+    try:
+        _encoder.encode_into(message, buffer, start + HEADER.size)
+    except BaseException:
+        del buffer[start:]
+        raise
+    HEADER.pack_into(buffer, start, len(buffer) - start - HEADER.size)
+
+
+_NO_LENGTH = bytes(HEADER.size)
+_pack_header = HEADER.pack
 
 
 class FrameDecoder:

@@ -87,7 +87,6 @@ class Peer:
     version: str
     protocol: ProtocolRange
     capabilities: frozenset[str]
-    said_hello: bool
     # How many of the capabilities it named were not kept (past MAX_CAPABILITIES, or
     # not a name): worth a word in the log, never a reason to refuse it.
     dropped: int = 0
@@ -129,9 +128,7 @@ def peer_of(hello: Any) -> Peer:
     Raises `ValueError` (msgspec's, with the path) on an answer no release gives."""
     answer = msgspec.convert(hello, Hello)
     capabilities, dropped = _capabilities(answer.capabilities)
-    return Peer(
-        _cut(answer.daemon), _cut(answer.version), answer.protocol, capabilities, True, dropped
-    )
+    return Peer(_cut(answer.daemon), _cut(answer.version), answer.protocol, capabilities, dropped)
 
 
 def peer_refusing(data: Any) -> Peer:
@@ -141,7 +138,7 @@ def peer_refusing(data: Any) -> Peer:
         raise ValueError("the refusal's data is not an object")
     protocol = msgspec.convert(data.get("protocol"), ProtocolRange)
     daemon, version = _cut(data.get("daemon", "?")), _cut(data.get("version", "?"))
-    return Peer(daemon, version, protocol, frozenset(), True)
+    return Peer(daemon, version, protocol, frozenset())
 
 
 def peer_before_hello(document: Any) -> Peer:
@@ -156,7 +153,7 @@ def peer_before_hello(document: Any) -> Peer:
     names = (method.get("name") if isinstance(method, dict) else None for method in methods)
     capabilities, dropped = _capabilities(names)
     daemon, version = _cut(info.get("title", "?")), _cut(info.get("version", "?"))
-    return Peer(daemon, version, ProtocolRange(1, 1), capabilities, False, dropped)
+    return Peer(daemon, version, ProtocolRange(1, 1), capabilities, dropped)
 
 
 def _cut(text: object) -> str:

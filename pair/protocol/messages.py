@@ -13,7 +13,6 @@ import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
 
 from pair.protocol.errors import InvalidRequest, ParseError, RpcError
-from pair.protocol.framing import HEADER
 
 RequestId = int | str | None
 
@@ -65,7 +64,6 @@ Response = SuccessResponse | ErrorResponse
 _request_decoder = msgspec.json.Decoder(Request)
 _batch_decoder = msgspec.json.Decoder(list[Raw])
 _any_decoder = msgspec.json.Decoder()
-_encoder = msgspec.json.Encoder()
 
 
 def error_response(request_id: RequestId, error: RpcError) -> ErrorResponse:
@@ -78,31 +76,6 @@ def error_response(request_id: RequestId, error: RpcError) -> ErrorResponse:
 
 def success_response(request_id: RequestId, result: Any) -> SuccessResponse:
     return SuccessResponse(JSONRPC_VERSION, request_id, result)
-
-
-def encode_frame_of(message: object) -> bytes:
-    """One frame holding `message` as JSON, as bytes (uvloop writes bytes without a copy)."""
-    body = _encoder.encode(message)
-    return _pack_header(len(body)) + body
-
-
-def append_frame_of(message: object, buffer: bytearray) -> None:
-    """Encode `message` as one more frame at the end of `buffer`, in place.
-
-    On an encoding error the buffer is left as it was.
-    """
-    start = len(buffer)
-    buffer.extend(_NO_LENGTH)
-    try:
-        _encoder.encode_into(message, buffer, start + HEADER.size)
-    except BaseException:
-        del buffer[start:]
-        raise
-    HEADER.pack_into(buffer, start, len(buffer) - start - HEADER.size)
-
-
-_NO_LENGTH = bytes(HEADER.size)
-_pack_header = HEADER.pack
 
 
 _OPEN_ARRAY = ord("[")

@@ -18,8 +18,10 @@ async def test_the_helpers_return_results_and_raise_sql_failures_as_handler_erro
 ) -> None:
     link = AssistantLink(assistant_socket)
     try:
-        await link.assistant_db_exec("CREATE TABLE t (id INTEGER PRIMARY KEY)")
-        inserted = await link.assistant_db_run("INSERT INTO t (id) VALUES (?)", [1])
+        create = {"sql": "CREATE TABLE t (id INTEGER PRIMARY KEY)", "mode": "exec"}
+        await link.call_assistant("db_proxy", create)
+        insert = {"sql": "INSERT INTO t (id) VALUES (?)", "mode": "run", "bind": [1]}
+        inserted = await link.call_assistant("db_proxy", insert)
         assert inserted == {"changes": 1, "lastInsertRowid": 1}
         assert (await link.assistant_db_query("SELECT id FROM t"))["rows"] == [{"id": 1}]
         with pytest.raises(IpcHandlerError) as caught:

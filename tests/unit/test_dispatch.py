@@ -5,8 +5,8 @@ import pytest
 from msgspec import Raw
 
 from pair.protocol.deferred import Deferred
-from pair.protocol.dispatch import Kind, Router, openrpc_document
-from pair.protocol.errors import InvalidParams, MethodNotFound
+from pair.protocol.dispatch import Kind, Method, Router, openrpc_document
+from pair.protocol.errors import InvalidParams
 from pair.runtime.sqlite import Job
 
 
@@ -31,6 +31,12 @@ async def transaction(params: TxParams) -> TxResult:
     return TxResult(ok=True)
 
 
+def method_of(router: Router, name: str) -> Method:
+    method = router.get(name)
+    assert method is not None, name
+    return method
+
+
 def make_router() -> Router:
     router = Router("test", "1.2.3")
     router.add("tx", transaction)
@@ -38,7 +44,7 @@ def make_router() -> Router:
 
 
 def decode(raw: bytes) -> object:
-    return make_router().lookup("tx").decode_params(Raw(raw))
+    return method_of(make_router(), "tx").decode_params(Raw(raw))
 
 
 def test_named_params_decode_into_the_methods_struct() -> None:
@@ -81,11 +87,6 @@ def test_invalid_params_carry_msgspecs_message_and_the_field_path(
     assert caught.value.error_data()["path"] == path
 
 
-def test_an_unknown_method_is_method_not_found() -> None:
-    with pytest.raises(MethodNotFound, match="method not found: nope"):
-        make_router().lookup("nope")
-
-
 def test_a_method_registered_twice_is_a_programming_error() -> None:
     router = make_router()
     with pytest.raises(ValueError, match="registered twice"):
@@ -104,7 +105,7 @@ def job_tx(params: TxParams) -> Job[TxResult]:
 def test_a_deferred_method_is_described_by_the_result_it_defers() -> None:
     router = Router("test", "1.2.3")
     router.add("tx", deferred_tx)
-    method = router.lookup("tx")
+    method = method_of(router, "tx")
     assert method.kind is Kind.DEFERRED
     assert method.result_type is TxResult
     described = {m["name"]: m for m in openrpc_document(router)["methods"]}
@@ -128,7 +129,7 @@ def test_a_plain_handler_says_whether_it_blocks() -> None:
     router.add("inline", plain_tx, inline=True)
     router.add("thread", plain_tx, thread=True)
     router.add("task", transaction)
-    kinds = [router.lookup(name).kind for name in ("inline", "thread", "task")]
+    kinds = [method_of(router, name).kind for name in ("inline", "thread", "task")]
     assert kinds == [Kind.INLINE, Kind.THREAD, Kind.TASK]
 
 

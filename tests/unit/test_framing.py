@@ -8,7 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pair.protocol.errors import FrameTooLarge, InvalidFrame
-from pair.protocol.framing import FrameDecoder, encode_frame
+from pair.protocol.framing import HEADER, FrameDecoder
+
+
+def encode_frame(body: bytes) -> bytes:
+    return HEADER.pack(len(body)) + body
 
 
 def test_several_frames_in_one_chunk_are_all_returned_in_order() -> None:

@@ -31,7 +31,7 @@ def test_a_later_releases_hello_is_read_and_its_new_members_ignored() -> None:
         "protocol": {"min": 1, "max": 3, "preferred": 2}, "capabilities": ["emit_events"],
         "region": "eu",
     })  # fmt: skip
-    assert (peer.version, peer.protocol, peer.said_hello) == ("0.9.0", ProtocolRange(1, 3), True)
+    assert (peer.version, peer.protocol) == ("0.9.0", ProtocolRange(1, 3))
     assert peer.has("emit_events")
     assert not peer.has("emit_event")
 
@@ -43,7 +43,6 @@ def test_a_release_before_hello_is_protocol_1_with_its_methods_as_capabilities()
     )  # fmt: skip
     assert str(peer) == "assistantd 0.1.0 (protocol 1)"
     assert peer.has("emit_events")
-    assert not peer.said_hello
 
 
 def test_the_refusal_says_which_side_to_upgrade() -> None:

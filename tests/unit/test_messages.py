@@ -87,7 +87,9 @@ def _handler(params: _Params) -> None:
 
 _router = Router("unit", "0")
 _router.add("m", _handler, inline=True)
-_method = _router.lookup("m")
+_found = _router.get("m")
+assert _found is not None
+_method = _found
 
 
 @given(
