@@ -243,6 +243,17 @@ class DaemonProcess:
     def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
         _raise_if(kind, [self.stop_checked()])
 
+    @contextlib.contextmanager
+    def checked(self) -> Iterator[DaemonProcess]:
+        """The daemon as the test starts it (later, or another way); stopped and
+        checked on leaving, as `with DaemonProcess(...)` does."""
+        try:
+            yield self
+        except BaseException:
+            self.stop_checked()
+            raise
+        _raise_if(None, [self.stop_checked()])
+
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()

@@ -394,16 +394,13 @@ async def test_a_write_returning_rows_names_the_columns_after_a_schema_change(
 async def test_debug_logs_each_database_call_with_its_outcome(short_tmp: Path) -> None:
     """Database calls are answered without a task; at DEBUG they still log one line each."""
     (short_tmp / "run").mkdir()
-    daemon = DaemonProcess(
+    with DaemonProcess(
         "assistant", short_tmp / "run", short_tmp / "state", "--log-level", "DEBUG"
-    ).start()
-    try:
+    ) as daemon:
         async with Client(str(short_tmp / "run" / "assistant.sock")) as client:
             await sql(client, "SELECT 1 AS one", "query")
             await failure(sql(client, "SELECT * FROM missing", "query"))
         assert daemon.stop() == 0
-    finally:
-        daemon.close()
     log = daemon.stderr()
     assert "call method='db_proxy' id=1 " in log
     assert "outcome=ok" in log
@@ -428,10 +425,9 @@ async def test_an_answer_over_the_frame_limit_is_result_too_large_for_its_id_alo
 ) -> None:
     (short_tmp / "run").mkdir()
     limit = 64 * 1024
-    daemon = DaemonProcess(
+    with DaemonProcess(
         "assistant", short_tmp / "run", short_tmp / "state", "--max-frame-bytes", str(limit)
-    ).start()
-    try:
+    ) as daemon:
         async with Client(str(short_tmp / "run" / "assistant.sock")) as client:
             big = {"sql": "SELECT zeroblob(60000) AS b", "mode": "query"}
             error = await failure(client.call("db_proxy", big))
@@ -456,8 +452,6 @@ async def test_an_answer_over_the_frame_limit_is_result_too_large_for_its_id_alo
             assert health["status"] == "ok"
             assert (await sql(client, "SELECT 2 AS two", "query"))["rows"] == [{"two": 2}]
         assert daemon.stop() == 0
-    finally:
-        daemon.close()
 
 
 async def test_max_bytes_truncates_rows_like_max_rows(client: Client) -> None:

@@ -171,10 +171,9 @@ async def test_a_restart_keeps_every_acknowledged_write(
 
 async def test_a_lock_held_by_another_process_is_db_busy_and_retryable(short_tmp: Path) -> None:
     (short_tmp / "run").mkdir()
-    daemon = DaemonProcess(
+    with DaemonProcess(
         "assistant", short_tmp / "run", short_tmp / "state", "--busy-timeout-ms", "200"
-    ).start()
-    try:
+    ):
         async with Client(str(short_tmp / "run" / "assistant.sock")) as client:
             await setup_table(client)
             locker = apsw.Connection(str(short_tmp / "state" / "assistant.db"))
@@ -205,8 +204,6 @@ async def test_a_lock_held_by_another_process_is_db_busy_and_retryable(short_tmp
             locker.execute("ROLLBACK")
             locker.close()
             assert (await client.call("db_proxy", insert))["changes"] == 1
-    finally:
-        daemon.close()
 
 
 GRACE = 2.0
@@ -222,14 +219,14 @@ async def test_sigterm_exits_after_the_grace_even_with_a_statement_stuck_in_one_
     (short_tmp / "run").mkdir()
     daemon = DaemonProcess(
         "assistant", short_tmp / "run", short_tmp / "state", "--grace", str(GRACE)
-    ).start()
+    )
     stuck = {
         "sql": "SELECT length(trim(printf('%.*c', 150000, 'a'), printf('%.*c', 150000, 'b')"
         " || 'a')) AS n",
         "mode": "query",
         "timeoutMs": 60_000,
     }
-    try:
+    with daemon:
         async with (
             Client(str(short_tmp / "run" / "assistant.sock"), timeout=30) as client,
             anyio.create_task_group() as task_group,
@@ -248,5 +245,3 @@ async def test_sigterm_exits_after_the_grace_even_with_a_statement_stuck_in_one_
         assert "still in SQLite at exit" in daemon.stderr()
         # SPEC: the drain never passes --grace; the unit's TimeoutStopSec relies on it.
         assert took < GRACE + EXIT_SLACK, f"exited {took:.2f} s after SIGTERM"
-    finally:
-        daemon.close()

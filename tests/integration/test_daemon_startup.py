@@ -26,23 +26,18 @@ def test_a_stale_socket_file_is_replaced(short_tmp: Path) -> None:
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(short_tmp / "demo.sock"))
     stale.close()
-    daemon = DaemonProcess(DEMO, short_tmp, short_tmp).start()
-    try:
-        with RawConnection(str(short_tmp / "demo.sock")) as conn:
-            assert conn.call({"jsonrpc": "2.0", "id": 1, "method": "pid"})["result"] == daemon.pid
-    finally:
-        daemon.close()
+    with (
+        DaemonProcess(DEMO, short_tmp, short_tmp) as daemon,
+        RawConnection(str(short_tmp / "demo.sock")) as conn,
+    ):
+        assert conn.call({"jsonrpc": "2.0", "id": 1, "method": "pid"})["result"] == daemon.pid
 
 
 def test_runtime_dir_and_socket_permissions(short_tmp: Path) -> None:
     runtime = short_tmp / "run"
-    daemon = DaemonProcess(DEMO, short_tmp, short_tmp, "--socket", str(runtime / "demo.sock"))
-    daemon.start()
-    try:
+    with DaemonProcess(DEMO, short_tmp, short_tmp, "--socket", str(runtime / "demo.sock")):
         assert (runtime.stat().st_mode & 0o777) == 0o700
         assert ((runtime / "demo.sock").stat().st_mode & 0o777) == 0o600
-    finally:
-        daemon.close()
 
 
 def test_a_socket_path_over_the_af_unix_limit_is_refused_with_the_limit(short_tmp: Path) -> None:
@@ -71,12 +66,9 @@ def test_bad_flags_are_a_usage_error(short_tmp: Path) -> None:
 def test_sigterm_when_idle_exits_zero_and_removes_only_its_socket(short_tmp: Path) -> None:
     neighbour = short_tmp / "other.sock"
     neighbour.write_text("not ours")
-    daemon = DaemonProcess(DEMO, short_tmp, short_tmp).start()
-    try:
+    with DaemonProcess(DEMO, short_tmp, short_tmp) as daemon:
         daemon.signal(signal.SIGTERM)
         daemon.wait_for("STOPPING=1")
         assert daemon.stop() == 0
-    finally:
-        daemon.close()
     assert not (short_tmp / "demo.sock").exists()
     assert neighbour.read_text() == "not ours"

@@ -98,7 +98,7 @@ def test_a_daemon_under_systemd_socket_activate_serves_the_inherited_socket(
     )
     daemon.notify_path = notify
     (short_tmp / "elsewhere").mkdir()
-    try:
+    with daemon.checked():
         daemon.start(wait=False)
         deadline = time.monotonic() + 20
         # The path appears at bind(), before listen(): a connect then is refused.
@@ -112,5 +112,3 @@ def test_a_daemon_under_systemd_socket_activate_serves_the_inherited_socket(
         assert not (short_tmp / "elsewhere" / "assistant.sock").exists(), "it bound its own socket"
         assert daemon.stop() == 0
         assert path.exists()
-    finally:
-        daemon.close()

@@ -270,17 +270,15 @@ async def test_an_assistant_that_refuses_every_batch_alike_sets_no_event_aside(
 ) -> None:
     """A gateway whose assistant has neither emit_events nor emit_event (its capabilities
     name neither; each call is METHOD_NOT_FOUND): its events wait, none set aside."""
-    demo = DaemonProcess(
-        "tests.support.demo_server", short_tmp, short_tmp, "--log-level", "DEBUG"
-    ).start()
+    demo = DaemonProcess("tests.support.demo_server", short_tmp, short_tmp, "--log-level", "DEBUG")
     gateway = DaemonProcess(
         "gateway",
         short_tmp,
         short_tmp / "state",
         "--assistant-socket",
         str(short_tmp / "demo.sock"),
-    ).start()
-    try:
+    )
+    with demo, gateway:
         async with Client(str(short_tmp / "gateway.sock")) as gw:
             await contacts(gw, 1)
 
@@ -292,6 +290,3 @@ async def test_an_assistant_that_refuses_every_batch_alike_sets_no_event_aside(
             outbox = (await gw.call("health"))["outbox"]
         assert (outbox["pending"], outbox["dead"]) == (1, 0)
         assert "METHOD_NOT_FOUND" in outbox["lastError"]
-    finally:
-        gateway.close()
-        demo.close()

@@ -55,9 +55,7 @@ async def test_a_lock_held_at_start_up_skips_a_sweep_and_the_daemon_serves_on(
     short_tmp: Path, module: str, database: str, sweep: str
 ) -> None:
     (short_tmp / "run").mkdir()
-    daemon = DaemonProcess(module, short_tmp / "run", short_tmp / "state", *BUSY)
-    try:
-        daemon.start()
+    with DaemonProcess(module, short_tmp / "run", short_tmp / "state", *BUSY) as daemon:
         assert daemon.stop() == 0
         with write_lock(short_tmp / "state" / database):
             daemon.restart()
@@ -65,8 +63,6 @@ async def test_a_lock_held_at_start_up_skips_a_sweep_and_the_daemon_serves_on(
             async with Client(str(short_tmp / "run" / f"{module}.sock")) as client:
                 assert (await client.call("health"))["pid"] == daemon.pid
         assert daemon.stop() == 0
-    finally:
-        daemon.close()
     assert "database is locked" in daemon.stderr()
 
 
@@ -75,7 +71,7 @@ async def test_delivery_waits_out_a_locked_gateway_db_and_stores_each_event_once
 ) -> None:
     """The assistant takes events while gateway.db cannot record that it did."""
     pair = Pair(short_tmp, gateway_args=BUSY)
-    try:
+    with pair.checked():
         pair.assistant.start()
         pair.gateway.start()
         assert pair.assistant.stop() == 0
@@ -105,5 +101,3 @@ async def test_delivery_waits_out_a_locked_gateway_db_and_stores_each_event_once
             )
         assert [row["contact"] for row in stored["rows"]] == ids
         assert pair.gateway.stop() == 0
-    finally:
-        pair.close()

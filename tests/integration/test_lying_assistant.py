@@ -279,10 +279,8 @@ def gateway(short_tmp: Path, liar: Liar) -> Iterator[DaemonProcess]:
     daemon = DaemonProcess(
         "gateway", runtime, short_tmp / "state", "--assistant-socket", liar.socket_path
     )
-    try:
+    with daemon.checked():
         yield daemon
-    finally:
-        daemon.close()
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())

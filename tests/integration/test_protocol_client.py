@@ -266,10 +266,9 @@ async def test_a_malformed_answer_is_a_transport_error_and_the_client_goes_on(
 async def test_an_idle_connection_is_closed_and_the_client_reconnects_on_its_own(
     short_tmp: Path,
 ) -> None:
-    demo = DaemonProcess(
+    with DaemonProcess(
         "tests.support.demo_server", short_tmp, short_tmp, "--idle-timeout", "0.5"
-    ).start()
-    try:
+    ) as demo:
         async with Client(str(short_tmp / "demo.sock")) as client:
             # A call running longer than the idle timeout keeps its connection.
             assert await client.call("sleep", {"seconds": 1.0}) == 1.0
@@ -282,5 +281,3 @@ async def test_an_idle_connection_is_closed_and_the_client_reconnects_on_its_own
             assert await client.call("pid") == demo.pid
             assert client._protocol is not first
         assert demo.stop() == 0
-    finally:
-        demo.close()

@@ -45,11 +45,8 @@ def echo_call(request_id: int, pad: int = 0) -> dict[str, Any]:
 
 @contextmanager
 def demo(root: Path, *args: str) -> Iterator[DaemonProcess]:
-    daemon = DaemonProcess("tests.support.demo_server", root, root, *args).start()
-    try:
+    with DaemonProcess("tests.support.demo_server", root, root, *args) as daemon:
         yield daemon
-    finally:
-        daemon.close()
 
 
 @pytest.fixture

@@ -29,30 +29,28 @@ def test_an_inherited_socket_is_served_never_unlinked_and_queues_across_a_restar
 ) -> None:
     path = short_tmp / "demo.sock"
     held = listening_socket(path)
-    daemon = DaemonProcess(DEMO, short_tmp, short_tmp, inherit=(held.fileno(), "demo.sock"))
     try:
-        daemon.start()
-        assert "inherited from systemd" in daemon.stderr()
-        with RawConnection(str(path)) as conn:
-            first = pid_call(conn)
-        assert first == daemon.pid
-        assert daemon.stop() == 0
-        assert path.exists(), "the daemon removed a socket it did not create"
-        with RawConnection(str(path)) as waiting:
-            waiting.send_json({"jsonrpc": "2.0", "id": 7, "method": "pid"})
-            daemon.restart()
-            answer = waiting.recv_json()
-        assert answer["id"] == 7
-        assert answer["result"] == daemon.pid != first
+        with DaemonProcess(
+            DEMO, short_tmp, short_tmp, inherit=(held.fileno(), "demo.sock")
+        ) as daemon:
+            assert "inherited from systemd" in daemon.stderr()
+            with RawConnection(str(path)) as conn:
+                first = pid_call(conn)
+            assert first == daemon.pid
+            assert daemon.stop() == 0
+            assert path.exists(), "the daemon removed a socket it did not create"
+            with RawConnection(str(path)) as waiting:
+                waiting.send_json({"jsonrpc": "2.0", "id": 7, "method": "pid"})
+                daemon.restart()
+                answer = waiting.recv_json()
+            assert answer["id"] == 7
+            assert answer["result"] == daemon.pid != first
     finally:
-        daemon.close()
         held.close()
 
 
 def test_watchdog_pings_at_half_the_interval_and_stopping_follows_sigterm(short_tmp: Path) -> None:
-    daemon = DaemonProcess(DEMO, short_tmp, short_tmp, env={"WATCHDOG_USEC": "400000"})
-    try:
-        daemon.start()
+    with DaemonProcess(DEMO, short_tmp, short_tmp, env={"WATCHDOG_USEC": "400000"}) as daemon:
         ready_at = time.monotonic()
         for _ in range(4):
             daemon.messages.clear()
@@ -62,16 +60,10 @@ def test_watchdog_pings_at_half_the_interval_and_stopping_follows_sigterm(short_
         daemon.signal(signal.SIGTERM)
         daemon.wait_for("STOPPING=1")
         assert daemon.stop() == 0
-    finally:
-        daemon.close()
 
 
 def test_ready_carries_a_status_line(short_tmp: Path) -> None:
-    daemon = DaemonProcess(DEMO, short_tmp, short_tmp)
-    try:
-        daemon.start()
+    with DaemonProcess(DEMO, short_tmp, short_tmp) as daemon:
         ready = next(message for message in daemon.messages if "READY=1" in message)
         assert "STATUS=demo ready" in ready.split("\n")
         assert f"MAINPID={daemon.pid}" in ready.split("\n")
-    finally:
-        daemon.close()

@@ -228,16 +228,12 @@ ALLOWED_GID = 4242
 @pytest.fixture
 def open_demo(short_tmp: Path) -> Iterator[str]:
     """A demo daemon whose socket anyone may connect to; it allows members of ALLOWED_GID."""
-    daemon = DaemonProcess(
+    with DaemonProcess(
         "tests.support.demo_server", short_tmp, short_tmp, "--socket-mode", "666",
         "--allow-group", str(ALLOWED_GID),
-    )  # fmt: skip
-    daemon.start()
-    os.chmod(short_tmp, 0o755)
-    try:
+    ):  # fmt: skip
+        os.chmod(short_tmp, 0o755)
         yield str(short_tmp / "demo.sock")
-    finally:
-        daemon.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
@@ -277,16 +273,13 @@ def test_a_peer_that_half_closes_after_its_requests_still_gets_every_answer(
 
 
 def test_debug_logs_one_line_per_call_whatever_way_it_runs(short_tmp: Path) -> None:
-    daemon = DaemonProcess(
+    with DaemonProcess(
         "tests.support.demo_server", short_tmp, short_tmp, "--log-level", "DEBUG"
-    ).start()
-    try:
+    ) as daemon:
         with RawConnection(str(short_tmp / "demo.sock")) as conn:
             for request_id, method in enumerate(("echo", "echo_async", "echo_thread", "nope")):
                 conn.call(request(method, {"text": "x"}, request_id))
         assert daemon.stop() == 0
-    finally:
-        daemon.close()
     log = daemon.stderr()
     for line in (
         "call method='echo' id=0 ",
@@ -302,13 +295,10 @@ def test_debug_logs_one_line_per_call_whatever_way_it_runs(short_tmp: Path) -> N
 def test_a_peer_that_sends_nothing_is_disconnected_after_the_idle_timeout(
     short_tmp: Path,
 ) -> None:
-    daemon = DaemonProcess(
+    with DaemonProcess(
         "tests.support.demo_server", short_tmp, short_tmp, "--idle-timeout", "0.5"
-    ).start()
-    try:
+    ) as daemon:
         with RawConnection(str(short_tmp / "demo.sock")) as idle:
             assert idle.is_closed_by_peer()
         assert daemon.stop() == 0
-    finally:
-        daemon.close()
     assert "closing connection from" in daemon.stderr()

@@ -64,14 +64,10 @@ async def test_a_caller_of_another_protocol_is_told_what_this_daemon_speaks(pair
 @contextlib.contextmanager
 def other_assistant(pair: Pair, *flags: str) -> Iterator[DaemonProcess]:
     """An assistant of another release on the pair's assistant socket."""
-    daemon = DaemonProcess(
+    with DaemonProcess(
         "tests.support.other_assistant", pair.runtime, pair.state, *flags, socket_name="assistant"
-    )
-    daemon.start()
-    try:
+    ) as daemon:
         yield daemon
-    finally:
-        daemon.close()
 
 
 async def contact(pair: Pair, name: str) -> str:
@@ -86,7 +82,7 @@ async def test_an_assistant_outside_the_window_is_refused_and_health_says_why(
     health says so and which side to upgrade, events wait (none set aside), and once a
     release of the window is back on the socket they are delivered."""
     pair = Pair(short_tmp)
-    try:
+    with pair.checked():
         with other_assistant(pair, "--protocol", "2-3", "--release", "1.0.0"):
             pair.gateway.start()
             await contact(pair, "waits")
@@ -111,15 +107,13 @@ async def test_an_assistant_outside_the_window_is_refused_and_health_says_why(
         assert link["version"] == __version__
         assert link["protocol"] == {"min": 1, "max": 1}
         assert "emit_events" in link["capabilities"]
-    finally:
-        pair.close()
 
 
 async def test_an_assistant_without_emit_events_gets_the_events_one_at_a_time_in_order(
     short_tmp: Path,
 ) -> None:
     pair = Pair(short_tmp)
-    try:
+    with pair.checked():
         with other_assistant(pair, "--without", "emit_events") as older:
             pair.gateway.start()
             created = [await contact(pair, f"c{n}") for n in range(5)]
@@ -130,8 +124,6 @@ async def test_an_assistant_without_emit_events_gets_the_events_one_at_a_time_in
             assert "emit_events" not in link["capabilities"]
             assert "emit_event" in link["capabilities"]
         assert [event["payload"]["contactId"] for event in stored] == created
-    finally:
-        pair.close()
 
 
 async def gateway_health(pair: Pair) -> Any:
