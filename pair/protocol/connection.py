@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from enum import IntEnum
 from typing import TYPE_CHECKING, Any, cast
 
 from msgspec import UNSET, Raw
@@ -51,6 +52,21 @@ if TYPE_CHECKING:
 BATCH_MEMBER_COST = 2048
 
 
+class State(IntEnum):
+    """Where a connection is in its life; ordered, so `>= CLOSING` is "no more answers"."""
+
+    OPEN = 0
+    # The peer half-closed after its last request: its calls are still answered.
+    PEER_DONE = 1
+    # close() was called: the answers queued are written, then the transport closes.
+    CLOSING = 2
+    # connection_lost: gone.
+    CLOSED = 3
+
+
+CLOSING = State.CLOSING
+
+
 class Connection(asyncio.Protocol):
     """One client connection: frames in, answers out, bounded by `max_in_flight`."""
 
@@ -72,9 +88,8 @@ class Connection(asyncio.Protocol):
         # Answers are encoded straight into one buffer, written once per turn.
         self._out = bytearray()
         self._flush_scheduled = False
-        self._closed = False
+        self.state = State.OPEN
         self.peer = "?"
-        self._peer_done = False
         self._batch_members = asyncio.Semaphore(host.limits.max_in_flight)
         self.last_active = self._loop.time()
         self._bug_logged = False
@@ -95,7 +110,7 @@ class Connection(asyncio.Protocol):
             self._abort_after_flush()
 
     def data_received(self, data: bytes) -> None:
-        if self._closed:
+        if self.state >= CLOSING:
             return
         self.last_active = self._loop.time()
         if not self.heard:
@@ -143,27 +158,28 @@ class Connection(asyncio.Protocol):
             self._decoder.check_eof()
         except FrameError as exc:
             self._log.info("peer %s: %s", self.peer, exc.message)
-        self._peer_done = True
+        if self.state is State.OPEN:
+            self.state = State.PEER_DONE
         self._close_if_finished()
         return True
 
     def _close_if_finished(self) -> None:
-        if self._peer_done and not self._in_flight and not self._backlog:
+        if self.state is State.PEER_DONE and not self._in_flight and not self._backlog:
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
+        self.state = State.CLOSED
         self._gate.lost()
         self._backlog.clear()
         self._out.clear()
         self._host.connection_lost(self)
 
     def pause_writing(self) -> None:
-        self._gate.write_paused = True
+        self._gate.pause_writing()
         self.update_reading()
 
     def resume_writing(self) -> None:
-        self._gate.write_paused = False
+        self._gate.resume_writing()
         self._resume_backlog()
 
     def _resume_backlog(self) -> None:
@@ -198,7 +214,7 @@ class Connection(asyncio.Protocol):
             and self._in_flight < limit
             and not self._gate.write_paused
             and len(self._out) <= unsent
-            and not self._closed
+            and self.state < CLOSING
         ):
             body = backlog.popleft()
             try:
@@ -284,7 +300,7 @@ class Connection(asyncio.Protocol):
         self._send_message(error_response(request_id, error))
 
     def _send_message(self, message: object) -> None:
-        if self._closed:
+        if self.state >= CLOSING:
             return
         out = self._out
         start = len(out)
@@ -330,7 +346,7 @@ class Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._out and not self._closed and self._transport is not None:
+        if self._out and self.state < CLOSING and self._transport is not None:
             # bytes: uvloop writes them without a copy of its own.
             self._transport.write(bytes(self._out))
             self._out.clear()
@@ -344,25 +360,25 @@ class Connection(asyncio.Protocol):
 
     def _begin_call(self, size: int) -> None:
         self._in_flight += 1
-        self._gate.pending_bytes += size
+        self._gate.charge(size)
         self._host.call_started(size)
 
     def _end_call(self, size: int) -> None:
         self._in_flight -= 1
-        self._gate.pending_bytes -= size
+        self._gate.release(size)
         self._host.call_finished(size)
         if self._backlog:
             self._drain_backlog()
         if self._gate.read_paused:
             self.update_reading()
-        if self._peer_done:
+        if self.state is State.PEER_DONE:
             # The call's answer is queued right after this returns; close after it.
             self._loop.call_soon(self._close_if_finished)
 
     def update_reading(self) -> None:
         """Pause or resume reading (`flow.ReadGate`); busy while frames wait for a slot of
         `max_in_flight`."""
-        if not self._closed:
+        if self.state < CLOSING:
             self._gate.update(bool(self._backlog) or self._in_flight >= self._limits.max_in_flight)
 
     def _abort_after_flush(self) -> None:
@@ -371,7 +387,12 @@ class Connection(asyncio.Protocol):
 
     def close_if_idle(self, idle_since: float) -> bool:
         """Close when nothing was received since `idle_since` and no call is running."""
-        if self._closed or self._in_flight or self._backlog or self.last_active > idle_since:
+        if (
+            self.state >= CLOSING
+            or self._in_flight
+            or self._backlog
+            or self.last_active > idle_since
+        ):
             return False
         self._log.info("closing connection from %s: idle", self.peer)
         self.close()
@@ -379,7 +400,7 @@ class Connection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close after the answers already queued are written."""
-        if self._transport is not None and not self._closed:
+        if self._transport is not None and self.state < CLOSING:
             self._flush()
-            self._closed = True
+            self.state = State.CLOSING
             self._transport.close()

@@ -78,6 +78,20 @@ class ReadGate:
     def attach(self, transport: asyncio.Transport) -> None:
         self._transport = transport
 
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: the answers wait, and so does reading."""
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+
+    def charge(self, size: int) -> None:
+        """A call of `size` body bytes started: held until `release`."""
+        self.pending_bytes += size
+
+    def release(self, size: int) -> None:
+        self.pending_bytes -= size
+
     def update(self, busy: bool) -> None:
         """Pause or resume reading."""
         transport = self._transport
