@@ -83,17 +83,27 @@ def probing(machine: Machine, daemon: str) -> Iterator[dict[str, Any]]:
 @contextlib.contextmanager
 def drop_in(machine: Machine, daemon: str, text: str) -> Iterator[None]:
     """A runtime drop-in for the service, in force (restarted) while inside."""
-    directory = machine.path(f"/run/systemd/system/{unit(daemon)}.d")
+    with drop_in_unit(machine, unit(daemon), text, restart=True):
+        yield
+
+
+@contextlib.contextmanager
+def drop_in_unit(machine: Machine, name: str, text: str, restart: bool = False) -> Iterator[None]:
+    """A runtime drop-in for unit `name` while inside (the unit restarted on the way in
+    and out when `restart`)."""
+    directory = machine.path(f"/run/systemd/system/{name}.d")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "50-test.conf").write_text(text)
     machine.run("systemctl", "daemon-reload")
-    machine.run("systemctl", "restart", unit(daemon))
+    if restart:
+        machine.run("systemctl", "restart", name)
     try:
         yield
     finally:
         (directory / "50-test.conf").unlink()
         machine.run("systemctl", "daemon-reload")
-        machine.run("systemctl", "restart", unit(daemon))
+        if restart:
+            machine.run("systemctl", "restart", name)
 
 
 def test_the_first_pairctl_status_starts_both_daemons_through_their_sockets(
@@ -299,19 +309,6 @@ def test_a_good_metrics_run_writes_nothing_to_the_journal_and_a_failed_one_does(
         machine.run("systemctl", "start", "pair-metrics.service", check=False)
     assert any("Failed" in line or "failed" in line for line in said(cursor))
     machine.run("systemctl", "start", "pair-metrics.service")
-
-
-@contextlib.contextmanager
-def drop_in_unit(machine: Machine, name: str, text: str) -> Iterator[None]:
-    directory = machine.path(f"/run/systemd/system/{name}.d")
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "50-test.conf").write_text(text)
-    machine.run("systemctl", "daemon-reload")
-    try:
-        yield
-    finally:
-        (directory / "50-test.conf").unlink()
-        machine.run("systemctl", "daemon-reload")
 
 
 def test_install_again_is_harmless_and_links_node_exporters_textfile_directory(
