@@ -37,8 +37,13 @@ IGNORED = (
 )  # fmt: skip
 
 
+# Where a package or its scripts write. The rest of the root is the host's, seen through
+# the overlay as it changes (a checkout, a workspace) and no business of the package's.
+ROOTS = ("/etc", "/usr", "/var", "/opt", "/srv", "/home")
+
+
 def files(machine: Machine) -> set[str]:
-    listed = machine.run("find", "/", "-xdev", timeout=120).stdout.split("\n")
+    listed = machine.run("find", *ROOTS, "-xdev", timeout=120).stdout.split("\n")
     return {
         path
         for path in listed
