@@ -9,6 +9,16 @@ anyio gives the structure around it (`serve()` reports ready through
 `serve()`). The price is that this module runs on anyio's asyncio backend
 only (with uvloop on Linux), which is what the daemons use. How each call
 runs is `protocol.calls`.
+
+The shutdown, in order (the daemon's side is `runtime.daemon.serve_app`):
+1. at the signal, `Server.shutdown()`: stop accepting (callers wait in the backlog
+   for the next process) and refuse every new call (SHUTTING_DOWN);
+2. `Server._drain`: the calls in flight finish, within the grace; a connection
+   accepted but not yet heard from sends its first request (and is refused);
+3. the end of `Server.serve`: what still runs is cancelled, every connection closed
+   after its queued answers;
+4. `serve_app`: the app's background tasks are cancelled, its databases closed in
+   what is left of the grace, then the listener and the notifier.
 """
 
 from __future__ import annotations
@@ -110,17 +120,8 @@ class Server:
 
         `on_ready` runs once the listener is set up and before the first
         connection is taken from it (callers wait in the backlog meanwhile),
-        so a READY=1 sent there precedes every answer.
-
-        The shutdown, in order (the daemon's side is `runtime.daemon.serve_app`):
-        1. at the signal, `shutdown()`: stop accepting (callers wait in the backlog
-           for the next process) and refuse every new call (SHUTTING_DOWN);
-        2. `_drain`: the calls in flight finish, within the grace; a connection
-           accepted but not yet heard from sends its first request (and is refused);
-        3. here, finally: what still runs is cancelled, every connection closed
-           after its queued answers;
-        4. `serve_app`: the app's background tasks are cancelled, its databases
-           closed in what is left of the grace, then the listener and notifier.
+        so a READY=1 sent there precedes every answer. The shutdown's order is in the
+        module's docstring.
         """
         loop = asyncio.get_running_loop()
         try:
