@@ -22,7 +22,7 @@ from pair.assistant.statement import DEFAULT_MAX_BYTES
 from pair.protocol.deferred import Deferred
 from pair.protocol.dispatch import NoParams, Router
 from pair.protocol.errors import InvalidParams
-from pair.protocol.health import DbInfo, Health, uptime_ms
+from pair.protocol.health import DbInfo, Health, health_of
 from pair.protocol.metrics import ProtocolMetrics
 from pair.protocol.values import WireBind, bind_from_wire
 from pair.runtime.backup import BackupStats, Snapshotter, method_of
@@ -120,14 +120,8 @@ class AssistantRoutes:
 
         `status` is "degraded" while writes fail for the database's own reason
         (full, unreachable, corrupt): `db.lastError` says which."""
-        last_error = self.db.write_health.last_error
-        return Health(
-            status="ok" if last_error is None else "degraded",
-            version=__version__,
-            pid=self.pid,
-            uptime_ms=uptime_ms(self.started),
-            db=DbInfo(self.db.path, self.db.schema_version, last_error),
-        )
+        db = DbInfo(self.db.path, self.db.schema_version, self.db.write_health.last_error)
+        return health_of(Health, pid=self.pid, started=self.started, db=db)
 
     def db_proxy(self, params: DbProxyParams) -> Deferred[QueryResult | RunResult | ExecResult]:
         """One statement (`query` from a reader, `run` in its own write transaction) or a script

@@ -31,7 +31,7 @@ from pair.gateway.records import Channel, Contact, Invite
 from pair.protocol.deferred import Deferred
 from pair.protocol.dispatch import NoParams, Router
 from pair.protocol.errors import InvalidParams
-from pair.protocol.health import DbInfo, Health, uptime_ms
+from pair.protocol.health import DbInfo, Health, health_of
 from pair.protocol.hello import ProtocolRange
 from pair.protocol.metrics import ProtocolMetrics
 from pair.runtime.backup import BackupStats, Snapshotter, method_of
@@ -270,13 +270,12 @@ class GatewayRoutes:
         (full, unreachable, corrupt): `db.lastError` says which."""
         migrations = self.migrations.state
         delivery = self.delivery
-        db_error = self.db.write_health.last_error
-        return HealthResult(
-            status="ok" if db_error is None else "degraded",
-            version=__version__,
+        db = DbInfo(self.db.path, self.db.schema_version, self.db.write_health.last_error)
+        return health_of(
+            HealthResult,
             pid=self.pid,
-            uptime_ms=uptime_ms(self.started),
-            db=DbInfo(self.db.path, self.db.schema_version, db_error),
+            started=self.started,
+            db=db,
             assistant=_link_info(self.link),
             outbox=OutboxInfo(
                 delivery.pending,
