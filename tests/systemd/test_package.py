@@ -245,6 +245,10 @@ def test_an_install_enables_the_sockets_and_the_timer_and_the_pair_serves(
         service = machine.show(f"pair-{side}.service", "UnitFileState", "TriggeredBy")
         assert service == {"UnitFileState": "disabled", "TriggeredBy": f"pair-{side}.socket"}
     assert machine.show("pair-metrics.timer", "ActiveState")["ActiveState"] == "active"
+    # The alert rules and the dashboard, where the README says.
+    rules = machine.path("/usr/share/pair/prometheus/pair.rules.yml").read_text()
+    assert "alert: PairDaemonDown" in rules
+    assert machine.path("/usr/share/pair/grafana/pair.json").exists()
     current = releases["current"].version
     assert versions(machine) == {"gateway": current, "assistant": current}
     life.contact = pairctl_json(machine, "contact", "create", "Ada")["contact"]["id"]
