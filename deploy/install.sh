@@ -92,8 +92,10 @@ install -m 0644 "$src/README.md" "$prefix/README.md"
 
 say "units in $unit_dir"
 units="pair-metrics.service pair-metrics.timer"
+sockets=
 for side in $sides; do
     units="$units pair-$side.service pair-$side.socket"
+    sockets="$sockets pair-$side.socket"
 done
 for unit in $units; do
     sed "s|/opt/pair/|$prefix/|g" "$src/deploy/systemd/$unit" >"$unit_dir/.$unit.new"
@@ -111,10 +113,6 @@ if [ ! -d /run/systemd/system ]; then
     exit 0
 fi
 systemctl daemon-reload
-sockets=
-for side in $sides; do
-    sockets="$sockets pair-$side.socket"
-done
 systemctl enable --now $sockets pair-metrics.timer
 # A running daemon takes the new release now; its socket holds callers meanwhile.
 for side in $sides; do

@@ -88,6 +88,10 @@ class Watch:
     starts: int
 
 
+# systemd's "Started ..." of a unit (sd-messages.h SD_MESSAGE_UNIT_STARTED).
+UNIT_STARTED = "39f53479d3a045ac8e11786248231fbf"
+
+
 def journal_cursor(machine: Machine) -> str:
     out = machine.run("journalctl", "-n", "0", "--show-cursor", "-q").stdout
     return out.strip().removeprefix("-- cursor: ")
@@ -101,13 +105,9 @@ def watched(machine: Machine, side: str, cursor: str) -> Watch:
         entry = json.loads(line)
         if entry.get("_SYSTEMD_UNIT") == unit:
             pids.add(entry["_PID"])
-        # systemd's "Started ..." of the unit (sd-messages.h SD_MESSAGE_UNIT_STARTED).
         if entry.get("UNIT") == unit and entry.get("MESSAGE_ID") == UNIT_STARTED:
             starts += 1
     return Watch(pids, starts)
-
-
-UNIT_STARTED = "39f53479d3a045ac8e11786248231fbf"
 
 
 @contextlib.contextmanager
@@ -263,15 +263,20 @@ def test_an_install_enables_the_sockets_and_the_timer_and_the_pair_serves(
         machine.run("userdel", "ops")
 
 
+def whole_pair_to(life: Life, release: Release) -> None:
+    """Both daemons' packages (and pair's) changed to `release` under the caller: each
+    daemon restarted once on its socket, nothing refused, lost or doubled."""
+    machine = life.machine
+    with changing(machine, SIDES), calling(machine, life.contact) as report:
+        apt_install(machine, *release.all())
+    assert_served_without_a_loss(machine, report)
+    assert versions(machine) == {"gateway": release.version, "assistant": release.version}
+
+
 def test_a_downgrade_by_one_release_serves_under_a_caller(
     life: Life, releases: dict[str, Release]
 ) -> None:
-    machine = life.machine
-    with changing(machine, SIDES), calling(machine, life.contact) as report:
-        apt_install(machine, *releases["previous"].all())
-    assert_served_without_a_loss(machine, report)
-    previous = releases["previous"].version
-    assert versions(machine) == {"gateway": previous, "assistant": previous}
+    whole_pair_to(life, releases["previous"])
 
 
 def test_the_assistant_then_the_gateway_upgrade_alone_under_a_caller(
@@ -292,13 +297,8 @@ def test_the_assistant_then_the_gateway_upgrade_alone_under_a_caller(
 def test_the_whole_pair_upgrades_under_a_caller_with_each_daemon_restarted_once(
     life: Life, releases: dict[str, Release]
 ) -> None:
-    machine = life.machine
-    apt_install(machine, *releases["previous"].all())
-    with changing(machine, SIDES), calling(machine, life.contact) as report:
-        apt_install(machine, *releases["current"].all())
-    assert_served_without_a_loss(machine, report)
-    current = releases["current"].version
-    assert versions(machine) == {"gateway": current, "assistant": current}
+    apt_install(life.machine, *releases["previous"].all())
+    whole_pair_to(life, releases["current"])
 
 
 def test_remove_stops_the_daemons_and_keeps_data_key_and_user_for_the_next_install(
