@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.support.waiting import until
 
@@ -145,6 +147,19 @@ class Machine:
     def show(self, unit: str, *properties: str) -> dict[str, str]:
         out = self.run("systemctl", "show", unit, "-p", ",".join(properties)).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def journal_cursor(self) -> str:
+        """The journal's end, once journald has stored every line sent before this call
+        (it reads its sockets asynchronously: a "Started" sent earlier could land after)."""
+        self.run("journalctl", "--sync")
+        out = self.run("journalctl", "-n", "0", "--show-cursor", "-q").stdout
+        return out.strip().removeprefix("-- cursor: ")
+
+    def journal_after(self, cursor: str) -> list[dict[str, Any]]:
+        """Every entry after `cursor`, up to every line sent before this call."""
+        self.run("journalctl", "--sync")
+        out = self.run("journalctl", f"--after-cursor={cursor}", "-o", "json", "-q").stdout
+        return [json.loads(line) for line in out.splitlines()]
 
     def kill(self) -> None:
         if self.pid:

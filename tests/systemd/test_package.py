@@ -92,17 +92,10 @@ class Watch:
 UNIT_STARTED = "39f53479d3a045ac8e11786248231fbf"
 
 
-def journal_cursor(machine: Machine) -> str:
-    out = machine.run("journalctl", "-n", "0", "--show-cursor", "-q").stdout
-    return out.strip().removeprefix("-- cursor: ")
-
-
 def watched(machine: Machine, side: str, cursor: str) -> Watch:
     unit = f"pair-{side}.service"
-    out = machine.run("journalctl", f"--after-cursor={cursor}", "-o", "json", "-q").stdout
     pids, starts = set(), 0
-    for line in out.splitlines():
-        entry = json.loads(line)
+    for entry in machine.journal_after(cursor):
         if entry.get("_SYSTEMD_UNIT") == unit:
             pids.add(entry["_PID"])
         if entry.get("UNIT") == unit and entry.get("MESSAGE_ID") == UNIT_STARTED:
@@ -176,7 +169,7 @@ def changing(machine: Machine, restarted: tuple[str, ...]) -> Iterator[None]:
     """Inside: the `restarted` sides' daemons are restarted once each (one new PID, one
     start, the socket file kept); the other side's daemon is not touched."""
     before = {side: (main_pid(machine, side), socket_inode(machine, side)) for side in SIDES}
-    cursor = journal_cursor(machine)
+    cursor = machine.journal_cursor()
     yield
     for side in SIDES:
         watch = watched(machine, side, cursor)

@@ -289,20 +289,18 @@ def test_a_good_metrics_run_writes_nothing_to_the_journal_and_a_failed_one_does(
     """Every 15 s would be ~17,000 lines a day of systemd's Starting/Finished."""
 
     def said(cursor: str) -> list[str]:
-        out = machine.run("journalctl", f"--after-cursor={cursor}", "-o", "json", "-q").stdout
-        entries = [json.loads(line) for line in out.splitlines()]
         return [
             f"{entry.get('PRIORITY')} {entry['MESSAGE']}"
-            for entry in entries
+            for entry in machine.journal_after(cursor)
             if "pair-metrics.service" in (entry.get("UNIT"), entry.get("_SYSTEMD_UNIT"))
         ]
 
-    cursor = machine.run("journalctl", "-n", "0", "--show-cursor", "-q").stdout.split()[-1]
+    cursor = machine.journal_cursor()
     for _ in range(3):
         machine.run("systemctl", "start", "pair-metrics.service")
     assert machine.show("pair-metrics.service", "Result")["Result"] == "success"
     assert said(cursor) == []
-    cursor = machine.run("journalctl", "-n", "0", "--show-cursor", "-q").stdout.split()[-1]
+    cursor = machine.journal_cursor()
     with drop_in_unit(
         machine, "pair-metrics.service", "[Service]\nExecStart=\nExecStart=/bin/false\n"
     ):
