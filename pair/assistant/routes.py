@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -19,11 +21,13 @@ from pair.assistant.db import Database, GuardedConn
 from pair.assistant.events import EmitEventResult, EmitEventsResult, insert_event, insert_events
 from pair.assistant.proxy import ExecResult, QueryResult, RunResult, Step, TransactionResult
 from pair.assistant.statement import DEFAULT_MAX_BYTES
+from pair.protocol import trace
 from pair.protocol.deferred import Deferred
 from pair.protocol.dispatch import NoParams, Router
 from pair.protocol.errors import InvalidParams
 from pair.protocol.health import DbInfo, Health, health_of
 from pair.protocol.metrics import ProtocolMetrics
+from pair.protocol.trace import Traced
 from pair.protocol.values import WireBind, bind_from_wire
 from pair.runtime.backup import BackupStats, Snapshotter, method_of
 from pair.runtime.sqlite import commits_durable
@@ -50,6 +54,7 @@ MaxBytes = Annotated[int, Meta(ge=1, le=MAX_MAX_BYTES)]
 Key = Annotated[str, Meta(min_length=1, max_length=200)]
 
 _encoder = msgspec.json.Encoder()
+log = logging.getLogger("assistant.events")
 
 
 class DbProxyParams(Struct, forbid_unknown_fields=True, rename="camel"):
@@ -79,6 +84,8 @@ class EmitEventParams(Struct, forbid_unknown_fields=True):
     id: Key
     kind: EventKind
     payload: dict[str, Any]
+    # The event's trace (an item of emit_events has its own; emit_event's is the call's).
+    meta: Traced = msgspec.field(default=msgspec.UNSET, name="_meta")
 
 
 class EmitEventsParams(Struct, forbid_unknown_fields=True):
@@ -170,25 +177,27 @@ class AssistantRoutes:
 
     def emit_event(self, params: EmitEventParams) -> Deferred[EmitEventResult]:
         """Store an event once per id; a repeated id is accepted and reported as a duplicate."""
-        return self.db.submit_write(_one_event(params))
+        logged = functools.partial(_one_stored, params, trace.current_or_new())
+        return self.db.submit_write(_one_event(params)).map(logged)
 
     def emit_events(self, params: EmitEventsParams) -> Deferred[EmitEventsResult]:
         """Store 1..500 events in order in one transaction; ids already stored are skipped and
         listed in `duplicates`, so a batch delivered again is harmless. An invalid event
         refuses the whole call (`data.path` names it) and stores nothing."""
-        return self.db.submit_write(_events(params))
+        logged = functools.partial(_all_stored, params, trace.current_or_new())
+        return self.db.submit_write(_events(params)).map(logged)
 
     # Under --synchronous normal the events are made durable before they are acknowledged:
     # the gateway forgets what it was told is stored. Registered in place of the two above.
     async def _emit_event_durable(self, params: EmitEventParams) -> EmitEventResult:
         """Store an event once per id; a repeated id is accepted and reported as a duplicate."""
-        return await self._stored(_one_event(params))
+        return _one_stored(params, trace.current_or_new(), await self._stored(_one_event(params)))
 
     async def _emit_events_durable(self, params: EmitEventsParams) -> EmitEventsResult:
         """Store 1..500 events in order in one transaction; ids already stored are skipped and
         listed in `duplicates`, so a batch delivered again is harmless. An invalid event
         refuses the whole call (`data.path` names it) and stores nothing."""
-        return await self._stored(_events(params))
+        return _all_stored(params, trace.current_or_new(), await self._stored(_events(params)))
 
     async def _stored(self, job: Callable[[GuardedConn], T]) -> T:
         result = await self.db.write(job)
@@ -204,6 +213,32 @@ def _one_event(params: EmitEventParams) -> Callable[[GuardedConn], EmitEventResu
 def _events(params: EmitEventsParams) -> Callable[[GuardedConn], EmitEventsResult]:
     events = [(e.id, e.kind, _encoder.encode(e.payload).decode()) for e in params.events]
     return functools.partial(insert_events, events=events)
+
+
+def _one_stored(
+    params: EmitEventParams, span: trace.Span, result: EmitEventResult
+) -> EmitEventResult:
+    _log_stored(params, span, result.duplicate)
+    return result
+
+
+def _all_stored(
+    params: EmitEventsParams, span: trace.Span, result: EmitEventsResult
+) -> EmitEventsResult:
+    """Each event's line, of its own trace (the call's when it came without). An id sent
+    twice in the call was stored at its first (`duplicates` lists it once more)."""
+    stored = Counter(event.id for event in params.events)
+    stored.subtract(result.duplicates)
+    for event in params.events:
+        own = trace.span_of(event.meta) or span
+        _log_stored(event, own, stored[event.id] <= 0)
+        stored[event.id] -= 1
+    return result
+
+
+def _log_stored(event: EmitEventParams, span: trace.Span, duplicate: bool) -> None:
+    stored = "was stored already" if duplicate else "stored"
+    log.info("event %s (%s) %s", event.id, event.kind, stored, extra={"span": span})
 
 
 def _check_statement(sql: str, bind: Bind, step: int | None = None) -> None:

@@ -26,6 +26,7 @@ from pair.ctl.failures import forbidden
 from pair.ctl.metrics import exposition_text, write_textfile
 from pair.ctl.trust import refuse_relative_as_root
 from pair.ctl.up import run_up
+from pair.protocol import trace
 from pair.protocol.client import BatchCall, Client
 from pair.protocol.errors import IpcHandlerError, IpcTransportError
 from pair.runtime.errors import EX_CANTCREAT, EX_HANDLER, EX_NOPERM, EX_OK, EX_UNAVAILABLE
@@ -56,10 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print the raw result"
     )
+    common.add_argument(
+        "--trace",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="send the call under a new trace and print its id (journalctl TRACE_ID=...)",
+    )
     parser = argparse.ArgumentParser(
         prog="pairctl", description="Run and drive the gateway / assistant pair."
     )
     parser.add_argument("--json", action="store_true", help="print raw results as JSON")
+    parser.add_argument(
+        "--trace", action="store_true", help="print the trace id of the call (for journalctl)"
+    )
     parser.add_argument("--runtime-dir", type=Path, help="directory of the sockets")
     parser.add_argument("--state-dir", type=Path, help="directory of the databases")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -284,9 +294,29 @@ async def one_call(args: argparse.Namespace) -> int:
     async with Client(
         socket_of(args, daemon), timeout=getattr(args, "timeout", CALL_TIMEOUT)
     ) as client:
+        if args.trace:
+            params = await traced(client, daemon, params)
         result = await client.call(method, params)
     print(render.as_json(result) if args.json else human(result))
     return EX_OK
+
+
+async def traced(client: Client, daemon: str, params: Any) -> dict[str, Any]:
+    """`params` with `_meta` of a new trace, whose id goes to stderr before the call (so
+    that a call that fails or hangs can be followed too), for a daemon that takes it."""
+    if isinstance(params, list):
+        raise UsageError("--trace needs params as a JSON object: an array cannot carry _meta")
+    if params is not None and "_meta" in params:
+        raise UsageError("--trace makes the call's _meta: leave it out of the params")
+    hello = await client.call("pair.hello", {})
+    if trace.CAPABILITY not in hello.get("capabilities", ()):
+        raise UsageError(
+            f"the {daemon} ({hello.get('version', '?')}) does not take trace context: its"
+            " release is older than --trace; call it without"
+        )
+    span = trace.Span.new()
+    print(f"trace {span.trace_id}: journalctl TRACE_ID={span.trace_id}", file=sys.stderr)
+    return {**(params or {}), "_meta": span.meta()}
 
 
 async def batch_call(args: argparse.Namespace) -> int:
@@ -404,6 +434,9 @@ def sockets_of(args: argparse.Namespace) -> dict[str, str]:
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    one_call_commands = ("call", "sql", "contact", "invite")
+    if args.trace and (args.command not in one_call_commands or getattr(args, "batch", None)):
+        raise UsageError("--trace is for one call: call, sql, contact or invite")
     if args.command in ("backup", "restore"):
         return backups(args)
     if args.command == "up":

@@ -21,7 +21,14 @@ import msgspec
 
 from pair.gateway.db import Database
 from pair.gateway.link import AssistantLink
-from pair.gateway.outbox import PendingEvent, mark_delivered, mark_refused, pending_events
+from pair.gateway.outbox import (
+    PendingEvent,
+    delivery_span,
+    mark_delivered,
+    mark_refused,
+    pending_events,
+)
+from pair.protocol import trace
 from pair.protocol.errors import IpcError, IpcHandlerError
 from pair.runtime.failpoints import failpoint
 from pair.runtime.sqlite import DatabaseFailure, commits_durable, now_ms
@@ -170,8 +177,10 @@ class Delivery:
             await anyio.to_thread.run_sync(commits_durable, self._db.path)
         try:
             if await self._link.can("emit_events"):
+                spans = self._spans(events)
+                wired = [_wire(event, span) for event, span in zip(events, spans, strict=True)]
                 await self._link.call_assistant(
-                    "emit_events", {"events": [_wire(e) for e in events]}, timeout=DELIVERY_TIMEOUT
+                    "emit_events", {"events": wired}, timeout=DELIVERY_TIMEOUT
                 )
             else:
                 return await self._one_at_a_time(events)
@@ -184,31 +193,38 @@ class Delivery:
                 return await self._deliver(events[:half]) and await self._deliver(events[half:])
             return await self._refused(events[0], exc)
         failpoint("after_emit_events")
-        await self._delivered(events)
+        await self._delivered(events, spans)
         return True
+
+    def _spans(self, events: list[PendingEvent]) -> list[trace.Span]:
+        """Each event's delivery span, under the call that queued it: sent with the event,
+        and logged with its delivery."""
+        return [delivery_span(event.event_id) for event in events]
 
     async def _one_at_a_time(self, events: list[PendingEvent]) -> bool:
         """For an assistant without `emit_events`: `emit_event` for each, in order, each
         marked delivered as it is stored; one refused outright is set aside alone."""
-        for event in events:
+        for event, span in zip(events, self._spans(events), strict=True):
             try:
                 await self._link.call_assistant(
-                    "emit_event", _wire(event), timeout=DELIVERY_TIMEOUT
+                    "emit_event", _wire(event, span), timeout=DELIVERY_TIMEOUT
                 )
             except IpcError as exc:
                 self.last_error = str(exc)
                 if not _outright(exc) or not await self._refused(event, exc):
                     return False
                 continue
-            await self._delivered([event])
+            await self._delivered([event], [span])
         return True
 
-    async def _delivered(self, events: list[PendingEvent]) -> None:
+    async def _delivered(self, events: list[PendingEvent], spans: list[trace.Span]) -> None:
         through = events[-1].seq
         await self._db.run(functools.partial(mark_delivered, through_seq=through))
         self.backlog.done(through)
         self.delivered_total += len(events)
         self.last_error = None
+        for event, span in zip(events, spans, strict=True):
+            log.info("event %s (%s) delivered", event.event_id, event.kind, extra={"span": span})
 
     async def _refused(self, event: PendingEvent, exc: IpcError) -> bool:
         """The assistant refused this event alone; True when it was set aside (go on)."""
@@ -221,11 +237,14 @@ class Delivery:
         return True
 
 
-def _wire(event: PendingEvent) -> dict[str, Any]:
+def _wire(event: PendingEvent, span: trace.Span) -> dict[str, Any]:
+    """The event as `emit_event`'s params (an item of `emit_events`), its trace in `_meta`
+    (left out by the link for an assistant that does not take it)."""
     return {
         "id": event.event_id,
         "kind": event.kind,
         "payload": msgspec.Raw(event.payload.encode()),
+        "_meta": span.meta(),
     }
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import anyio
 
 from pair import __version__
+from pair.protocol import trace
 from pair.protocol.calls import loggable
 from pair.protocol.client import Client, Handshake
 from pair.protocol.errors import IncompatiblePeer, IpcHandlerError, IpcTransportError
@@ -82,6 +83,7 @@ class AssistantLink:
             timeout=CALL_TIMEOUT,
             connect_timeout=HEALTH_TIMEOUT,
             on_connect=self._hello,
+            prepare=self._traced,
         )
         self.status = LinkState()
         # What the assistant said of itself on the last connection the gateway kept.
@@ -135,8 +137,21 @@ class AssistantLink:
         state = "incompatible" if isinstance(exc, IncompatiblePeer) else "down"
         self.status.update(state, exc.message)
 
+    def _traced(self, params: dict[str, Any] | None) -> dict[str, Any] | None:
+        """`params` for the connection they go on (`Client.prepare`). To an assistant that
+        takes it, the call carries `_meta`: a span under the current one (a new trace when
+        there is none) unless `params` has its own; to one that does not (0.1.0), no
+        `_meta` goes, not even the events' of `emit_events`."""
+        if self.peer is None or not self.peer.has(trace.CAPABILITY):
+            return _without_meta(params)
+        if params is not None and "_meta" in params:
+            return params
+        span = trace.current()
+        span = trace.Span.new() if span is None else span.child()
+        return {**(params or {}), "_meta": span.meta()}
+
     async def call_assistant(
-        self, method: str, params: object = None, *, timeout: float = CALL_TIMEOUT
+        self, method: str, params: dict[str, Any] | None = None, *, timeout: float = CALL_TIMEOUT
     ) -> Any:
         """A result, or `IpcHandlerError`, or `IpcTransportError(sent=...)`."""
         try:
@@ -207,6 +222,17 @@ def _heard(exc: IpcHandlerError) -> IpcHandlerError:
     its message quoted and cut; its code is a code's name already (`handler_error`)."""
     quoted = loggable(exc.message, LOGGED_MESSAGE_CHARS)
     return IpcHandlerError(quoted, exc.status_code, exc.code, exc.data, rpc_code=exc.rpc_code)
+
+
+def _without_meta(params: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`params` without `_meta`: the call's, and its events' (`emit_events`)."""
+    if params is None:
+        return None
+    kept = {key: value for key, value in params.items() if key != "_meta"}
+    events = kept.get("events")
+    if isinstance(events, list):
+        kept["events"] = [_without_meta(event) for event in events]
+    return kept
 
 
 def _log_peer(peer: Peer) -> None:

@@ -6,12 +6,13 @@ read oldest first, removed once delivered, and set aside after `DEAD_AFTER` refu
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
 
 from pair.gateway.db import transaction
-from pair.gateway.records import new_id
+from pair.protocol import trace
 from pair.runtime.sqlite import Conn, now_ms
 
 BATCH = 500
@@ -29,13 +30,33 @@ class PendingEvent(msgspec.Struct, gc=False):
 
 
 def queue_event(conn: Conn, kind: str, payload: dict[str, Any]) -> str:
-    """Add an event inside the caller's transaction; its id."""
-    event_id = new_id("ev")
+    """Add an event inside the caller's transaction; its id (`event_id`)."""
+    event_id = new_event_id(trace.current_or_new())
     conn.execute(
         "INSERT INTO outbox (event_id, kind, payload, created_at) VALUES (?, ?, ?, ?)",
         (event_id, kind, _encoder.encode(payload).decode(), now_ms()),
     )
     return event_id
+
+
+def new_event_id(span: trace.Span) -> str:
+    """`ev_`, then milliseconds since the epoch (12 hex digits, so ids sort by time as
+    `records.new_id`'s do), the trace id (32) and the span id (16) of the call that
+    queued it: the row keeps its trace with no column of its own, so the delivery,
+    even after a restart, is logged under that trace, and an older release (which
+    refuses a newer schema) still opens the database and delivers the event as it is."""
+    return f"ev_{time.time_ns() // 1_000_000:012x}{span.trace_id}{span.span_id}"
+
+
+def delivery_span(event_id: str) -> trace.Span:
+    """The span of an event's delivery: under the span that queued it, or the first of a
+    new trace for an event whose id carries none (queued by an older release)."""
+    if len(event_id) == _TRACED_ID_CHARS:
+        return trace.Span(event_id[15:47], event_id[47:])
+    return trace.Span.new()
+
+
+_TRACED_ID_CHARS = 3 + 12 + 32 + 16
 
 
 def pending_events(conn: Conn, limit: int = BATCH) -> list[PendingEvent]:

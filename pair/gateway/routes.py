@@ -9,6 +9,7 @@ are coroutines around `await self._run(...)`; `health` is inline.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from collections import Counter
@@ -28,6 +29,7 @@ from pair.gateway.link import AssistantLink
 from pair.gateway.one_time_migrations import MigrationRunner
 from pair.gateway.outbox import queued_through
 from pair.gateway.records import Channel, Contact, Invite
+from pair.protocol import trace
 from pair.protocol.deferred import Deferred
 from pair.protocol.dispatch import NoParams, Router
 from pair.protocol.errors import InvalidParams
@@ -38,6 +40,8 @@ from pair.runtime.backup import BackupStats, Snapshotter, method_of
 from pair.runtime.sqlite import Conn, Job
 
 T = TypeVar("T")
+
+log = logging.getLogger("gateway.calls")
 
 # `(?!.*\n)`: in Python's regex `$` also matches before a final newline, so
 # "telegram\n" would pass `^...$` alone; the lookahead means the same in the
@@ -251,16 +255,28 @@ class GatewayRoutes:
     async def _run(self, job: Callable[..., T], **kwargs: object) -> T:
         return await self.db.run(functools.partial(job, **kwargs))
 
-    def _submit_then_wake_delivery(self, job: Callable[..., T], **kwargs: object) -> Job[T]:
-        """A job whose transaction may queue an event; delivery is woken once it commits."""
-        bound = functools.partial(job, **kwargs)
-        return self.db.submit(functools.partial(_and_queued_through, job=bound)).map(
-            self._wake_delivery
-        )
+    def _submit_then_wake_delivery(
+        self, job: Callable[..., T], said: Callable[[T], str | None], **kwargs: object
+    ) -> Job[T]:
+        """A job whose transaction may queue an event; delivery is woken once it commits,
+        and `said(result)` is logged (at info, of the call's trace).
 
-    def _wake_delivery(self, outcome: tuple[T, int]) -> T:
+        The job runs in the call's span, or the first of a new trace: the events it
+        queues are named after it (`outbox.queue_event`), so that their delivery and
+        storing, however much later, are logged under the same trace."""
+        span = trace.current_or_new()
+        bound = functools.partial(job, **kwargs)
+        submitted = self.db.submit(functools.partial(_and_queued_through, job=bound, span=span))
+        return submitted.map(functools.partial(self._wake_delivery, said, span))
+
+    def _wake_delivery(
+        self, said: Callable[[T], str | None], span: trace.Span, outcome: tuple[T, int]
+    ) -> T:
         result, through = outcome
         self.delivery.wake(through)
+        line = said(result)
+        if line is not None:
+            log.info("%s", line, extra={"span": span})
         return result
 
     def health(self, params: NoParams) -> HealthResult:
@@ -296,6 +312,7 @@ class GatewayRoutes:
         """Create a contact (queues `contacts_changed`)."""
         return self._submit_then_wake_delivery(
             contacts.create_contact,
+            lambda contact: f"contact {contact.id} created",
             display_name=params.display_name,
             role=params.role,
             principal_id=params.principal_id,
@@ -315,7 +332,9 @@ class GatewayRoutes:
 
     def contacts_delete(self, params: IdParams) -> Deferred[Deleted]:
         """Delete a contact with its channels and invites (queues `contacts_changed`)."""
-        deleted = self._submit_then_wake_delivery(contacts.delete_contact, contact_id=params.id)
+        deleted = self._submit_then_wake_delivery(
+            contacts.delete_contact, lambda _: f"contact {params.id} deleted", contact_id=params.id
+        )
         return deleted.map(lambda _: Deleted(True))
 
     async def invites_create(self, params: InvitesCreateParams) -> InviteCreated:
@@ -342,6 +361,7 @@ class GatewayRoutes:
         )
         return self._submit_then_wake_delivery(
             invites.redeem,
+            _redeemed,
             hasher=self._hasher(),
             limits=self.limits,
             sender=sender,
@@ -372,12 +392,37 @@ class GatewayRoutes:
             )
         sender = Sender(params.source_channel, params.external_user_id, params.external_chat_id)
         return self._submit_then_wake_delivery(
-            inbound, hasher=self._hasher(), limits=self.limits, sender=sender, text=params.text
+            inbound,
+            _inbound_redeemed,
+            hasher=self._hasher(),
+            limits=self.limits,
+            sender=sender,
+            text=params.text,
         )
 
 
-def _and_queued_through(conn: Conn, job: Callable[[Conn], T]) -> tuple[T, int]:
-    return job(conn), queued_through(conn)
+def _and_queued_through(conn: Conn, job: Callable[[Conn], T], span: trace.Span) -> tuple[T, int]:
+    token = trace.enter(span)
+    try:
+        return job(conn), queued_through(conn)
+    finally:
+        trace.leave(token)
+
+
+def _redeemed(result: Redemption) -> str:
+    return (
+        f"invite {result.invite_id} {result.outcome.replace('_', ' ')}:"
+        f" contact {result.contact_id}, channel {result.channel_id}"
+    )
+
+
+def _inbound_redeemed(result: Inbound) -> str | None:
+    if result.outcome != "redeemed":
+        return None
+    return (
+        f"invite {result.invite_id} redeemed by a message: contact {result.contact_id},"
+        f" channel {result.channel_id}"
+    )
 
 
 def _link_info(link: AssistantLink) -> LinkInfo:

@@ -33,6 +33,7 @@ import anyio.to_thread
 import msgspec
 from msgspec import UNSET, Raw
 
+from pair.protocol import trace
 from pair.protocol.deferred import Deferred, outcome_of
 from pair.protocol.dispatch import Kind, Method, Router
 from pair.protocol.errors import (
@@ -109,17 +110,31 @@ class Calls:
             self._answer_now(request, self.error_of(request, exc), to, started, counts)
             return False
         assert method is not None
+        if type(params.meta) is not trace.TraceMeta:
+            return self._start(request, method, params, to, started)
+        # The caller's trace: the call's log lines, and what it queues or calls, are of
+        # it (a task spawned here keeps it; a job's callback is given it by name).
+        token = trace.enter(trace.Span.of(params.meta))
+        try:
+            return self._start(request, method, params, to, started)
+        finally:
+            trace.leave(token)
+
+    def _start(
+        self, request: Request, method: Method, params: Any, to: Answers, started: float
+    ) -> bool:
         kind = method.kind
         if kind is Kind.INLINE:
-            self._answer_now(request, self._inline(request, method, params), to, started, counts)
+            response = self._inline(request, method, params)
+            self._answer_now(request, response, to, started, method.counts)
             return False
         if kind is Kind.DEFERRED:
             try:
                 deferred = cast("Deferred[Any]", method.handler(params))
             except Exception as exc:
-                self._answer_now(request, self.error_of(request, exc), to, started, counts)
+                self._answer_now(request, self.error_of(request, exc), to, started, method.counts)
                 return False
-            deferred.then(self._deferred_done, (request, to, started, counts))
+            deferred.then(self._deferred_done, (request, to, started, method.counts))
             to.waiting_on(request, deferred)
             return True
         self.spawn(self._run(request, method, params, to, started))
@@ -271,7 +286,13 @@ class Calls:
             return None if request.is_notification else refused
         assert method is not None
         if method.kind is Kind.INLINE:
-            response = self._inline(request, method, params)
+            span = trace.span_of(params.meta)
+            token = None if span is None else trace.enter(span)
+            try:
+                response = self._inline(request, method, params)
+            finally:
+                if token is not None:
+                    trace.leave(token)
             self.record(request, response, started, counts)
             return None if request.is_notification else response
         return self._member_call(request, method, params, started)
@@ -279,6 +300,9 @@ class Calls:
     async def _member_call(
         self, request: Request, method: Method, params: Any, started: float
     ) -> Response | None:
+        span = trace.span_of(params.meta)
+        if span is not None:
+            trace.enter(span)  # this member's own task's context
         try:
             result = await self.invoke(method, params)
             response: Response | None = success_response(request.id, result)  # type: ignore[arg-type]

@@ -78,12 +78,17 @@ class Client:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         on_connect: Callable[[Handshake], Awaitable[None]] | None = None,
+        prepare: Callable[[Any], Any] | None = None,
     ) -> None:
         self.path = path
         # Run on each new connection before any other call goes out on it (a handshake:
         # `pair.hello`), with a way to call on that connection only; what it raises
         # fails the calls waiting for the connection, and the connection is closed.
         self.on_connect = on_connect
+        # What `call` sends in place of the params it is given, decided once the
+        # connection it goes on is open and its handshake done (the gateway adds `_meta`
+        # for an assistant whose `pair.hello` named the capability).
+        self.prepare = prepare
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_frame_bytes = max_frame_bytes
@@ -128,12 +133,16 @@ class Client:
     ) -> Any:
         """Call `method`; the result (decoded as `result_type` when given) or an Ipc error."""
         request_id = next(self._ids)
-        frame = encode_frame_of(_Call("2.0", method, request_id, _params(params)))
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
         protocol = self._protocol
         if protocol is None or protocol.transport is None or protocol.transport.is_closing():
             protocol = await self._writable_protocol()
+        # Encoded for the connection it is written to, with no await between: `prepare`
+        # sees what that connection's handshake learnt.
+        if self.prepare is not None:
+            params = self.prepare(params)
+        frame = encode_frame_of(_Call("2.0", method, request_id, _params(params)))
+        future = loop.create_future()
         deadline = loop.time() + (self.timeout if timeout is None else timeout)
         self._pending[request_id] = (future, protocol, deadline, method, timeout)
         self._expire_at(deadline, loop)

@@ -30,6 +30,8 @@ from pair.protocol.metrics import (
     ServerCounts,
     snapshot,
 )
+from pair.protocol.trace import CAPABILITY as TRACE_CAPABILITY
+from pair.protocol.trace import TRACEPARENT_FORMAT, traced_params
 
 Handler = Callable[[Any], Awaitable[Any]] | Callable[[Any], Any]
 
@@ -44,7 +46,8 @@ class NoParams(Struct, forbid_unknown_fields=True):
     """Params of a method that takes none."""
 
 
-_NO_PARAMS = NoParams()
+# Every method's params also take `_meta` (protocol.trace), NoParams too.
+_NO_PARAMS = traced_params(NoParams)()
 
 
 class Kind(Enum):
@@ -72,7 +75,8 @@ class Method:
     admin: bool = False
 
     def decode_params(self, raw: Raw) -> Any:
-        """Stage two: the raw params into this method's Struct, or `InvalidParams`."""
+        """Stage two: the raw params into this method's Struct (which also takes `_meta`,
+        as `.meta`), or `InvalidParams`."""
         if not raw and self.params_type is NoParams:
             return _NO_PARAMS
         body = bytes(raw) or _EMPTY_OBJECT
@@ -96,7 +100,7 @@ class Method:
                 path=f"$[{len(fields)}]",
             )
         named = {field.encode_name: value for field, value in zip(fields, values, strict=False)}
-        return msgspec.convert(named, self.params_type)
+        return msgspec.convert(named, self.decoder.type)
 
 
 def _kind_of(name: str, *, is_async: bool, deferred: bool, inline: bool, thread: bool) -> Kind:
@@ -119,6 +123,8 @@ def invalid_params(exc: msgspec.ValidationError) -> InvalidParams:
     field = _FIELD_IN_MESSAGE.match(message)
     if field:
         path = f"{path}.{field['f']}"
+    elif path.endswith("._meta.traceparent") and message.startswith("Expected `str` matching"):
+        message = f"Expected {TRACEPARENT_FORMAT} - at `{path}`"
     return InvalidParams(message, path=path)
 
 
@@ -187,7 +193,7 @@ class Router:
             result_type=result_type,
             kind=_kind_of(name, is_async=is_async, deferred=deferred, inline=inline, thread=thread),
             summary=inspect.getdoc(handler) or "",
-            decoder=msgspec.json.Decoder(params_type),
+            decoder=msgspec.json.Decoder(traced_params(params_type)),
             admin=admin,
         )
         self._methods[name].counts.observe = observe
@@ -217,7 +223,7 @@ class Router:
             daemon=self.name,
             version=self.version,
             ours=self.protocol,
-            capabilities=self._methods,
+            capabilities=[*self._methods, TRACE_CAPABILITY],
         )
 
     def _discover(self, params: NoParams) -> msgspec.Raw:

@@ -39,6 +39,7 @@ from pair.protocol.host import (
     ServerLimits,
 )
 from pair.protocol.server import Server
+from pair.protocol.trace import record_span
 from pair.runtime.errors import EX_CONFIG, StartupError
 from pair.runtime.journal import JOURNAL_SOCKET, JournalHandler
 from pair.runtime.listener import Listener, open_listener
@@ -221,9 +222,22 @@ class _JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             "pid": record.process,
         }
+        span = record_span(record)
+        if span is not None:
+            entry["trace_id"] = span.trace_id
+            entry["span_id"] = span.span_id
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+class _TextFormatter(logging.Formatter):
+    """A line for a terminal; a traced one ends with its trace id."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        span = record_span(record)
+        return line if span is None else f"{line} [trace {span.trace_id}]"
 
 
 def setup_logging(name: str, level: str, log_format: str) -> None:
@@ -242,7 +256,7 @@ def setup_logging(name: str, level: str, log_format: str) -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+            _TextFormatter(f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
         )
     root.handlers[:] = [handler]
     if journal_error is not None:

@@ -3,8 +3,8 @@
 Through stderr every line reaches the journal as PRIORITY=6 with its fields as text
 inside MESSAGE. Sent natively, a record keeps its priority (`journalctl -p
 warning`) and its fields (`journalctl PAIR_DAEMON=gateway`, `LOGGER=`,
-`CODE_FUNC=`). In-house for the reason runtime/systemd.py gives: the protocol is
-a datagram of `KEY=value` lines (https://systemd.io/JOURNAL_NATIVE_PROTOCOL/).
+`CODE_FUNC=`, and a traced call's `TRACE_ID=`). In-house for the reason
+runtime/systemd.py gives: the protocol is a datagram of `KEY=value` lines (https://systemd.io/JOURNAL_NATIVE_PROTOCOL/).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+
+from pair.protocol.trace import record_span
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 # A datagram must fit the socket's send buffer; a longer message is cut here.
@@ -74,6 +76,10 @@ class JournalHandler(logging.Handler):
                 "CODE_FUNC": record.funcName,
                 **self._fixed,
             }
+            span = record_span(record)
+            if span is not None:
+                fields["TRACE_ID"] = span.trace_id
+                fields["SPAN_ID"] = span.span_id
             self._socket.send(encode(fields))
         except Exception:
             self.handleError(record)

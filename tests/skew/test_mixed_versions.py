@@ -116,7 +116,16 @@ class Sides:
         self.exits: list[str] = []
 
     def _daemon(self, side: Side, release: Release) -> DaemonProcess:
-        return DaemonProcess(side, self.runtime, self.state, python=self.pythons[release])
+        # The previous release's assistant logs each call's outcome (at DEBUG): whether this
+        # gateway ever sent it `_meta`, which it does not take, is read there.
+        old_assistant = side == "assistant" and release == "old"
+        env = {"PAIR_LOG_LEVEL": "DEBUG"} if old_assistant else None
+        return DaemonProcess(side, self.runtime, self.state, python=self.pythons[release], env=env)
+
+    def refused_meta(self) -> list[str]:
+        """The previous release's assistant's answers of INVALID_PARAMS (to `_meta`)."""
+        log = self.daemons["assistant"].stderr()
+        return [line for line in log.splitlines() if "outcome=INVALID_PARAMS" in line]
 
     def start(self) -> None:
         self.daemons["assistant"].start()
@@ -251,6 +260,7 @@ async def test_the_previous_release_and_this_one_mixed_under_redemption_load(
     (Path(__file__).resolve().parents[2] / ".pair").mkdir(exist_ok=True)
     (Path(__file__).resolve().parents[2] / ".pair" / "skew-last.txt").write_text(report + "\n")
     assert sides.exits == [], sides.exits
+    assert sides.refused_meta() == [], "a peer of the previous release was sent _meta"
     assert load.internal_errors == []
     assert len(load.acknowledged) > 0
     assert [invite for invite, n in counts.items() if n > 1] == [], "an event stored twice"

@@ -371,6 +371,36 @@ def test_the_journal_has_the_daemons_structured_fields(machine: Machine) -> None
         assert "ts" not in entry["MESSAGE"]
 
 
+def test_one_redemption_is_followed_through_both_journals_by_its_trace_id(
+    machine: Machine,
+) -> None:
+    contact = pairctl_json(machine, "contact", "create", "Tess")["contact"]["id"]
+    invite = pairctl_json(machine, "invite", "create", "--contact", contact, "--channel", "tg")
+    result = machine.pairctl(
+        "--trace", "invite", "redeem", "--channel", "tg", "--code", invite["code"],
+        "--external-user-id", "traced",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    found = re.search(r"journalctl TRACE_ID=([0-9a-f]{32})", result.stderr)
+    assert found is not None, result.stderr
+    invite_id = invite["invite"]["id"]
+
+    def traced() -> list[tuple[str, str]]:
+        machine.run("journalctl", "--sync")
+        out = machine.run("journalctl", f"TRACE_ID={found[1]}", "-o", "json", "-q").stdout
+        entries = [json.loads(line) for line in out.splitlines()]
+        return [(entry["_SYSTEMD_UNIT"], entry["MESSAGE"]) for entry in entries]
+
+    until(lambda: len(traced()) == 3, "three lines of the trace in the journal")
+    (redeemed_unit, redeemed), (delivered_unit, delivered), (stored_unit, stored) = traced()
+    assert redeemed_unit == delivered_unit == unit("gateway")
+    assert stored_unit == unit("assistant")
+    assert redeemed.startswith(f"invite {invite_id} redeemed: contact {contact}")
+    event_id = delivered.split()[1]
+    assert delivered == f"event {event_id} (invite_redeemed) delivered"
+    assert stored == f"event {event_id} (invite_redeemed) stored"
+
+
 @pytest.mark.parametrize("service", [*SERVICES, "pair-metrics.service"])
 def test_systemd_analyze_security_rates_each_service_at_most_1(
     machine: Machine, service: str

@@ -4,9 +4,11 @@ import msgspec
 import pytest
 from msgspec import Raw
 
+from pair.protocol import trace
 from pair.protocol.deferred import Deferred
 from pair.protocol.dispatch import Kind, Method, Router, openrpc_document
 from pair.protocol.errors import InvalidParams
+from pair.protocol.hello import Hello
 from pair.runtime.sqlite import Job
 
 
@@ -47,13 +49,78 @@ def decode(raw: bytes) -> object:
     return method_of(make_router(), "tx").decode_params(Raw(raw))
 
 
+def same(params: object, expected: TxParams) -> bool:
+    """`params` is a `TxParams` (with `_meta`, which a handler never reads) equal to it."""
+    fields = msgspec.structs.fields(TxParams)
+    return isinstance(params, TxParams) and all(
+        getattr(params, f.name) == getattr(expected, f.name) for f in fields
+    )
+
+
 def test_named_params_decode_into_the_methods_struct() -> None:
     params = decode(b'{"steps":[{"sql":"x","requireChanges":1}],"timeoutMs":9}')
-    assert params == TxParams(steps=[Step("x", 1)], timeout_ms=9)
+    assert same(params, TxParams(steps=[Step("x", 1)], timeout_ms=9))
 
 
 def test_positional_params_map_onto_the_fields_in_order() -> None:
-    assert decode(b'[[{"sql":"y"}], 7]') == TxParams(steps=[Step("y")], timeout_ms=7)
+    assert same(decode(b'[[{"sql":"y"}], 7]'), TxParams(steps=[Step("y")], timeout_ms=7))
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_every_method_takes_trace_context_in_meta_and_ignores_what_else_meta_holds() -> None:
+    raw = f'{{"steps":[],"_meta":{{"traceparent":"{TRACEPARENT}","progressToken":1}}}}'
+    params = decode(raw.encode())
+    assert same(params, TxParams(steps=[]))
+    span = trace.span_of(params.meta)  # type: ignore[attr-defined]
+    assert span is not None
+    assert (span.trace_id, span.parent_id) == (
+        "4bf92f3577b34da6a3ce929d0e0e4736",
+        "00f067aa0ba902b7",
+    )
+    assert span.span_id != span.parent_id
+    # A later version of traceparent is read by its first four fields (W3C).
+    later = TRACEPARENT.replace("00-", "01-", 1) + "-more"
+    assert decode(f'{{"steps":[],"_meta":{{"traceparent":"{later}"}}}}'.encode())
+
+
+@pytest.mark.parametrize(
+    ("meta", "path"),
+    [
+        ('{"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"}', "traceparent"),
+        (
+            '{"traceparent":"00-00000000000000000000000000000000-00f067aa0ba902b7-01"}',
+            "traceparent",
+        ),
+        (
+            '{"traceparent":"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"}',
+            "traceparent",
+        ),
+        (
+            '{"traceparent":"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}',
+            "traceparent",
+        ),
+        (f'{{"traceparent":"{TRACEPARENT}\\n"}}', "traceparent"),
+        (f'{{"traceparent":"{TRACEPARENT}-x"}}', "traceparent"),
+        ('{"traceparent":7}', "traceparent"),
+        (f'{{"traceparent":"{TRACEPARENT}","tracestate":"{"a" * 513}"}}', "tracestate"),
+        ("[]", ""),
+    ],
+)
+def test_malformed_trace_context_is_invalid_params_at_its_path(meta: str, path: str) -> None:
+    with pytest.raises(InvalidParams) as caught:
+        decode(f'{{"steps":[],"_meta":{meta}}}'.encode())
+    assert caught.value.error_data()["path"] == "$._meta" + (f".{path}" if path else "")
+    if "matching" in caught.value.message or "W3C" in caught.value.message:
+        assert "00-<32 hex digits: trace id>" in caught.value.message
+
+
+def test_hello_names_the_trace_capability() -> None:
+    hello = method_of(make_router(), "pair.hello")
+    answer = hello.handler(hello.decode_params(Raw(b"{}")))
+    assert isinstance(answer, Hello)
+    assert trace.CAPABILITY in answer.capabilities
 
 
 @pytest.mark.parametrize(
