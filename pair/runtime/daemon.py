@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import anyio
+import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
@@ -228,7 +229,14 @@ class _JsonFormatter(logging.Formatter):
             entry["span_id"] = span.span_id
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        try:
+            # A fifth of json.dumps' cost: a redemption writes two lines.
+            return _log_encoder.encode(entry).decode()
+        except UnicodeEncodeError:  # a lone surrogate, which msgspec refuses
+            return json.dumps(entry, ensure_ascii=False)
+
+
+_log_encoder = msgspec.json.Encoder()
 
 
 class _TextFormatter(logging.Formatter):
@@ -243,6 +251,10 @@ class _TextFormatter(logging.Formatter):
 def setup_logging(name: str, level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.setLevel(level)
+    # No line shows a thread's or a multiprocessing process's name: not looked up for
+    # each record (a redemption writes two lines at info, its event's storing one more).
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     journal_error: OSError | None = None
     if log_format == "journal":
         try:
