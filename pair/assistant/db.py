@@ -16,7 +16,9 @@ from typing import Any, TypeVar
 
 import apsw
 
+from pair.assistant.loop_reader import LoopReader, failures_of
 from pair.assistant.policy import Guard, Mode
+from pair.protocol.deferred import Done
 from pair.protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from pair.runtime.errors import EX_CANTCREAT, DbOpenError
 from pair.runtime.sqlite import (
@@ -169,6 +171,7 @@ class Database:
         self.writer: Writer[GuardedConn] | None = None
         self.write_health = WriteHealth()
         self.readers: Readers[GuardedConn] | None = None
+        self.loop_reader: LoopReader | None = None
 
     def open(self) -> None:
         """Open, migrate and start the threads (blocking; call off the loop)."""
@@ -176,12 +179,13 @@ class Database:
             self.path, functools.partial(self._open, readonly=False), MIGRATIONS, log=log.info
         )
         try:
-            readers = [self._open(readonly=True) for _ in range(READERS + SLOW_READERS)]
+            readers = [self._open(readonly=True) for _ in range(READERS + SLOW_READERS + 1)]
         except apsw.Error as exc:
             writer.db.close()
             raise DbOpenError(f"cannot open database {self.path}: {exc}", EX_CANTCREAT) from exc
         writer.health = self.write_health
         self.writer = Writer("db-writer", writer, late_error=timeout_error)
+        self.loop_reader = LoopReader(readers.pop(), late_error=timeout_error)
         self.readers = Readers(
             "db-reader",
             readers[:READERS],
@@ -206,14 +210,25 @@ class Database:
         pools = [self.readers, self.writer]
         stop_pools([pool for pool in pools if pool is not None], timeout)
         self.readers = self.writer = None
+        if self.loop_reader is not None:
+            # The server has stopped: the loop runs no query on it any more.
+            self.loop_reader.close()
+            self.loop_reader = None
 
     def failure_counts(self) -> dict[str, int]:
         """Database failures of the calls so far, by errorCode (the `metrics` method)."""
-        counts: dict[str, int] = {}
+        counts = failures_of(self.loop_reader)
         for pool in (self.writer, self.readers):
             for code, count in (pool.failure_counts() if pool is not None else {}).items():
                 counts[code] = counts.get(code, 0) + count
         return counts
+
+    def query_counts(self) -> dict[str, int]:
+        """db_proxy queries by where they were answered (the `metrics` method)."""
+        reader = self.loop_reader
+        if reader is None:
+            return {}
+        return {"loop": reader.answered, "readers": reader.passed}
 
     def submit_write(self, job: Callable[[GuardedConn], T], deadline: float = 0.0) -> Job[T]:
         assert self.writer is not None, "database is not open"
@@ -222,6 +237,15 @@ class Database:
     def submit_read(self, job: Callable[[GuardedConn], T], deadline: float = 0.0) -> Job[T]:
         assert self.readers is not None, "database is not open"
         return self.readers.submit(job, deadline)
+
+    def read(
+        self, job: Callable[[GuardedConn], T], sql: str, deadline: float = 0.0
+    ) -> Done[T] | Job[T]:
+        """A query: first on the loop (`LoopReader`), where it is answered at once unless it
+        turns out slow; else, or then, from the readers. On the loop thread only."""
+        assert self.loop_reader is not None, "database is not open"
+        done = self.loop_reader.attempt(job, sql, deadline)
+        return self.submit_read(job, deadline) if done is None else done
 
     async def write(self, job: Callable[[GuardedConn], T], deadline: float = 0.0) -> T:
         assert self.writer is not None, "database is not open"

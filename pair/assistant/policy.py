@@ -153,6 +153,24 @@ class Mode(enum.Enum):
 class Denial(enum.Enum):
     FORBIDDEN = "forbidden"
     WRITE_IN_READ = "write_in_read"
+    # Not refused: not for the loop's own reader (`quick_only`); the readers run it.
+    NOT_QUICK = "not_quick"
+
+
+# What the loop's own reader may run: functions of bounded work per row. Any other (printf,
+# trim, like, replace, randomblob, json...) can take seconds in one SQLite step, where no
+# progress handler runs, and the loop would stall with it; so can a pragma
+# (integrity_check is one step).
+QUICK_FUNCTIONS = frozenset(
+    {"count", "min", "max", "sum", "total", "avg", "coalesce", "ifnull", "nullif", "iif",
+     "typeof", "abs", "round", "sign", "likely", "unlikely", "likelihood"}
+)  # fmt: skip
+
+
+def _quick(action: int, arg2: str | None) -> bool:
+    if action == apsw.SQLITE_FUNCTION:
+        return (arg2 or "").lower() in QUICK_FUNCTIONS
+    return action != apsw.SQLITE_PRAGMA
 
 
 class Guard:
@@ -169,6 +187,9 @@ class Guard:
         # A caller statement created or altered a table: its foreign keys are
         # checked before the call commits (`assistant.proxy`).
         self.defined_table = False
+        # The loop's own reader: a statement that could stall it is refused at prepare
+        # (`Denial.NOT_QUICK`), to be run by the readers instead (`assistant.loop_reader`).
+        self.quick_only = False
 
     def authorize(
         self, action: int, arg1: str | None, arg2: str | None, _db: str | None, trigger: str | None
@@ -191,6 +212,8 @@ class Guard:
             self.defined_table = True
         if self.mode is Mode.READ and action not in _READ_ACTIONS and action != apsw.SQLITE_PRAGMA:
             return self._deny(Denial.WRITE_IN_READ, "query mode takes read-only statements")
+        if self.quick_only and not _quick(action, arg2):
+            return self._deny(Denial.NOT_QUICK, "not for the loop's own reader")
         return apsw.SQLITE_OK
 
     def _forbidden(self, action: int, arg1: str | None, arg2: str | None) -> str:

@@ -95,6 +95,9 @@ class EmitEventsParams(Struct, forbid_unknown_fields=True):
 class AssistantMetrics(ProtocolMetrics, kw_only=True):
     db_errors: dict[str, int]
     backup: BackupStats
+    # db_proxy queries by where they were answered: "loop" (the loop's own reader) or
+    # "readers" (passed on: a statement too slow for the loop, or one that could stall it).
+    queries: dict[str, int]
 
 
 class AssistantRoutes:
@@ -119,7 +122,10 @@ class AssistantRoutes:
         """Calls by method and outcome, their durations, connections and database errors
         (`pairctl metrics` prints them for Prometheus)."""
         return self.router.protocol_metrics(
-            AssistantMetrics, db_errors=self.db.failure_counts(), backup=self.snapshots.stats
+            AssistantMetrics,
+            db_errors=self.db.failure_counts(),
+            backup=self.snapshots.stats,
+            queries=self.db.query_counts(),
         )
 
     def health(self, params: NoParams) -> Health:
@@ -141,7 +147,7 @@ class AssistantRoutes:
             query = functools.partial(
                 proxy.query, sql=sql, bind=bind, max_rows=max_rows, max_bytes=max_bytes
             )
-            return self.db.submit_read(query, deadline)
+            return self.db.read(query, sql, deadline)
         if params.mode == "run":
             run = functools.partial(
                 proxy.run, sql=sql, bind=bind, max_rows=max_rows, max_bytes=max_bytes

@@ -52,6 +52,17 @@ class PairCollector(Collector):
         gateway = self.answers.get("gateway")
         if gateway is not None:
             yield from _gateway_families(gateway)
+        assistant = self.answers.get("assistant")
+        if assistant is not None:
+            queries = CounterMetricFamily(
+                "pair_db_queries",
+                "db_proxy queries by where they were answered: loop or readers",
+                labels=["path"],
+            )
+            # An assistant before 0.2.0 does not say.
+            for path, count in assistant.get("queries", {}).items():
+                queries.add_metric([path], count)
+            yield queries
 
 
 DMO = ["daemon", "method", "outcome"]

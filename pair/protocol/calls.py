@@ -5,7 +5,8 @@ The one place that decides how a request becomes a response. A method's
 
     INLINE    a plain function that never blocks: called on the loop, answered at once
     DEFERRED  a plain function returning `Deferred[T]` (a database job): called on the
-              loop, answered from the job's callback; no task, no future
+              loop, answered from the job's callback; no task, no future (or `Done`,
+              an outcome it had at once: answered as an inline call is)
     TASK      a coroutine: run in an asyncio task the `Calls` own and the drain awaits
     THREAD    a blocking plain function: run in anyio's worker threads
 
@@ -34,7 +35,7 @@ import msgspec
 from msgspec import UNSET, Raw
 
 from pair.protocol import trace
-from pair.protocol.deferred import Deferred, outcome_of
+from pair.protocol.deferred import Deferred, Done, outcome_of
 from pair.protocol.dispatch import Kind, Method, Router
 from pair.protocol.errors import (
     AdminOnly,
@@ -133,6 +134,10 @@ class Calls:
                 deferred = cast("Deferred[Any]", method.handler(params))
             except Exception as exc:
                 self._answer_now(request, self.error_of(request, exc), to, started, method.counts)
+                return False
+            if type(deferred) is Done:
+                response = self._outcome_response(request, deferred.ok, deferred.value)
+                self._answer_now(request, response, to, started, method.counts)
                 return False
             deferred.then(self._deferred_done, (request, to, started, method.counts))
             to.waiting_on(request, deferred)

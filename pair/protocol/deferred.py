@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -24,6 +24,23 @@ class Deferred(Protocol[T_co]):
     def withdraw(self, error: BaseException) -> bool:
         """Answer the caller with `error` now if the work can still be dropped; True if so."""
         ...
+
+
+class Done(Generic[T]):
+    """A handler's outcome it had at once (a query answered on the loop): `Calls` answers
+    it without a callback, as an inline call."""
+
+    __slots__ = ("ok", "value")
+
+    def __init__(self, ok: bool, value: T | BaseException) -> None:
+        self.ok = ok
+        self.value = value
+
+    def then(self, on_done: Callable[[Any, bool, T | BaseException], None], context: Any) -> None:
+        on_done(context, self.ok, self.value)
+
+    def withdraw(self, error: BaseException) -> bool:
+        return False
 
 
 async def outcome_of(deferred: Deferred[T]) -> T:

@@ -53,6 +53,8 @@ class Deadline:
     on_slow: Callable[[], bool] | None = None
     job: Job[Any] | None = None
     demoted: bool = False
+    # Past this the job is slow (the loop's own reader has a far tighter one).
+    hold_limit: float = HOLD_LIMIT
 
     def keep_job(self) -> bool:
         """Before a commit: False when the loop has already answered the running job's caller
@@ -70,14 +72,15 @@ class Deadline:
         """SQLite's progress handler: True (interrupt the statement) once the deadline has
         passed, or once the job is slow and `on_slow` demotes it."""
         now = time.monotonic()
-        if self.on_slow is not None and now - self.started > HOLD_LIMIT and self.on_slow():
+        if self.on_slow is not None and now - self.started > self.hold_limit and self.on_slow():
             self.demoted = True
             return True
         return bool(self.at) and now >= self.at
 
 
-def watch_deadline(db: apsw.Connection) -> Deadline:
-    """The deadline of the jobs run on `db`, enforced by its progress handler."""
+def watch_deadline(db: apsw.Connection, steps: int = PROGRESS_STEPS) -> Deadline:
+    """The deadline of the jobs run on `db`, enforced by its progress handler (called
+    every `steps` VM steps)."""
     deadline = Deadline()
-    db.set_progress_handler(deadline.on_progress, PROGRESS_STEPS)
+    db.set_progress_handler(deadline.on_progress, steps)
     return deadline

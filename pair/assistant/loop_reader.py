@@ -1,0 +1,152 @@
+"""A query's first attempt on the loop thread, on a connection no other thread touches.
+
+Handing a point query to a reader thread and its answer back costs two thread
+wake-ups, more than the query itself (measured: about three quarters of a point
+query's cost was ours, the hops and their GIL hand-overs). So a query first runs
+here, on the loop, under a budget of `BUDGET` seconds: SQLite's progress handler
+(every `STEPS` VM steps) stops it past that, and it is run again from the start
+by the readers, as a read may be (it has no side effects). A statement stopped
+twice in a row goes to the readers straight away for the next `RETRY_AFTER`
+(`too_slow`, of bounded size).
+
+The budget is about one thread hop: a call behind a query that turns out slow
+waits no longer than it waited behind the hop before. A lock (SQLITE_BUSY: a
+checkpoint's, WAL recovery) is never waited for on the loop: the busy timeout is
+0, and a busy query goes to the readers, which wait.
+
+A progress handler cannot stop one long SQLite step (a function building or
+scanning a large value, a pragma like integrity_check), so the connection's
+authorizer lets it prepare only statements whose every step is short: no function
+but those of bounded work per row (`policy.QUICK_FUNCTIONS`), no pragma. Any other
+is passed to the readers before it runs. What is left is a step over one large
+stored value (comparing or joining texts of megabytes), bounded by the value size
+limit and `STEPS` steps between two looks at the clock.
+
+The connection is in autocommit, as the readers' are: each statement reads the
+newest commit (WAL), so what a write's answer said is there is seen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import apsw
+
+from pair.assistant.policy import Denial
+from pair.protocol.deferred import Done
+from pair.runtime.sqlite import DatabaseFailure
+
+if TYPE_CHECKING:
+    from pair.assistant.db import GuardedConn
+
+T = TypeVar("T")
+
+BUDGET = 0.0001
+STEPS = 10
+# Statements remembered as too slow for the loop; past this many the memory starts over.
+TOO_SLOW_KEPT = 1024
+# A statement too slow for the loop is tried there again after this (seconds): its binds
+# may make it quick, or it was stopped by what happened to run beside it (a collection of
+# the GC, a schema change read). A statement that is slow each time costs the loop one
+# budget a second.
+RETRY_AFTER = 1.0
+
+
+def _demote() -> bool:
+    return True
+
+
+class LoopReader:
+    """One read connection of the loop thread's own, tried before the readers."""
+
+    def __init__(self, conn: GuardedConn, late_error: Callable[[], BaseException]) -> None:
+        self.conn = conn
+        conn.guard.quick_only = True
+        self.late_error = late_error
+        watch = conn.deadline
+        watch.on_slow = _demote
+        watch.hold_limit = BUDGET
+        conn.db.set_progress_handler(watch.on_progress, STEPS)
+        conn.db.set_busy_timeout(0)
+        # By the text's hash: a text may be long, and a collision only sends a query to
+        # the readers.
+        self.too_slow: dict[int, float] = {}
+        self.stopped_once: dict[int, None] = {}
+        self.failures: Counter[str] = Counter()
+        # How the attempts went: answered here, or passed to the readers (too slow, busy).
+        self.answered = 0
+        self.passed = 0
+
+    def attempt(self, fn: Callable[[GuardedConn], T], sql: str, deadline: float) -> Done[T] | None:
+        """`fn`'s outcome on this connection, or None: run it on the readers."""
+        now = time.monotonic()
+        if self.too_slow:
+            retry_at = self.too_slow.get(hash(sql))
+            if retry_at is not None:
+                if now < retry_at:
+                    self.passed += 1
+                    return None
+                del self.too_slow[hash(sql)]
+        watch = self.conn.deadline
+        if deadline and now >= deadline:
+            self.answered += 1
+            return Done(False, self._count(self.late_error()))
+        watch.at = deadline
+        watch.started = now
+        watch.demoted = False
+        try:
+            result = fn(self.conn)
+        except Exception as exc:
+            if self.conn.guard.denial is Denial.NOT_QUICK:
+                self._too_slow(sql)
+                return None
+            if watch.demoted:
+                self._stopped(sql)
+                return None
+            if isinstance(exc.__cause__, apsw.BusyError):
+                self.passed += 1
+                return None
+            self.answered += 1
+            return Done(False, self._count(exc))
+        finally:
+            watch.at = 0.0
+        self.answered += 1
+        if self.stopped_once:
+            self.stopped_once.pop(hash(sql), None)
+        return Done(True, result)
+
+    def _stopped(self, sql: str) -> None:
+        """Stopped for its budget: too slow at the second time in a row. A first run may
+        be slow for what it does once (preparing the statement, reading the schema after
+        a change), not what it does each time."""
+        key = hash(sql)
+        if key in self.stopped_once:
+            del self.stopped_once[key]
+            self._too_slow(sql)
+            return
+        self.passed += 1
+        if len(self.stopped_once) >= TOO_SLOW_KEPT:
+            self.stopped_once.clear()
+        self.stopped_once[key] = None
+
+    def _too_slow(self, sql: str) -> None:
+        self.passed += 1
+        if len(self.too_slow) >= TOO_SLOW_KEPT:
+            self.too_slow.clear()
+        self.too_slow[hash(sql)] = time.monotonic() + RETRY_AFTER
+
+    def _count(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, DatabaseFailure):
+            self.conn.health.failed(exc)
+            self.failures[exc.error_code] += 1
+        return exc
+
+    def close(self) -> None:
+        self.conn.db.close()
+
+
+def failures_of(reader: LoopReader | None) -> dict[str, int]:
+    return {} if reader is None else dict(reader.failures)

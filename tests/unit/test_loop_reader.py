@@ -1,0 +1,153 @@
+"""The loop's own reader: a query it answers, and the ones it passes to the readers unrun
+or stopped within its budget, on a real assistant.db in tmp_path."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import apsw
+import pytest
+
+from pair.assistant import proxy
+from pair.assistant.db import MIGRATIONS, GuardedConn, open_guarded
+from pair.assistant.errors import DbProxyFailed, SqlForbidden
+from pair.assistant.loop_reader import BUDGET, LoopReader
+from pair.assistant.proxy import QueryResult
+from pair.protocol.deferred import Done
+from pair.runtime.sqlite import DatabaseFailure, migrate, timeout_error
+
+COUNT_TO = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < ?)"
+SLOW = f"{COUNT_TO} SELECT count(*) AS n FROM c"
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Iterator[str]:
+    where = str(tmp_path / "assistant.db")
+    writer = open_guarded(where, readonly=False, busy_timeout_ms=100)
+    migrate(writer, MIGRATIONS, log=lambda _: None)
+    proxy.execute_script(writer, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    try:
+        yield where
+    finally:
+        writer.db.close()
+
+
+@pytest.fixture
+def loop(path: str) -> Iterator[LoopReader]:
+    reader = LoopReader(open_guarded(path, readonly=True, busy_timeout_ms=5000), timeout_error)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+def rows_of(done: Done[Any] | None) -> list[dict[str, Any]]:
+    assert done is not None
+    assert done.ok, done.value
+    assert isinstance(done.value, QueryResult)
+    return done.value.rows
+
+
+def query(sql: str, *bind: Any) -> Any:
+    return functools.partial(proxy.query, sql=sql, bind=bind, max_rows=1000)
+
+
+def test_a_quick_query_is_answered_and_sees_every_commit_before_it(
+    path: str, loop: LoopReader
+) -> None:
+    writer = open_guarded(path, readonly=False, busy_timeout_ms=100)
+    try:
+        for value in ("a", "b"):
+            proxy.run(writer, "INSERT INTO t (v) VALUES (?)", (value,), 10)
+            rows = rows_of(loop.attempt(query("SELECT v FROM t ORDER BY id"), "q", 0.0))
+            assert [row["v"] for row in rows] == ["a", "b"][: len(rows)]
+            assert rows[-1]["v"] == value
+    finally:
+        writer.db.close()
+
+
+def test_a_slow_query_is_stopped_within_the_budget_then_passed_on_unrun(
+    loop: LoopReader,
+) -> None:
+    for _ in range(2):
+        started = time.monotonic()
+        assert loop.attempt(query(SLOW, 10_000_000), SLOW, 0.0) is None
+        # Stopped after its budget (and SQLite's steps to the next check), not run out.
+        assert time.monotonic() - started < BUDGET + 0.05
+    # Twice in a row: passed on unrun for the next second, however quick its binds.
+    started = time.monotonic()
+    assert loop.attempt(query(SLOW, 10), SLOW, 0.0) is None
+    assert time.monotonic() - started < 0.001
+    assert loop.passed == 3
+    # Then tried again: quick with these binds, it is answered here.
+    loop.too_slow = dict.fromkeys(loop.too_slow, time.monotonic())
+    assert rows_of(loop.attempt(query(SLOW, 10), SLOW, 0.0)) == [{"n": 10}]
+    # The connection is as good after: the next statement runs.
+    assert rows_of(loop.attempt(query("SELECT 1 AS one"), "SELECT 1 AS one", 0.0)) == [{"one": 1}]
+
+
+def test_a_failure_is_the_callers_answer_not_a_retry(loop: LoopReader) -> None:
+    done = loop.attempt(query("SELECT nope FROM t"), "bad", 0.0)
+    assert done is not None
+    assert not done.ok
+    assert isinstance(done.value, DbProxyFailed)
+
+
+def test_a_query_past_its_deadline_is_db_timeout_as_on_the_readers(
+    loop: LoopReader,
+) -> None:
+    done = loop.attempt(query("SELECT 1"), "SELECT 1", time.monotonic() - 1)
+    assert done is not None
+    assert isinstance(done.value, DatabaseFailure)
+    assert done.value.error_code == "DB_TIMEOUT"
+    assert loop.failures == {"DB_TIMEOUT": 1}
+
+
+def test_a_query_refused_for_a_lock_is_passed_on_never_waited_for(
+    loop: LoopReader,
+) -> None:
+    """A reader of a WAL database meets SQLITE_BUSY only while another connection recovers
+    the WAL or holds it in exclusive mode; what the proxy raises then is passed on."""
+
+    def locked(conn: GuardedConn) -> None:
+        busy = apsw.BusyError("database is locked")
+        raise proxy.translate(busy, conn, DbProxyFailed) from busy
+
+    assert loop.conn.db.execute("PRAGMA busy_timeout").fetchall() == [(0,)]
+    assert loop.attempt(locked, "locked", 0.0) is None
+    assert loop.passed == 1
+    assert loop.failures == {}
+
+
+STUCK = "SELECT length(trim(printf('%.*c', 150000, 'a'), printf('%.*c', 150000, 'b') || 'a')) AS n"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        STUCK,  # one SQLite step of minutes: no progress handler would stop it
+        "SELECT count(*) AS n FROM t WHERE v LIKE '%a%'",
+        "PRAGMA integrity_check",
+    ],
+)
+def test_a_statement_that_could_stall_the_loop_is_passed_on_before_it_runs(
+    loop: LoopReader, sql: str
+) -> None:
+    started = time.monotonic()
+    assert loop.attempt(query(sql), sql, 0.0) is None
+    assert time.monotonic() - started < 0.01
+    assert loop.failures == {}
+
+
+def test_functions_of_bounded_work_are_answered_on_the_loop_and_refusals_too(
+    loop: LoopReader,
+) -> None:
+    sql = "SELECT count(*) AS n, coalesce(max(id), 0) AS top, typeof(max(v)) AS t FROM t"
+    assert rows_of(loop.attempt(query(sql), sql, 0.0)) == [{"n": 0, "top": 0, "t": "null"}]
+    refused = loop.attempt(query("SELECT load_extension('x')"), "ext", 0.0)
+    assert refused is not None
+    assert isinstance(refused.value, SqlForbidden)
