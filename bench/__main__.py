@@ -275,6 +275,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
             report.cases.append(await measure(name, "demo", call, demo, args, floor=ping))
     async with Client(str(workdir / "assistant.sock")) as client:
         await prepare_assistant(client)
+        report.cases.append(await measure_bare(workdir, args, ping))
         for name, call, paired, note in assistant_cases(client, ping, ping_4k):
             result = await measure(name, "assistant", call, assistant, args, note, paired)
             report.cases.append(result)
@@ -315,6 +316,25 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
     await floor_client.aclose()
     floor.proc.terminate()
     return report
+
+
+async def measure_bare(workdir: Path, args: argparse.Namespace, ping: Floor) -> CaseResult:
+    """The second floor (`bench.bare`): the point query answered by a bare server on the
+    assistant's database, through the same client as the assistant's case."""
+    bare = Daemon(
+        "bare",
+        ["-m", "bench.bare", str(workdir / "bare.sock"), str(workdir / "assistant.db")],
+        workdir,
+    )
+    bare.wait_ready()
+    try:
+        async with Client(str(workdir / "bare.sock")) as client:
+            return await measure(
+                "bare server: point query", "bare", lambda: point_query(client), bare, args,
+                "2nd floor", ping,
+            )  # fmt: skip
+    finally:
+        bare.stop()
 
 
 async def floor_rate(ping: Floor) -> float:
