@@ -237,7 +237,15 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
     )
     assistant = Daemon(
         "assistant",
-        ["-m", "pair.assistant", "--runtime-dir", str(workdir), "--state-dir", str(workdir)],
+        [
+            "-m",
+            "pair.assistant",
+            "--runtime-dir",
+            str(workdir),
+            "--state-dir",
+            str(workdir),
+            *(["--loop-reads"] if args.loop_reads else []),
+        ],
         workdir,
     )
     gateway = Daemon(
@@ -485,6 +493,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--loop-reads", action="store_true", help="run the assistant with --loop-reads"
+    )
     parser.add_argument(
         "--no-sustained",
         dest="sustained",

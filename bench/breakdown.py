@@ -76,7 +76,7 @@ async def proxy_outcome(job: Any) -> Any:
 def main() -> None:
     with tempfile.TemporaryDirectory() as where:
         path = str(Path(where) / "assistant.db")
-        db = Database(path)
+        db = Database(path, loop_reads=True)
         db.open()
         setup = apsw.Connection(path)
         setup.execute(

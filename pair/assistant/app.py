@@ -34,6 +34,7 @@ class AssistantApp:
             config.busy_timeout_ms,
             config.synchronous,
             config.limits.max_frame_bytes,
+            loop_reads=args.loop_reads,
         )
         self.snapshots = Snapshotter(
             "assistant", self.db.path, high_water, busy_timeout_ms=config.busy_timeout_ms
@@ -72,6 +73,12 @@ class AssistantApp:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", help="path of assistant.db (default: STATE_DIR/assistant.db)")
+    parser.add_argument(
+        "--loop-reads",
+        action="store_true",
+        help="experimental: try each query on the event loop's own connection first (twice"
+        " the point-query rate; README, Performance, says what keeps it off by default)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -162,8 +162,12 @@ class Database:
         busy_timeout_ms: int = BUSY_TIMEOUT_MS,
         synchronous: str = "FULL",
         max_length: int = DEFAULT_MAX_FRAME_BYTES,
+        *,
+        loop_reads: bool = False,
     ) -> None:
         self.path = path
+        # Off by default: README, Performance, has what a query can still do to the loop.
+        self.loop_reads = loop_reads
         self.busy_timeout_ms = busy_timeout_ms
         self.synchronous = synchronous
         self.max_length = max_length
@@ -179,13 +183,15 @@ class Database:
             self.path, functools.partial(self._open, readonly=False), MIGRATIONS, log=log.info
         )
         try:
-            readers = [self._open(readonly=True) for _ in range(READERS + SLOW_READERS + 1)]
+            count = READERS + SLOW_READERS + (1 if self.loop_reads else 0)
+            readers = [self._open(readonly=True) for _ in range(count)]
         except apsw.Error as exc:
             writer.db.close()
             raise DbOpenError(f"cannot open database {self.path}: {exc}", EX_CANTCREAT) from exc
         writer.health = self.write_health
         self.writer = Writer("db-writer", writer, late_error=timeout_error)
-        self.loop_reader = LoopReader(readers.pop(), late_error=timeout_error)
+        if self.loop_reads:
+            self.loop_reader = LoopReader(readers.pop(), late_error=timeout_error)
         self.readers = Readers(
             "db-reader",
             readers[:READERS],
@@ -207,13 +213,14 @@ class Database:
     def close(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop the threads and close the connections within `timeout` (blocking; call
         off the loop)."""
+        if self.loop_reader is not None:
+            # The server has stopped: the loop runs no query on it any more. Closed before
+            # the writer, which then checkpoints and removes the WAL as the last one out.
+            self.loop_reader.close()
+            self.loop_reader = None
         pools = [self.readers, self.writer]
         stop_pools([pool for pool in pools if pool is not None], timeout)
         self.readers = self.writer = None
-        if self.loop_reader is not None:
-            # The server has stopped: the loop runs no query on it any more.
-            self.loop_reader.close()
-            self.loop_reader = None
 
     def failure_counts(self) -> dict[str, int]:
         """Database failures of the calls so far, by errorCode (the `metrics` method)."""
@@ -243,7 +250,8 @@ class Database:
     ) -> Done[T] | Job[T]:
         """A query: first on the loop (`LoopReader`), where it is answered at once unless it
         turns out slow; else, or then, from the readers. On the loop thread only."""
-        assert self.loop_reader is not None, "database is not open"
+        if self.loop_reader is None:
+            return self.submit_read(job, deadline)
         done = self.loop_reader.attempt(job, sql, deadline)
         return self.submit_read(job, deadline) if done is None else done
 

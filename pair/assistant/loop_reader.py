@@ -24,10 +24,17 @@ limit and `STEPS` steps between two looks at the clock.
 
 The connection is in autocommit, as the readers' are: each statement reads the
 newest commit (WAL), so what a write's answer said is there is seen.
+
+Off unless the assistant runs with `--loop-reads`: a virtual generated column's
+expression is compiled with the schema, where the authorizer is not asked, so it can
+still hold the loop in one step; and `health`'s p99 beside slow work was worse with
+it (README, Performance).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -44,6 +51,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+log = logging.getLogger("assistant.db")
+
 BUDGET = 0.0001
 STEPS = 10
 # Statements remembered as too slow for the loop; past this many the memory starts over.
@@ -53,6 +62,10 @@ TOO_SLOW_KEPT = 1024
 # the GC, a schema change read). A statement that is slow each time costs the loop one
 # budget a second.
 RETRY_AFTER = 1.0
+# How long a stop waits for a schema read in progress (it holds the connection).
+WARM_TIMEOUT = 5.0
+# Longer texts are prepared by the readers.
+SQL_CHARS = 4096
 
 
 def _demote() -> bool:
@@ -79,9 +92,18 @@ class LoopReader:
         # How the attempts went: answered here, or passed to the readers (too slow, busy).
         self.answered = 0
         self.passed = 0
+        # The schema is being read on a thread (`_warm`): the loop does not touch the
+        # connection meanwhile.
+        self.warming = False
+        self.warmer: threading.Thread | None = None
 
     def attempt(self, fn: Callable[[GuardedConn], T], sql: str, deadline: float) -> Done[T] | None:
         """`fn`'s outcome on this connection, or None: run it on the readers."""
+        if len(sql) > SQL_CHARS or self.warming:
+            # Preparing a text of megabytes takes milliseconds, and a new text each time
+            # would never be remembered.
+            self.passed += 1
+            return None
         now = time.monotonic()
         if self.too_slow:
             retry_at = self.too_slow.get(hash(sql))
@@ -99,12 +121,13 @@ class LoopReader:
         watch.demoted = False
         try:
             result = fn(self.conn)
-        except Exception as exc:
+        except BaseException as exc:  # the caller's answer, as on the readers
             if self.conn.guard.denial is Denial.NOT_QUICK:
                 self._too_slow(sql)
                 return None
             if watch.demoted:
                 self._stopped(sql)
+                self._warm()
                 return None
             if isinstance(exc.__cause__, apsw.BusyError):
                 self.passed += 1
@@ -117,6 +140,28 @@ class LoopReader:
         if self.stopped_once:
             self.stopped_once.pop(hash(sql), None)
         return Done(True, result)
+
+    def _warm(self) -> None:
+        """Read the schema on a thread of its own, while the loop passes every query on.
+
+        Stopped while it was reading the schema (after a caller's CREATE, say), SQLite
+        throws the half-read schema away, so with many tables the next try on the loop
+        would be stopped again, and every one after it: measured, a CREATE TABLE made
+        all the loop's queries go to the readers until a restart."""
+        self.warming = True
+        self.warmer = threading.Thread(target=self._read_schema, name="db-loop-warm", daemon=True)
+        self.warmer.start()
+
+    def _read_schema(self) -> None:
+        watch = self.conn.deadline
+        watch.on_slow = None
+        try:
+            self.conn.execute("SELECT 1 FROM main.sqlite_schema LIMIT 1")
+        except apsw.Error as exc:
+            log.warning("the loop's reader could not read the schema: %s", exc)
+        finally:
+            watch.on_slow = _demote
+            self.warming = False
 
     def _stopped(self, sql: str) -> None:
         """Stopped for its budget: too slow at the second time in a row. A first run may
@@ -145,6 +190,8 @@ class LoopReader:
         return exc
 
     def close(self) -> None:
+        if self.warmer is not None:
+            self.warmer.join(WARM_TIMEOUT)
         self.conn.db.close()
 
 

@@ -161,15 +161,20 @@ class Denial(enum.Enum):
 # trim, like, replace, randomblob, json...) can take seconds in one SQLite step, where no
 # progress handler runs, and the loop would stall with it; so can a pragma
 # (integrity_check is one step).
+# Not count: count(*) of a whole table is one step (OP_Count walks the b-tree). Nor the
+# table-valued functions reported as reads (json_each parses its argument in one step).
 QUICK_FUNCTIONS = frozenset(
-    {"count", "min", "max", "sum", "total", "avg", "coalesce", "ifnull", "nullif", "iif",
+    {"min", "max", "sum", "total", "avg", "coalesce", "ifnull", "nullif", "iif",
      "typeof", "abs", "round", "sign", "likely", "unlikely", "likelihood"}
 )  # fmt: skip
+_TABLE_FUNCTIONS = frozenset({"json_each", "json_tree", "generate_series", "dbstat"})
 
 
-def _quick(action: int, arg2: str | None) -> bool:
+def _quick(action: int, arg1: str | None, arg2: str | None) -> bool:
     if action == apsw.SQLITE_FUNCTION:
         return (arg2 or "").lower() in QUICK_FUNCTIONS
+    if action == apsw.SQLITE_READ:
+        return (arg1 or "").lower() not in _TABLE_FUNCTIONS
     return action != apsw.SQLITE_PRAGMA
 
 
@@ -212,7 +217,7 @@ class Guard:
             self.defined_table = True
         if self.mode is Mode.READ and action not in _READ_ACTIONS and action != apsw.SQLITE_PRAGMA:
             return self._deny(Denial.WRITE_IN_READ, "query mode takes read-only statements")
-        if self.quick_only and not _quick(action, arg2):
+        if self.quick_only and not _quick(action, arg1, arg2):
             return self._deny(Denial.NOT_QUICK, "not for the loop's own reader")
         return apsw.SQLITE_OK
 

@@ -468,3 +468,24 @@ async def test_max_bytes_truncates_rows_like_max_rows(client: Client) -> None:
     assert len(json.dumps(cut["rows"])) <= 2000
     error = await failure(sql(client, hundred, "query", maxBytes=0))
     assert (error.code, error.data["path"]) == ("INVALID_PARAMS", "$.maxBytes")
+
+
+async def test_with_loop_reads_queries_are_answered_on_the_loop_and_see_each_write(
+    short_tmp: Path,
+) -> None:
+    (short_tmp / "run").mkdir()
+    with DaemonProcess("assistant", short_tmp / "run", short_tmp / "state", "--loop-reads") as a:
+        async with Client(a.socket_path) as client:
+            await sql(client, "CREATE TABLE t (id INTEGER PRIMARY KEY, v)", "exec")
+            point = "SELECT max(id) AS top, v FROM t WHERE id = ?"
+            for n in range(1, 51):
+                await sql(client, "INSERT INTO t (v) VALUES (?)", bind=[n])
+                assert await rows(client, point, bind=[n]) == [{"top": n, "v": n}]
+            # Those that could hold the loop in one step are answered by the readers.
+            assert await rows(client, "SELECT count(*) AS n FROM t") == [{"n": 50}]
+            printed = "SELECT length(printf('%.*c', 1000, 'x')) AS n"
+            assert await rows(client, printed) == [{"n": 1000}]
+            queries = (await client.call("metrics"))["queries"]
+    # Most, not all: a query preempted past its 100 us budget is run by the readers.
+    assert queries["loop"] >= 10
+    assert queries["readers"] >= 2

@@ -21,7 +21,7 @@ from pair.protocol.deferred import Done
 from pair.runtime.sqlite import DatabaseFailure, migrate, timeout_error
 
 COUNT_TO = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < ?)"
-SLOW = f"{COUNT_TO} SELECT count(*) AS n FROM c"
+SLOW = f"{COUNT_TO} SELECT max(n) AS n FROM c"
 
 
 @pytest.fixture
@@ -39,6 +39,14 @@ def path(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def loop(path: str) -> Iterator[LoopReader]:
     reader = LoopReader(open_guarded(path, readonly=True, busy_timeout_ms=5000), timeout_error)
+    # Its first statement reads the schema, which may take longer than the budget (and is
+    # then stopped, as in the daemon): the tests start from a connection that has it.
+    for _ in range(20):
+        if reader.attempt(query("SELECT id FROM t LIMIT 0"), "warm", 0.0) is not None:
+            break
+        warmed(reader)
+    reader.passed = 0
+    reader.stopped_once.clear()
     try:
         yield reader
     finally:
@@ -52,6 +60,16 @@ def rows_of(done: Done[Any] | None) -> list[dict[str, Any]]:
     return done.value.rows
 
 
+def answered(loop: LoopReader, fn: Any, sql: str, deadline: float = 0.0) -> Done[Any] | None:
+    """`attempt`, tried again once if stopped: a statement's first run pays its prepare,
+    which may pass the budget (by design: it is then run by the readers)."""
+    done = loop.attempt(fn, sql, deadline)
+    if done is None:
+        warmed(loop)
+        done = loop.attempt(fn, sql, deadline)
+    return done
+
+
 def query(sql: str, *bind: Any) -> Any:
     return functools.partial(proxy.query, sql=sql, bind=bind, max_rows=1000)
 
@@ -63,11 +81,18 @@ def test_a_quick_query_is_answered_and_sees_every_commit_before_it(
     try:
         for value in ("a", "b"):
             proxy.run(writer, "INSERT INTO t (v) VALUES (?)", (value,), 10)
-            rows = rows_of(loop.attempt(query("SELECT v FROM t ORDER BY id"), "q", 0.0))
+            rows = rows_of(answered(loop, query("SELECT v FROM t ORDER BY id"), "q"))
             assert [row["v"] for row in rows] == ["a", "b"][: len(rows)]
             assert rows[-1]["v"] == value
     finally:
         writer.db.close()
+
+
+def warmed(loop: LoopReader) -> None:
+    """Once the schema read a stop started on its thread is over (`LoopReader._warm`)."""
+    if loop.warmer is not None:
+        loop.warmer.join()
+    assert not loop.warming
 
 
 def test_a_slow_query_is_stopped_within_the_budget_then_passed_on_unrun(
@@ -78,6 +103,7 @@ def test_a_slow_query_is_stopped_within_the_budget_then_passed_on_unrun(
         assert loop.attempt(query(SLOW, 10_000_000), SLOW, 0.0) is None
         # Stopped after its budget (and SQLite's steps to the next check), not run out.
         assert time.monotonic() - started < BUDGET + 0.05
+        warmed(loop)
     # Twice in a row: passed on unrun for the next second, however quick its binds.
     started = time.monotonic()
     assert loop.attempt(query(SLOW, 10), SLOW, 0.0) is None
@@ -85,13 +111,13 @@ def test_a_slow_query_is_stopped_within_the_budget_then_passed_on_unrun(
     assert loop.passed == 3
     # Then tried again: quick with these binds, it is answered here.
     loop.too_slow = dict.fromkeys(loop.too_slow, time.monotonic())
-    assert rows_of(loop.attempt(query(SLOW, 10), SLOW, 0.0)) == [{"n": 10}]
+    assert rows_of(answered(loop, query(SLOW, 10), SLOW)) == [{"n": 10}]
     # The connection is as good after: the next statement runs.
-    assert rows_of(loop.attempt(query("SELECT 1 AS one"), "SELECT 1 AS one", 0.0)) == [{"one": 1}]
+    assert rows_of(answered(loop, query("SELECT 1 AS one"), "SELECT 1 AS one")) == [{"one": 1}]
 
 
 def test_a_failure_is_the_callers_answer_not_a_retry(loop: LoopReader) -> None:
-    done = loop.attempt(query("SELECT nope FROM t"), "bad", 0.0)
+    done = answered(loop, query("SELECT nope FROM t"), "bad")
     assert done is not None
     assert not done.ok
     assert isinstance(done.value, DbProxyFailed)
@@ -117,7 +143,7 @@ def test_a_query_refused_for_a_lock_is_passed_on_never_waited_for(
         busy = apsw.BusyError("database is locked")
         raise proxy.translate(busy, conn, DbProxyFailed) from busy
 
-    assert loop.conn.db.execute("PRAGMA busy_timeout").fetchall() == [(0,)]
+    assert loop.conn.execute("PRAGMA busy_timeout") == [(0,)]
     assert loop.attempt(locked, "locked", 0.0) is None
     assert loop.passed == 1
     assert loop.failures == {}
@@ -130,8 +156,11 @@ STUCK = "SELECT length(trim(printf('%.*c', 150000, 'a'), printf('%.*c', 150000, 
     "sql",
     [
         STUCK,  # one SQLite step of minutes: no progress handler would stop it
-        "SELECT count(*) AS n FROM t WHERE v LIKE '%a%'",
+        "SELECT max(id) AS n FROM t WHERE v LIKE '%a%'",
         "PRAGMA integrity_check",
+        "SELECT count(*) AS n FROM t",  # one step over the whole table
+        "SELECT key FROM json_each('[1, 2]')",  # its argument parsed in one step
+        f"SELECT 1 AS one WHERE 0 IN ({', '.join(['1'] * 2000)})",  # a long text to prepare
     ],
 )
 def test_a_statement_that_could_stall_the_loop_is_passed_on_before_it_runs(
@@ -146,8 +175,8 @@ def test_a_statement_that_could_stall_the_loop_is_passed_on_before_it_runs(
 def test_functions_of_bounded_work_are_answered_on_the_loop_and_refusals_too(
     loop: LoopReader,
 ) -> None:
-    sql = "SELECT count(*) AS n, coalesce(max(id), 0) AS top, typeof(max(v)) AS t FROM t"
-    assert rows_of(loop.attempt(query(sql), sql, 0.0)) == [{"n": 0, "top": 0, "t": "null"}]
-    refused = loop.attempt(query("SELECT load_extension('x')"), "ext", 0.0)
+    sql = "SELECT coalesce(max(id), 0) AS top, typeof(max(v)) AS t FROM t"
+    assert rows_of(answered(loop, query(sql), sql)) == [{"top": 0, "t": "null"}]
+    refused = answered(loop, query("SELECT load_extension('x')"), "ext")
     assert refused is not None
     assert isinstance(refused.value, SqlForbidden)
