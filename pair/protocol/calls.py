@@ -111,11 +111,12 @@ class Calls:
             self._answer_now(request, self.error_of(request, exc), to, started, counts)
             return False
         assert method is not None
-        if type(params.meta) is not trace.TraceMeta:
+        span = trace.span_of(params.meta)
+        if span is None:
             return self._start(request, method, params, to, started)
         # The caller's trace: the call's log lines, and what it queues or calls, are of
         # it (a task spawned here keeps it; a job's callback is given it by name).
-        token = trace.enter(trace.Span.of(params.meta))
+        token = trace.enter(span)
         try:
             return self._start(request, method, params, to, started)
         finally:

@@ -78,9 +78,8 @@ class Deadline:
         return bool(self.at) and now >= self.at
 
 
-def watch_deadline(db: apsw.Connection, steps: int = PROGRESS_STEPS) -> Deadline:
-    """The deadline of the jobs run on `db`, enforced by its progress handler (called
-    every `steps` VM steps)."""
+def watch_deadline(db: apsw.Connection) -> Deadline:
+    """The deadline of the jobs run on `db`, enforced by its progress handler."""
     deadline = Deadline()
-    db.set_progress_handler(deadline.on_progress, steps)
+    db.set_progress_handler(deadline.on_progress, PROGRESS_STEPS)
     return deadline
