@@ -10,6 +10,7 @@ server. When it reads is its `flow.ReadGate`'s.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, cast
@@ -50,6 +51,11 @@ if TYPE_CHECKING:
 # What a batch member costs besides its bytes (decoded, a coroutine and a task):
 # charged to the byte budgets with the batch's body.
 BATCH_MEMBER_COST = 2048
+# A connection hands the loop back after this long (seconds) handling the frames of one
+# turn; the rest wait for the next turn, after every other connection's of this one. A
+# chunk of 64 point queries answered on the loop took 0.9 ms, and a `health` on another
+# connection waited all of it.
+TURN_SLICE = 0.0002
 
 
 class State(IntEnum):
@@ -88,6 +94,7 @@ class Connection(asyncio.Protocol):
         # Answers are encoded straight into one buffer, written once per turn.
         self._out = bytearray()
         self._flush_scheduled = False
+        self._resume_scheduled = False
         self.state = State.OPEN
         self.peer = "?"
         self._batch_members = asyncio.Semaphore(host.limits.max_in_flight)
@@ -182,7 +189,13 @@ class Connection(asyncio.Protocol):
         self._gate.resume_writing()
         self._resume_backlog()
 
+    def _resume_next_turn(self) -> None:
+        if not self._resume_scheduled:
+            self._resume_scheduled = True
+            self._loop.call_soon(self._resume_backlog)
+
     def _resume_backlog(self) -> None:
+        self._resume_scheduled = False
         if self._backlog:
             self._flush_scheduled = True
             try:
@@ -195,9 +208,15 @@ class Connection(asyncio.Protocol):
 
     def _handle_frames(self, frames: list[bytes]) -> None:
         limit, unsent = self._limits.max_in_flight, self._limits.max_unsent_bytes
+        clock = time.perf_counter
+        slice_ends = clock() + TURN_SLICE
         for index, body in enumerate(frames):
             if self._in_flight >= limit or len(self._out) > unsent:
                 self._backlog.extend(frames[index:])
+                return
+            if clock() > slice_ends:
+                self._backlog.extend(frames[index:])
+                self._resume_next_turn()
                 return
             try:
                 self._handle_frame(body)
@@ -209,6 +228,8 @@ class Connection(asyncio.Protocol):
         are being written: a peer that does not read its answers gets no new ones."""
         limit, unsent = self._limits.max_in_flight, self._limits.max_unsent_bytes
         backlog = self._backlog
+        clock = time.perf_counter
+        slice_ends = clock() + TURN_SLICE
         while (
             backlog
             and self._in_flight < limit
@@ -216,6 +237,9 @@ class Connection(asyncio.Protocol):
             and len(self._out) <= unsent
             and self.state < CLOSING
         ):
+            if clock() > slice_ends:
+                self._resume_next_turn()
+                return
             body = backlog.popleft()
             try:
                 self._handle_frame(body)
@@ -354,7 +378,7 @@ class Connection(asyncio.Protocol):
                 self._withdraw_if_unread()
             if self._backlog and not self._gate.write_paused:
                 # Frames left waiting for these answers to be written: they were.
-                self._loop.call_soon(self._resume_backlog)
+                self._resume_next_turn()
 
     # -- flow control and stalls ------------------------------------
 

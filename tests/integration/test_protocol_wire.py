@@ -200,6 +200,40 @@ def test_a_client_that_never_reads_does_not_grow_the_server_or_block_others(
     hog.close()
 
 
+def test_a_chunk_of_calls_answered_on_the_loop_does_not_hold_another_connections_call(
+    demo_socket: str,
+) -> None:
+    """Each of these calls holds the loop for a millisecond, as a query answered on the loop
+    may: the other connection's call is answered between them, not after the 200."""
+    calls = 200
+    with RawConnection(demo_socket) as hog, RawConnection(demo_socket) as other:
+        frames = []
+        for index in range(calls):
+            body = json.dumps(request("spin", {"seconds": 0.001}, index)).encode()
+            frames.append(struct.pack(">I", len(body)) + body)
+        hog.send_bytes(b"".join(frames))
+        other.send_json(request("echo", {"text": "fine"}))
+        assert other.recv_json()["result"]["text"] == "fine"
+        assert answers_waiting(hog) < calls // 2
+        answered = 0
+        while answered < calls:
+            assert hog.recv_json()["result"] == 0.001
+            answered += 1
+
+
+def answers_waiting(conn: RawConnection) -> int:
+    """How many whole answers are there to read on `conn` now, none of them read."""
+    try:
+        waiting = conn.sock.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return 0
+    count, offset = 0, 0
+    while offset + 4 <= len(waiting):
+        offset += 4 + struct.unpack_from(">I", waiting, offset)[0]
+        count += offset <= len(waiting)
+    return count
+
+
 def test_random_and_mutated_frames_never_stop_the_server(demo_socket: str) -> None:
     rng = random.Random(20261127)
     valid = json.dumps(request("echo", {"value": 1, "text": "fuzz"})).encode()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import anyio
 import msgspec
@@ -50,6 +51,7 @@ class DemoApp(Stateless):
         self.router.add("echo_async", self.echo_async)
         self.router.add("echo_thread", self.echo_thread, thread=True)
         self.router.add("sleep", self.sleep)
+        self.router.add("spin", self.spin, inline=True)
         self.router.add("fail", self.fail, inline=True)
         self.router.add("boom", self.boom)
         self.router.add("pid", self.pid, inline=True)
@@ -69,6 +71,13 @@ class DemoApp(Stateless):
 
     async def sleep(self, params: SleepParams) -> float:
         await anyio.sleep(params.seconds)
+        return params.seconds
+
+    def spin(self, params: SleepParams) -> float:
+        """Hold the loop, as a call answered on it that takes a while does."""
+        ends = time.perf_counter() + params.seconds
+        while time.perf_counter() < ends:
+            pass
         return params.seconds
 
     def fail(self, params: FailParams) -> None:
