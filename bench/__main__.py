@@ -279,18 +279,22 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
             ("protocol: echo (inline)", lambda: demo_client.call("echo", small)),
             ("protocol: echo (task)", lambda: demo_client.call("echo_async", small)),
         ]
-        for name, call in demo_cases:
+        for name, call in demo_cases if not args.reads_only else []:
             report.cases.append(await measure(name, "demo", call, demo, args, floor=ping))
     async with Client(str(workdir / "assistant.sock")) as client:
         await prepare_assistant(client)
         report.cases.append(await measure_bare(workdir, args, ping))
         for name, call, paired, note in assistant_cases(client, ping, ping_4k):
+            if args.reads_only and name not in READ_CASES:
+                continue
             result = await measure(name, "assistant", call, assistant, args, note, paired)
             report.cases.append(result)
     print("fairness: point queries and health beside a 2 s query ...", flush=True)
     report.fairness = await run_fairness(str(workdir / "assistant.sock"), point_query)
     print("fairness: point queries and health beside backups ...", flush=True)
     report.backup = await run_fairness(str(workdir / "assistant.sock"), point_query, backups)
+    if args.reads_only:
+        return await stop(report, daemons, floor, floor_client)
     async with Client(str(workdir / "normal" / "assistant.sock")) as client:
         await prepare_assistant(client)
         steps = [{"sql": "INSERT INTO log (v) VALUES (?)", "bind": [f"s{i}"]} for i in range(5)]
@@ -315,12 +319,19 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
             report.sustained = await run_sustained(
                 client, functools.partial(floor_rate, ping), result.par_calls_per_s
             )
+    await stop(report, daemons, floor, floor_client)
+    if report.sustained is not None:
+        report.sustained.delivery_alone_per_s = await measure_delivery_alone(workdir)
+    return report
+
+
+async def stop(
+    report: Report, daemons: list[Daemon], floor: Daemon, floor_client: FloorClient
+) -> Report:
     for daemon in daemons:
         report.rss_kib[daemon.name] = daemon.rss()
     for daemon in daemons:
         daemon.stop()
-    if report.sustained is not None:
-        report.sustained.delivery_alone_per_s = await measure_delivery_alone(workdir)
     await floor_client.aclose()
     floor.proc.terminate()
     return report
@@ -390,6 +401,11 @@ _keys = itertools.count(1)
 def point_query(client: Client) -> Awaitable[Any]:
     """One row of `kv` by its key, a different key each call."""
     return client.call("db_proxy", {**POINT, "bind": [next(_keys) % ROWS + 1]})
+
+
+READ_CASES = frozenset(
+    {"health", "db_proxy query (point, 10k rows)", "db_proxy query (4 KiB result)"}
+)
 
 
 def assistant_cases(
@@ -495,6 +511,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--loop-reads", action="store_true", help="run the assistant with --loop-reads"
+    )
+    parser.add_argument(
+        "--reads-only",
+        action="store_true",
+        help="only the floors, health, the queries and fairness (issue 33's cases)",
     )
     parser.add_argument(
         "--no-sustained",

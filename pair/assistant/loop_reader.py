@@ -25,10 +25,12 @@ limit and `STEPS` steps between two looks at the clock.
 The connection is in autocommit, as the readers' are: each statement reads the
 newest commit (WAL), so what a write's answer said is there is seen.
 
-Off unless the assistant runs with `--loop-reads`: a virtual generated column's
-expression is compiled with the schema, where the authorizer is not asked, so it can
-still hold the loop in one step; and `health`'s p99 beside slow work was worse with
-it (README, Performance).
+What the schema holds is compiled where the authorizer is not asked: a virtual generated
+column's expression (`trim(printf(...))` held the loop 35 ms a row), a virtual table's
+module (an FTS5 MATCH does its search in one step). So on this connection every built-in
+function not in `QUICK_FUNCTIONS` is replaced by one that refuses (`_refuse_slow_builtins`),
+and no virtual table module is loaded: a statement meeting either is passed on, as one
+the authorizer refused is.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import apsw
 
-from pair.assistant.policy import Denial
+from pair.assistant.policy import QUICK_FUNCTIONS, Denial
 from pair.protocol.deferred import Done
 from pair.runtime.sqlite import DatabaseFailure
 
@@ -78,6 +80,8 @@ class LoopReader:
     def __init__(self, conn: GuardedConn, late_error: Callable[[], BaseException]) -> None:
         self.conn = conn
         conn.guard.quick_only = True
+        _refuse_slow_builtins(conn)
+        conn.db.drop_modules(None)
         self.late_error = late_error
         watch = conn.deadline
         watch.on_slow = _demote
@@ -122,7 +126,7 @@ class LoopReader:
         try:
             result = fn(self.conn)
         except BaseException as exc:  # the caller's answer, as on the readers
-            if self.conn.guard.denial is Denial.NOT_QUICK:
+            if self.conn.guard.denial is Denial.NOT_QUICK or _no_module(exc):
                 self._too_slow(sql)
                 return None
             if watch.demoted:
@@ -193,6 +197,38 @@ class LoopReader:
         if self.warmer is not None:
             self.warmer.join(WARM_TIMEOUT)
         self.conn.db.close()
+
+
+def _refuse_slow_builtins(conn: GuardedConn) -> None:
+    """Replace each built-in scalar function but the quick ones with one that refuses.
+
+    An application-defined function is found before a built-in of its name whatever its
+    number of arguments, in the schema's expressions too, so a generated column over
+    printf() calls this one. It is deterministic and innocuous, as a function the schema
+    names must be (`trusted_schema` is off)."""
+    guard = conn.guard
+
+    def not_quick(*_args: object) -> None:
+        guard.deny_not_quick()
+        raise NotQuickHere
+
+    rows = conn.execute("SELECT name, type FROM pragma_function_list WHERE builtin")
+    # min() and max() are also aggregates, and quick: a scalar override would hide both.
+    aggregates = {name for name, kind in rows if kind != "s"}
+    for name in {name for name, kind in rows if kind == "s"}:
+        if name not in QUICK_FUNCTIONS and name not in aggregates:
+            conn.db.create_scalar_function(
+                name, not_quick, -1, deterministic=True, flags=apsw.SQLITE_INNOCUOUS
+            )
+
+
+class NotQuickHere(Exception):
+    """Raised by a refused built-in on the loop's connection: the readers run the query."""
+
+
+def _no_module(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, apsw.SQLError) and "no such module" in str(cause)
 
 
 def failures_of(reader: LoopReader | None) -> dict[str, int]:

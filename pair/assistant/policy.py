@@ -241,6 +241,10 @@ class Guard:
             return f"table {table} is internal to the assistant: it may be read, not changed"
         return ""
 
+    def deny_not_quick(self) -> None:
+        """A function refused on the loop's reader while its statement runs (`loop_reader`)."""
+        self._deny(Denial.NOT_QUICK, "not for the loop's own reader")
+
     def _deny(self, denial: Denial, reason: str) -> int:
         if self.denial is None:
             self.denial, self.reason = denial, reason

@@ -180,3 +180,43 @@ def test_functions_of_bounded_work_are_answered_on_the_loop_and_refusals_too(
     refused = answered(loop, query("SELECT load_extension('x')"), "ext")
     assert refused is not None
     assert isinstance(refused.value, SqlForbidden)
+
+
+@pytest.mark.parametrize(
+    ("schema", "sql"),
+    [
+        # The expression is compiled with the schema, where no authorizer is asked: a
+        # second of one SQLite step per row on the loop, without the refusal.
+        (
+            "CREATE TABLE g (id INTEGER PRIMARY KEY, a TEXT, s TEXT GENERATED ALWAYS AS"
+            " (trim(printf('%.*c', 20000, a), printf('%.*c', 20000, 'b') || a)) VIRTUAL);"
+            " INSERT INTO g (a) VALUES ('a')",
+            "SELECT s IS NOT NULL AS n FROM g",
+        ),
+        # A virtual table's module runs code of its own in a step (FTS5 searches in one).
+        (
+            "CREATE VIRTUAL TABLE r USING rtree(id, x0, x1); INSERT INTO r VALUES (1, 0, 5)",
+            "SELECT id AS n FROM r WHERE x0 < 3",
+        ),
+    ],
+)
+def test_what_the_schema_compiles_in_is_passed_on_before_it_runs(
+    path: str, loop: LoopReader, schema: str, sql: str
+) -> None:
+    writer = open_guarded(path, readonly=False, busy_timeout_ms=100)
+    try:
+        proxy.execute_script(writer, schema)
+    finally:
+        writer.db.close()
+    rows_of(answered(loop, query("SELECT id FROM t"), "SELECT id FROM t"))
+    started = time.monotonic()
+    assert loop.attempt(query(sql), sql, 0.0) is None
+    assert time.monotonic() - started < 0.01
+    assert hash(sql) in loop.too_slow
+    # Refused midway, the statement left no read open: the loop still sees each commit.
+    writer = open_guarded(path, readonly=False, busy_timeout_ms=100)
+    try:
+        proxy.run(writer, "INSERT INTO t (v) VALUES ('after')", None, 10)
+    finally:
+        writer.db.close()
+    assert rows_of(answered(loop, query("SELECT v FROM t"), "SELECT v FROM t")) == [{"v": "after"}]
