@@ -18,9 +18,9 @@ A progress handler cannot stop one long SQLite step (a function building or
 scanning a large value, a pragma like integrity_check), so the connection's
 authorizer lets it prepare only statements whose every step is short: no function
 but those of bounded work per row (`policy.QUICK_FUNCTIONS`), no pragma. Any other
-is passed to the readers before it runs. What is left is a step over one large
-stored value (comparing or joining texts of megabytes), bounded by the value size
-limit and `STEPS` steps between two looks at the clock.
+is passed to the readers before it runs. A step over one large value (comparing or
+joining texts of megabytes) is bounded by this connection's own length limit,
+`VALUE_BYTES`: a query meeting a longer value, stored or made, is passed on too.
 
 The connection is in autocommit, as the readers' are: each statement reads the
 newest commit (WAL), so what a write's answer said is there is seen.
@@ -68,6 +68,10 @@ RETRY_AFTER = 1.0
 WARM_TIMEOUT = 5.0
 # Longer texts are prepared by the readers.
 SQL_CHARS = 4096
+# No value on this connection is longer (bytes), read or made: one SQLite step over one
+# (comparing, concatenating, casting) takes a few us, where 16 MiB took milliseconds.
+# A query meeting a longer one (SQLITE_TOOBIG) is passed to the readers.
+VALUE_BYTES = 64 * 1024
 
 
 def _demote() -> bool:
@@ -82,6 +86,7 @@ class LoopReader:
         conn.guard.quick_only = True
         _refuse_slow_builtins(conn)
         conn.db.drop_modules(None)
+        conn.db.limit(apsw.SQLITE_LIMIT_LENGTH, VALUE_BYTES)
         self.late_error = late_error
         watch = conn.deadline
         watch.on_slow = _demote
@@ -126,7 +131,7 @@ class LoopReader:
         try:
             result = fn(self.conn)
         except BaseException as exc:  # the caller's answer, as on the readers
-            if self.conn.guard.denial is Denial.NOT_QUICK or _no_module(exc):
+            if self.conn.guard.denial is Denial.NOT_QUICK or _not_for_the_loop(exc):
                 self._too_slow(sql)
                 return None
             if watch.demoted:
@@ -226,8 +231,12 @@ class NotQuickHere(Exception):
     """Raised by a refused built-in on the loop's connection: the readers run the query."""
 
 
-def _no_module(exc: BaseException) -> bool:
+def _not_for_the_loop(exc: BaseException) -> bool:
+    """Refused for what this connection lacks, not the caller's: a virtual table's module,
+    or room for a value over `VALUE_BYTES`."""
     cause = exc.__cause__
+    if isinstance(cause, apsw.TooBigError):
+        return True
     return isinstance(cause, apsw.SQLError) and "no such module" in str(cause)
 
 

@@ -15,7 +15,7 @@ import pytest
 from pair.assistant import proxy
 from pair.assistant.db import MIGRATIONS, GuardedConn, open_guarded
 from pair.assistant.errors import DbProxyFailed, SqlForbidden
-from pair.assistant.loop_reader import BUDGET, LoopReader
+from pair.assistant.loop_reader import BUDGET, VALUE_BYTES, LoopReader
 from pair.assistant.proxy import QueryResult
 from pair.protocol.deferred import Done
 from pair.runtime.sqlite import DatabaseFailure, migrate, timeout_error
@@ -220,3 +220,21 @@ def test_what_the_schema_compiles_in_is_passed_on_before_it_runs(
     finally:
         writer.db.close()
     assert rows_of(answered(loop, query("SELECT v FROM t"), "SELECT v FROM t")) == [{"v": "after"}]
+
+
+def test_a_value_too_long_for_one_quick_step_is_passed_on_and_shorter_ones_answered(
+    path: str, loop: LoopReader
+) -> None:
+    writer = open_guarded(path, readonly=False, busy_timeout_ms=100)
+    try:
+        proxy.run(writer, "INSERT INTO t (id, v) VALUES (1, ?), (2, 'short')", ("x" * 10**6,), 10)
+    finally:
+        writer.db.close()
+    short = "SELECT v FROM t WHERE id = 2"
+    assert rows_of(answered(loop, query(short), short)) == [{"v": "short"}]
+    half = "x" * (VALUE_BYTES // 2 + 1)
+    stored, made = "SELECT v FROM t WHERE id = 1", "SELECT ? || ? AS vv"
+    for sql, bind in ((stored, ()), (made, (half, half))):
+        assert loop.attempt(query(sql, *bind), sql, 0.0) is None
+        assert hash(sql) in loop.too_slow
+    assert loop.failures == {}
