@@ -244,7 +244,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
             str(workdir),
             "--state-dir",
             str(workdir),
-            *(["--loop-reads"] if args.loop_reads else []),
+            *([] if args.loop_reads else ["--no-loop-reads"]),
         ],
         workdir,
     )
@@ -510,7 +510,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
-        "--loop-reads", action="store_true", help="run the assistant with --loop-reads"
+        "--no-loop-reads",
+        dest="loop_reads",
+        action="store_false",
+        help="run the assistant with --no-loop-reads",
     )
     parser.add_argument(
         "--reads-only",

@@ -11,11 +11,13 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from pair.assistant.db import Database, high_water
+from pair.assistant.loop_reader import BUDGET, MAX_BUDGET
 from pair.assistant.proxy import sweep_idempotency_keys
 from pair.assistant.routes import AssistantRoutes
 from pair.runtime import daemon
 from pair.runtime.backup import Snapshotter
 from pair.runtime.daemon import DaemonConfig
+from pair.runtime.errors import EX_CONFIG, StartupError
 from pair.runtime.sqlite import now_ms
 from pair.runtime.upkeep import run_periodically
 
@@ -35,6 +37,7 @@ class AssistantApp:
             config.synchronous,
             config.limits.max_frame_bytes,
             loop_reads=args.loop_reads,
+            loop_budget=_loop_budget(args.loop_budget_us),
         )
         self.snapshots = Snapshotter(
             "assistant", self.db.path, high_water, busy_timeout_ms=config.busy_timeout_ms
@@ -75,10 +78,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", help="path of assistant.db (default: STATE_DIR/assistant.db)")
     parser.add_argument(
         "--loop-reads",
-        action="store_true",
-        help="experimental: try each query on the event loop's own connection first (twice"
-        " the point-query rate; README, Performance, says what keeps it off by default)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="try each query on the event loop's own connection first, under a 100 us"
+        " budget (default: on; README, Performance). --no-loop-reads: every query on the"
+        " reader threads, as in 0.1.0",
     )
+    parser.add_argument(
+        "--loop-budget-us",
+        type=int,
+        default=round(BUDGET * 1e6),
+        help="how long a query may run on the event loop before it is stopped and run by"
+        " the reader threads (default: 100, about one hand-over to a thread)",
+    )
+
+
+def _loop_budget(micros: int) -> float:
+    if not 1 <= micros <= MAX_BUDGET * 1e6:
+        raise StartupError(
+            f"--loop-budget-us must be from 1 to {MAX_BUDGET * 1e6:.0f}, got {micros}", EX_CONFIG
+        )
+    return micros / 1e6
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import apsw
 
-from pair.assistant.loop_reader import LoopReader, failures_of
+from pair.assistant.loop_reader import BUDGET, LoopReader, failures_of
 from pair.assistant.policy import Guard, Mode
 from pair.protocol.deferred import Done
 from pair.protocol.framing import DEFAULT_MAX_FRAME_BYTES
@@ -163,11 +163,12 @@ class Database:
         synchronous: str = "FULL",
         max_length: int = DEFAULT_MAX_FRAME_BYTES,
         *,
-        loop_reads: bool = False,
+        loop_reads: bool = True,
+        loop_budget: float = BUDGET,
     ) -> None:
         self.path = path
-        # Off by default: README, Performance, has what a query can still do to the loop.
         self.loop_reads = loop_reads
+        self.loop_budget = loop_budget
         self.busy_timeout_ms = busy_timeout_ms
         self.synchronous = synchronous
         self.max_length = max_length
@@ -191,7 +192,7 @@ class Database:
         writer.health = self.write_health
         self.writer = Writer("db-writer", writer, late_error=timeout_error)
         if self.loop_reads:
-            self.loop_reader = LoopReader(readers.pop(), late_error=timeout_error)
+            self.loop_reader = LoopReader(readers.pop(), timeout_error, self.loop_budget)
         self.readers = Readers(
             "db-reader",
             readers[:READERS],

@@ -55,7 +55,11 @@ T = TypeVar("T")
 
 log = logging.getLogger("assistant.db")
 
+# Wall time, not the thread's CPU time (which costs 2 us a look here): a query waiting on
+# the disk holds the loop as surely as one computing. So under CPU contention a quick
+# query may be stopped too (then passed on), and the loop answers fewer.
 BUDGET = 0.0001
+MAX_BUDGET = 1.0
 STEPS = 10
 # Statements remembered as too slow for the loop; past this many the memory starts over.
 TOO_SLOW_KEPT = 1024
@@ -81,7 +85,9 @@ def _demote() -> bool:
 class LoopReader:
     """One read connection of the loop thread's own, tried before the readers."""
 
-    def __init__(self, conn: GuardedConn, late_error: Callable[[], BaseException]) -> None:
+    def __init__(
+        self, conn: GuardedConn, late_error: Callable[[], BaseException], budget: float = BUDGET
+    ) -> None:
         self.conn = conn
         conn.guard.quick_only = True
         _refuse_slow_builtins(conn)
@@ -90,7 +96,7 @@ class LoopReader:
         self.late_error = late_error
         watch = conn.deadline
         watch.on_slow = _demote
-        watch.hold_limit = BUDGET
+        watch.hold_limit = budget
         conn.db.set_progress_handler(watch.on_progress, STEPS)
         conn.db.set_busy_timeout(0)
         # By the text's hash: a text may be long, and a collision only sends a query to

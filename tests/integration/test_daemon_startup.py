@@ -63,6 +63,18 @@ def test_bad_flags_are_a_usage_error(short_tmp: Path) -> None:
     assert result.stderr.count("\n") == 1
 
 
+def test_a_loop_budget_out_of_its_range_is_a_usage_error(short_tmp: Path) -> None:
+    for micros in ("0", "1000001"):
+        result = run_once(
+            "pair.assistant",
+            *("--runtime-dir", str(short_tmp), "--state-dir", str(short_tmp)),
+            *("--loop-budget-us", micros),
+        )
+        assert result.returncode == 78
+        assert f"--loop-budget-us must be from 1 to 1000000, got {micros}" in result.stderr
+        assert not (short_tmp / "assistant.db").exists()
+
+
 def test_sigterm_when_idle_exits_zero_and_removes_only_its_socket(short_tmp: Path) -> None:
     neighbour = short_tmp / "other.sock"
     neighbour.write_text("not ours")
