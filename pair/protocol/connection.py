@@ -156,7 +156,7 @@ class Connection(asyncio.Protocol):
             ):
                 self.update_reading()
         finally:
-            self._flush()
+            self._end_turn()
 
     def eof_received(self) -> bool | None:
         # A peer that half-closes after its last request still gets the answers:
@@ -196,13 +196,23 @@ class Connection(asyncio.Protocol):
 
     def _resume_backlog(self) -> None:
         self._resume_scheduled = False
-        if self._backlog:
-            self._flush_scheduled = True
-            try:
+        # Also with no backlog left (a call's end took it meanwhile): answers held back
+        # for this turn are written now.
+        self._flush_scheduled = True
+        try:
+            if self._backlog:
                 self._drain_backlog()
-            finally:
-                self._flush()
+        finally:
+            self._end_turn()
         self.update_reading()
+
+    def _end_turn(self) -> None:
+        """Write the answers of this turn, unless the rest of its chunk runs next turn
+        (`TURN_SLICE`): theirs go with them, in one write. A write per slice of 200 us
+        cost a tenth of the point-query rate (one wakes the peer each time)."""
+        if self._resume_scheduled and len(self._out) <= self._limits.max_unsent_bytes:
+            return
+        self._flush()
 
     # -- frames and requests ----------------------------------------------
 

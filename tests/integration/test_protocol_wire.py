@@ -223,10 +223,16 @@ def test_a_chunk_of_calls_answered_on_the_loop_does_not_hold_another_connections
 
 def answers_waiting(conn: RawConnection) -> int:
     """How many whole answers are there to read on `conn` now, none of them read."""
+    # Not MSG_DONTWAIT alone: on a socket with a timeout Python waits out the timeout
+    # for data all the same.
+    timeout = conn.sock.gettimeout()
+    conn.sock.setblocking(False)
     try:
-        waiting = conn.sock.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        waiting = conn.sock.recv(1 << 20, socket.MSG_PEEK)
     except BlockingIOError:
         return 0
+    finally:
+        conn.sock.settimeout(timeout)
     count, offset = 0, 0
     while offset + 4 <= len(waiting):
         offset += 4 + struct.unpack_from(">I", waiting, offset)[0]
