@@ -68,6 +68,7 @@ class AssistantApp:
             log.info("forgot %d idempotency key(s) older than 48 h", removed)
 
     async def close(self, timeout: float) -> None:
+        self.db.stop_loop_reads()
         await anyio.to_thread.run_sync(self.db.close, timeout)
 
     def status(self) -> str:

@@ -192,7 +192,7 @@ class Database:
         writer.health = self.write_health
         self.writer = Writer("db-writer", writer, late_error=timeout_error)
         if self.loop_reads:
-            self.loop_reader = LoopReader(readers.pop(), timeout_error, self.loop_budget)
+            self.loop_reader = LoopReader(readers.pop(), writer, timeout_error, self.loop_budget)
         self.readers = Readers(
             "db-reader",
             readers[:READERS],
@@ -200,6 +200,7 @@ class Database:
             turns=READER_TURNS,
             batch_max=READER_BATCH,
             late_error=timeout_error,
+            also_busy=None if self.loop_reader is None else self.loop_reader.busy,
         )
 
     def _open(self, *, readonly: bool) -> GuardedConn:
@@ -210,6 +211,11 @@ class Database:
             synchronous=self.synchronous,
             max_length=self.max_length,
         )
+
+    def stop_loop_reads(self) -> None:
+        """On the loop, once the server has stopped: before `close`."""
+        if self.loop_reader is not None:
+            self.loop_reader.stop()
 
     def close(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop the threads and close the connections within `timeout` (blocking; call

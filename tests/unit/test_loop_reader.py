@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import apsw
 import pytest
 
-from pair.assistant import proxy
+from pair.assistant import loop_reader, proxy
 from pair.assistant.db import MIGRATIONS, GuardedConn, open_guarded
 from pair.assistant.errors import DbProxyFailed, SqlForbidden
 from pair.assistant.loop_reader import MAX_BUDGET, VALUE_BYTES, LoopReader
@@ -25,26 +26,33 @@ COUNT_TO = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE
 SLOW = f"{COUNT_TO} SELECT max(n) AS n FROM c"
 
 
+pytestmark = pytest.mark.anyio
+
+
 @pytest.fixture
-def path(tmp_path: Path) -> Iterator[str]:
-    where = str(tmp_path / "assistant.db")
-    writer = open_guarded(where, readonly=False, busy_timeout_ms=100)
-    migrate(writer, MIGRATIONS, log=lambda _: None)
-    proxy.execute_script(writer, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+def path(tmp_path: Path) -> str:
+    return str(tmp_path / "assistant.db")
+
+
+@pytest.fixture
+def writer(path: str) -> Iterator[GuardedConn]:
+    """The one writer, as in the daemon: the loop's reader counts its commits."""
+    conn = open_guarded(path, readonly=False, busy_timeout_ms=100)
+    migrate(conn, MIGRATIONS, log=lambda _: None)
+    proxy.execute_script(conn, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
     try:
-        yield where
+        yield conn
     finally:
-        writer.db.close()
+        conn.db.close()
 
 
 @pytest.fixture
-def loop(path: str) -> Iterator[LoopReader]:
+def loop(path: str, writer: GuardedConn) -> Iterator[LoopReader]:
     """A loop reader with a budget no machine misses (with 100 us, a quick query the
     machine's own load holds up is stopped too, by design): what it passes on, it passes
     for what the query is. `slow_loop` has the daemon's budget."""
-    reader = LoopReader(
-        open_guarded(path, readonly=True, busy_timeout_ms=5000), timeout_error, MAX_BUDGET
-    )
+    conn = open_guarded(path, readonly=True, busy_timeout_ms=5000)
+    reader = LoopReader(conn, writer, timeout_error, MAX_BUDGET)
     try:
         yield reader
     finally:
@@ -52,8 +60,9 @@ def loop(path: str) -> Iterator[LoopReader]:
 
 
 @pytest.fixture
-def slow_loop(path: str) -> Iterator[LoopReader]:
-    reader = LoopReader(open_guarded(path, readonly=True, busy_timeout_ms=5000), timeout_error)
+def slow_loop(path: str, writer: GuardedConn) -> Iterator[LoopReader]:
+    conn = open_guarded(path, readonly=True, busy_timeout_ms=5000)
+    reader = LoopReader(conn, writer, timeout_error)
     try:
         yield reader
     finally:
@@ -77,18 +86,14 @@ def query(sql: str, *bind: Any) -> Any:
     return functools.partial(proxy.query, sql=sql, bind=bind, max_rows=1000)
 
 
-def test_a_quick_query_is_answered_and_sees_every_commit_before_it(
-    path: str, loop: LoopReader
+async def test_a_quick_query_is_answered_and_sees_every_commit_before_it(
+    writer: GuardedConn, loop: LoopReader
 ) -> None:
-    writer = open_guarded(path, readonly=False, busy_timeout_ms=100)
-    try:
-        for value in ("a", "b"):
-            proxy.run(writer, "INSERT INTO t (v) VALUES (?)", (value,), 10)
-            rows = rows_of(answered(loop, query("SELECT v FROM t ORDER BY id"), "q"))
-            assert [row["v"] for row in rows] == ["a", "b"][: len(rows)]
-            assert rows[-1]["v"] == value
-    finally:
-        writer.db.close()
+    for value in ("a", "b"):
+        proxy.run(writer, "INSERT INTO t (v) VALUES (?)", (value,), 10)
+        rows = rows_of(answered(loop, query("SELECT v FROM t ORDER BY id"), "q"))
+        assert [row["v"] for row in rows] == ["a", "b"][: len(rows)]
+        assert rows[-1]["v"] == value
 
 
 def warmed(loop: LoopReader) -> None:
@@ -98,7 +103,7 @@ def warmed(loop: LoopReader) -> None:
     assert not loop.warming
 
 
-def test_a_slow_query_is_stopped_within_the_budget_then_passed_on_unrun(
+async def test_a_slow_query_is_stopped_within_the_budget_then_passed_on_unrun(
     slow_loop: LoopReader,
 ) -> None:
     loop = slow_loop
@@ -118,14 +123,14 @@ def test_a_slow_query_is_stopped_within_the_budget_then_passed_on_unrun(
     assert rows_of(answered(loop, query("SELECT 1 AS one"), "SELECT 1 AS one")) == [{"one": 1}]
 
 
-def test_a_failure_is_the_callers_answer_not_a_retry(loop: LoopReader) -> None:
+async def test_a_failure_is_the_callers_answer_not_a_retry(loop: LoopReader) -> None:
     done = answered(loop, query("SELECT nope FROM t"), "bad")
     assert done is not None
     assert not done.ok
     assert isinstance(done.value, DbProxyFailed)
 
 
-def test_a_query_past_its_deadline_is_db_timeout_as_on_the_readers(
+async def test_a_query_past_its_deadline_is_db_timeout_as_on_the_readers(
     loop: LoopReader,
 ) -> None:
     done = loop.attempt(query("SELECT 1"), "SELECT 1", time.monotonic() - 1)
@@ -135,7 +140,7 @@ def test_a_query_past_its_deadline_is_db_timeout_as_on_the_readers(
     assert loop.failures == {"DB_TIMEOUT": 1}
 
 
-def test_a_query_refused_for_a_lock_is_passed_on_never_waited_for(
+async def test_a_query_refused_for_a_lock_is_passed_on_never_waited_for(
     loop: LoopReader,
 ) -> None:
     """A reader of a WAL database meets SQLITE_BUSY only while another connection recovers
@@ -165,7 +170,7 @@ STUCK = "SELECT length(trim(printf('%.*c', 150000, 'a'), printf('%.*c', 150000, 
         f"SELECT 1 AS one WHERE 0 IN ({', '.join(['1'] * 2000)})",  # a long text to prepare
     ],
 )
-def test_a_statement_that_could_stall_the_loop_is_passed_on_before_it_runs(
+async def test_a_statement_that_could_stall_the_loop_is_passed_on_before_it_runs(
     loop: LoopReader, sql: str
 ) -> None:
     assert loop.attempt(query(sql), sql, 0.0) is None
@@ -174,7 +179,7 @@ def test_a_statement_that_could_stall_the_loop_is_passed_on_before_it_runs(
     assert loop.failures == {}
 
 
-def test_functions_of_bounded_work_are_answered_on_the_loop_and_refusals_too(
+async def test_functions_of_bounded_work_are_answered_on_the_loop_and_refusals_too(
     loop: LoopReader,
 ) -> None:
     sql = "SELECT coalesce(max(id), 0) AS top, typeof(max(v)) AS t FROM t"
@@ -204,36 +209,24 @@ def test_functions_of_bounded_work_are_answered_on_the_loop_and_refusals_too(
         ),
     ],
 )
-def test_what_the_schema_compiles_in_is_passed_on_before_it_runs(
-    path: str, loop: LoopReader, schema: str, sql: str, denial: Denial | None
+async def test_what_the_schema_compiles_in_is_passed_on_before_it_runs(
+    writer: GuardedConn, loop: LoopReader, schema: str, sql: str, denial: Denial | None
 ) -> None:
-    writer = open_guarded(path, readonly=False, busy_timeout_ms=100)
-    try:
-        proxy.execute_script(writer, schema)
-    finally:
-        writer.db.close()
+    proxy.execute_script(writer, schema)
     rows_of(answered(loop, query("SELECT id FROM t"), "SELECT id FROM t"))
     assert loop.attempt(query(sql), sql, 0.0) is None
     assert loop.conn.guard.denial is denial
     assert not loop.stopped_once
     assert hash(sql) in loop.too_slow
     # Refused midway, the statement left no read open: the loop still sees each commit.
-    writer = open_guarded(path, readonly=False, busy_timeout_ms=100)
-    try:
-        proxy.run(writer, "INSERT INTO t (v) VALUES ('after')", None, 10)
-    finally:
-        writer.db.close()
+    proxy.run(writer, "INSERT INTO t (v) VALUES ('after')", None, 10)
     assert rows_of(answered(loop, query("SELECT v FROM t"), "SELECT v FROM t")) == [{"v": "after"}]
 
 
-def test_a_value_too_long_for_one_quick_step_is_passed_on_and_shorter_ones_answered(
-    path: str, loop: LoopReader
+async def test_a_value_too_long_for_one_quick_step_is_passed_on_and_shorter_ones_answered(
+    writer: GuardedConn, loop: LoopReader
 ) -> None:
-    writer = open_guarded(path, readonly=False, busy_timeout_ms=100)
-    try:
-        proxy.run(writer, "INSERT INTO t (id, v) VALUES (1, ?), (2, 'short')", ("x" * 10**6,), 10)
-    finally:
-        writer.db.close()
+    proxy.run(writer, "INSERT INTO t (id, v) VALUES (1, ?), (2, 'short')", ("x" * 10**6,), 10)
     short = "SELECT v FROM t WHERE id = 2"
     assert rows_of(answered(loop, query(short), short)) == [{"v": "short"}]
     half = "x" * (VALUE_BYTES // 2 + 1)
@@ -242,3 +235,43 @@ def test_a_value_too_long_for_one_quick_step_is_passed_on_and_shorter_ones_answe
         assert loop.attempt(query(sql, *bind), sql, 0.0) is None
         assert hash(sql) in loop.too_slow
     assert loop.failures == {}
+
+
+async def test_queries_share_one_snapshot_until_the_writer_commits(
+    path: str, writer: GuardedConn, loop: LoopReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loop_reader, "SNAPSHOT_AGE", 60.0)
+    sql = "SELECT v FROM t ORDER BY id"
+    assert rows_of(answered(loop, query(sql), sql)) == []
+    # A writer of another process's (not counted): not seen while the snapshot lasts.
+    other = open_guarded(path, readonly=False, busy_timeout_ms=100)
+    try:
+        proxy.run(other, "INSERT INTO t (v) VALUES ('other')", None, 10)
+    finally:
+        other.db.close()
+    assert rows_of(answered(loop, query(sql), sql)) == []
+    # A commit of the writer's, before its answer goes out: the next query sees it all.
+    proxy.run(writer, "INSERT INTO t (v) VALUES ('ours')", None, 10)
+    assert rows_of(answered(loop, query(sql), sql)) == [{"v": "other"}, {"v": "ours"}]
+
+
+async def test_an_idle_loop_lets_its_snapshot_go_and_the_wal_be_checkpointed_to_its_end(
+    writer: GuardedConn, loop: LoopReader
+) -> None:
+    sql = "SELECT v FROM t WHERE id = 1"
+    assert rows_of(answered(loop, query(sql), sql)) == []
+    proxy.run(writer, "INSERT INTO t (v) VALUES ('x')", None, 10)
+    frames, copied = writer.db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+    assert copied < frames, "the loop's snapshot holds the WAL"
+    await anyio.sleep(loop_reader.SNAPSHOT_AGE * 2)
+    assert not loop.conn.db.in_transaction
+    assert writer.db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE) == (0, 0)
+
+
+async def test_stop_leaves_no_snapshot_and_no_timer(writer: GuardedConn, loop: LoopReader) -> None:
+    sql = "SELECT v FROM t WHERE id = 1"
+    assert rows_of(answered(loop, query(sql), sql)) == []
+    loop.stop()
+    assert not loop.conn.db.in_transaction
+    assert loop.expiry is None
+    assert loop.attempt(query(sql), sql, 0.0) is None

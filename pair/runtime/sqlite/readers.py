@@ -88,13 +88,22 @@ class Readers(ConnectionPool[C]):
         batch_max: int,
         late_error: Callable[[], BaseException] | None = None,
         jobs: queue.SimpleQueue[Job[Any] | None] | None = None,
+        also_busy: Callable[[], bool] | None = None,
     ) -> None:
         self.batch_max = batch_max
+        self._also_busy = also_busy
         self._turns_free = turns
         self._turn_freed = threading.Condition()
         self._watch: asyncio.TimerHandle | None = None
-        self.slow = SlowLane(f"{name}-slow", slow, others_busy=self.busy, late_error=late_error)
+        self.slow = SlowLane(
+            f"{name}-slow", slow, others_busy=self._quick_work_waits, late_error=late_error
+        )
         super().__init__(name, connections, late_error=late_error, jobs=jobs)
+
+    def _quick_work_waits(self) -> bool:
+        """For the slow lane: quick queries are queued or running here, or elsewhere
+        (`also_busy`: the loop's own reader answering them)."""
+        return self.busy() or (self._also_busy is not None and self._also_busy())
 
     def submit(self, fn: Callable[[C], T], deadline: float = 0.0) -> Job[T]:
         job = super().submit(fn, deadline)

@@ -46,6 +46,9 @@ class Conn:
     tx_mode: TxMode = TxMode.ALONE
     busy_timeout_ms: int = BUSY_TIMEOUT_MS
     health: WriteHealth = field(default_factory=WriteHealth)
+    # Commits made on this connection so far, counted once each is visible to readers:
+    # the loop's reader starts a new snapshot when it moves (`assistant.loop_reader`).
+    commits: int = 0
 
     def execute(
         self, sql: str, bind: tuple[Any, ...] | None = None, *, cacheable: bool = True
@@ -62,6 +65,7 @@ class Conn:
     def note_commit(self, changes_before: int) -> None:
         """A commit just succeeded: it clears a degraded database if it wrote rows (the
         gateway's reads run on its writer too, and an empty COMMIT proves nothing)."""
+        self.commits += 1
         if self.db.total_changes() != changes_before:
             self.health.committed()
 
@@ -77,6 +81,7 @@ class Conn:
 # identical text would otherwise be served our prepared, unchecked BEGIN.
 _NONCE = secrets.token_hex(8)
 BEGIN = f"BEGIN IMMEDIATE /* {_NONCE} */"
+BEGIN_READ = f"BEGIN DEFERRED /* {_NONCE} */"
 COMMIT = f"COMMIT /* {_NONCE} */"
 ROLLBACK = f"ROLLBACK /* {_NONCE} */"
 SAVEPOINT = f"SAVEPOINT job_{_NONCE}"
