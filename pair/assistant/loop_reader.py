@@ -6,8 +6,8 @@ query's cost was ours, the hops and their GIL hand-overs). So a query first runs
 here, on the loop, under a budget of `BUDGET` seconds: SQLite's progress handler
 (every `STEPS` VM steps) stops it past that, and it is run again from the start
 by the readers, as a read may be (it has no side effects). A statement stopped
-twice in a row goes to the readers straight away for the next `RETRY_AFTER`
-(`too_slow`, of bounded size).
+twice in a row goes to the readers straight away for a while (`too_slow`, of bounded
+size): `FIRST_RETRY`, doubled each time it is stopped again up to `RETRY_AFTER`.
 
 The budget is about one thread hop: a call behind a query that turns out slow
 waits no longer than it waited behind the hop before. A lock (SQLITE_BUSY: a
@@ -71,10 +71,14 @@ MAX_BUDGET = 1.0
 STEPS = 10
 # Statements remembered as too slow for the loop; past this many the memory starts over.
 TOO_SLOW_KEPT = 1024
-# A statement too slow for the loop is tried there again after this (seconds): its binds
-# may make it quick, or it was stopped by what happened to run beside it (a collection of
-# the GC, a schema change read). A statement that is slow each time costs the loop one
-# budget a second.
+# A statement too slow for the loop is tried there again after this (seconds), doubled
+# each time up to `RETRY_AFTER`: its binds may make it quick, or it was stopped by what
+# happened to run beside it (a collection of the GC, a schema read, the process waiting
+# for a core). Measured: with a second at once, two such stops sent every point query of
+# a load to the readers for that second (40,000 of them). A statement that is slow each
+# time costs the loop two budgets a second; one refused for what it holds goes to the
+# readers for `RETRY_AFTER` at once.
+FIRST_RETRY = 0.05
 RETRY_AFTER = 1.0
 # How long a stop waits for a schema read in progress (it holds the connection).
 WARM_TIMEOUT = 5.0
@@ -127,6 +131,8 @@ class LoopReader:
         # the readers.
         self.too_slow: dict[int, float] = {}
         self.stopped_once: dict[int, None] = {}
+        # How many times in a row a statement was found too slow (its next wait doubles).
+        self.strikes: dict[int, int] = {}
         self.failures: Counter[str] = Counter()
         # How the attempts went: answered here, or passed to the readers (too slow, busy).
         self.answered = 0
@@ -170,7 +176,7 @@ class LoopReader:
             result = fn(self.conn)
         except BaseException as exc:  # the caller's answer, as on the readers
             if self.conn.guard.denial is Denial.NOT_QUICK or _not_for_the_loop(exc):
-                self._too_slow(sql)
+                self._too_slow(sql, RETRY_AFTER)
                 return None
             if watch.demoted:
                 self._stopped(sql)
@@ -187,6 +193,8 @@ class LoopReader:
         self.answered += 1
         if self.stopped_once:
             self.stopped_once.pop(hash(sql), None)
+        if self.strikes:
+            self.strikes.pop(hash(sql), None)
         return Done(True, result)
 
     def busy(self) -> bool:
@@ -267,18 +275,21 @@ class LoopReader:
         key = hash(sql)
         if key in self.stopped_once:
             del self.stopped_once[key]
-            self._too_slow(sql)
+            strikes = self.strikes.get(key, 0)
+            self.strikes[key] = strikes + 1
+            self._too_slow(sql, min(RETRY_AFTER, FIRST_RETRY * 2**strikes))
             return
         self.passed += 1
         if len(self.stopped_once) >= TOO_SLOW_KEPT:
             self.stopped_once.clear()
         self.stopped_once[key] = None
 
-    def _too_slow(self, sql: str) -> None:
+    def _too_slow(self, sql: str, retry_after: float) -> None:
         self.passed += 1
         if len(self.too_slow) >= TOO_SLOW_KEPT:
             self.too_slow.clear()
-        self.too_slow[hash(sql)] = time.monotonic() + RETRY_AFTER
+            self.strikes.clear()
+        self.too_slow[hash(sql)] = time.monotonic() + retry_after
 
     def _count(self, exc: BaseException) -> BaseException:
         if isinstance(exc, DatabaseFailure):

@@ -4,6 +4,7 @@ or stopped within its budget, on a real assistant.db in tmp_path."""
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,12 +108,20 @@ async def test_a_slow_query_is_stopped_within_the_budget_then_passed_on_unrun(
     slow_loop: LoopReader,
 ) -> None:
     loop = slow_loop
-    for _ in range(2):
-        assert loop.attempt(query(SLOW, 10_000_000), SLOW, 0.0) is None
-        warmed(loop)
-    # Twice in a row: passed on unrun for the next second, however quick its binds.
-    assert loop.attempt(query(SLOW, 10), SLOW, 0.0) is None
-    assert loop.passed == 3
+    waits = []
+    for _ in range(6):
+        loop.too_slow.clear()
+        for _ in range(2):
+            assert loop.attempt(query(SLOW, 10_000_000), SLOW, 0.0) is None
+            warmed(loop)
+        # Twice in a row: passed on unrun for a while, however quick its binds; a while
+        # twice as long each time it is found too slow again, up to RETRY_AFTER.
+        assert loop.attempt(query(SLOW, 10), SLOW, 0.0) is None
+        waits.append(loop.too_slow[hash(SLOW)] - time.monotonic())
+    assert waits[0] <= loop_reader.FIRST_RETRY
+    assert all(later > earlier for earlier, later in itertools.pairwise(waits[:5]))
+    assert loop_reader.RETRY_AFTER / 2 < waits[5] <= loop_reader.RETRY_AFTER
+    assert loop.passed == 18
     assert loop.failures == {}
     # Then tried again: answered here if its run fits the budget; the connection is as
     # good after, whichever.
