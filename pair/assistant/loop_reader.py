@@ -166,7 +166,9 @@ class LoopReader:
             self.writes.commits != self.seen_commits or now - self.snapshot_at > SNAPSHOT_AGE
         ):
             self.release()
-        if not db.in_transaction and not self._begin(now):
+        # Only the first statement of a snapshot may read the schema (a change commits).
+        new_snapshot = not db.in_transaction
+        if new_snapshot and not self._begin(now):
             self.passed += 1
             return None
         watch.at = deadline
@@ -181,7 +183,8 @@ class LoopReader:
             if watch.demoted:
                 self._stopped(sql)
                 self.release()
-                self._warm()
+                if new_snapshot:
+                    self._warm()
                 return None
             if isinstance(exc.__cause__, apsw.BusyError):
                 self.passed += 1
@@ -247,7 +250,10 @@ class LoopReader:
             self.expiry = loop.call_later(SNAPSHOT_AGE - age, self._expire)
 
     def _warm(self) -> None:
-        """Read the schema on a thread of its own, while the loop passes every query on.
+        """Read the schema on a thread of its own, while the loop passes every query on:
+        after a stop in a snapshot's first statement, which may have been reading it.
+        (Not after any stop: the thread waits for the GIL while the loop is busy, and every
+        query went to the readers meanwhile, thousands under load.)
 
         Stopped while it was reading the schema (after a caller's CREATE, say), SQLite
         throws the half-read schema away, so with many tables the next try on the loop
