@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import apsw
 
-from pair.assistant.loop_reader import BUDGET, LoopReader, failures_of
+from pair.assistant.loop_reader import BUDGET, LoopReader
 from pair.assistant.policy import Guard, Mode
 from pair.protocol.deferred import Done
 from pair.protocol.framing import DEFAULT_MAX_FRAME_BYTES
@@ -231,7 +231,7 @@ class Database:
 
     def failure_counts(self) -> dict[str, int]:
         """Database failures of the calls so far, by errorCode (the `metrics` method)."""
-        counts = failures_of(self.loop_reader)
+        counts = {} if self.loop_reader is None else dict(self.loop_reader.failures)
         for pool in (self.writer, self.readers):
             for code, count in (pool.failure_counts() if pool is not None else {}).items():
                 counts[code] = counts.get(code, 0) + count

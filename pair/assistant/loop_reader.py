@@ -130,9 +130,9 @@ class LoopReader:
         # By the text's hash: a text may be long, and a collision only sends a query to
         # the readers.
         self.too_slow: dict[int, float] = {}
-        self.stopped_once: dict[int, None] = {}
-        # How many times in a row a statement was found too slow (its next wait doubles).
-        self.strikes: dict[int, int] = {}
+        # Stops of a statement since it was last answered here: each second one finds it
+        # too slow, and doubles its next wait.
+        self.stops: dict[int, int] = {}
         self.failures: Counter[str] = Counter()
         # How the attempts went: answered here, or passed to the readers (too slow, busy).
         self.answered = 0
@@ -194,10 +194,8 @@ class LoopReader:
         finally:
             watch.at = 0.0
         self.answered += 1
-        if self.stopped_once:
-            self.stopped_once.pop(hash(sql), None)
-        if self.strikes:
-            self.strikes.pop(hash(sql), None)
+        if self.stops:
+            self.stops.pop(hash(sql), None)
         return Done(True, result)
 
     def busy(self) -> bool:
@@ -279,22 +277,18 @@ class LoopReader:
         be slow for what it does once (preparing the statement, reading the schema after
         a change), not what it does each time."""
         key = hash(sql)
-        if key in self.stopped_once:
-            del self.stopped_once[key]
-            strikes = self.strikes.get(key, 0)
-            self.strikes[key] = strikes + 1
-            self._too_slow(sql, min(RETRY_AFTER, FIRST_RETRY * 2**strikes))
+        if len(self.stops) >= TOO_SLOW_KEPT:
+            self.stops.clear()
+        stops = self.stops[key] = self.stops.get(key, 0) + 1
+        if stops % 2:
+            self.passed += 1
             return
-        self.passed += 1
-        if len(self.stopped_once) >= TOO_SLOW_KEPT:
-            self.stopped_once.clear()
-        self.stopped_once[key] = None
+        self._too_slow(sql, min(RETRY_AFTER, FIRST_RETRY * 2 ** (stops // 2 - 1)))
 
     def _too_slow(self, sql: str, retry_after: float) -> None:
         self.passed += 1
         if len(self.too_slow) >= TOO_SLOW_KEPT:
             self.too_slow.clear()
-            self.strikes.clear()
         self.too_slow[hash(sql)] = time.monotonic() + retry_after
 
     def _count(self, exc: BaseException) -> BaseException:
@@ -355,7 +349,3 @@ def _not_for_the_loop(exc: BaseException) -> bool:
     if isinstance(cause, apsw.TooBigError):
         return True
     return isinstance(cause, apsw.SQLError) and "no such module" in str(cause)
-
-
-def failures_of(reader: LoopReader | None) -> dict[str, int]:
-    return {} if reader is None else dict(reader.failures)

@@ -12,24 +12,18 @@ from pathlib import Path
 import pytest
 
 from pair.assistant import proxy
-from pair.assistant.db import MIGRATIONS, GuardedConn, open_guarded
+from pair.assistant.db import GuardedConn
 from pair.assistant.errors import DbProxyFailed, DbProxyTransactionFailed, SqlForbidden
 from pair.assistant.events import insert_event
 from pair.assistant.proxy import Step, TransactionFailed, TransactionOk
 from pair.protocol.errors import InvalidParams
-from pair.runtime.sqlite import migrate
-from tests.support.sqlite import count
+from tests.support.sqlite import assistant_writer, count
 
 
 @pytest.fixture
 def conn(tmp_path: Path) -> Iterator[GuardedConn]:
-    connection = open_guarded(str(tmp_path / "assistant.db"), readonly=False, busy_timeout_ms=100)
-    migrate(connection, MIGRATIONS, log=lambda _: None)
-    proxy.execute_script(connection, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
-    try:
+    with assistant_writer(str(tmp_path / "assistant.db")) as connection:
         yield connection
-    finally:
-        connection.db.close()
 
 
 def insert(value: str, require_changes: int | None = None) -> Step:

@@ -15,13 +15,14 @@ import apsw
 import pytest
 
 from pair.assistant import loop_reader, proxy
-from pair.assistant.db import MIGRATIONS, GuardedConn, open_guarded
+from pair.assistant.db import GuardedConn, open_guarded
 from pair.assistant.errors import DbProxyFailed, SqlForbidden
-from pair.assistant.loop_reader import MAX_BUDGET, VALUE_BYTES, LoopReader
+from pair.assistant.loop_reader import BUDGET, MAX_BUDGET, VALUE_BYTES, LoopReader
 from pair.assistant.policy import Denial
 from pair.assistant.proxy import QueryResult
 from pair.protocol.deferred import Done
-from pair.runtime.sqlite import DatabaseFailure, migrate, timeout_error
+from pair.runtime.sqlite import DatabaseFailure, timeout_error
+from tests.support.sqlite import assistant_writer
 
 COUNT_TO = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < ?)"
 SLOW = f"{COUNT_TO} SELECT max(n) AS n FROM c"
@@ -38,13 +39,17 @@ def path(tmp_path: Path) -> str:
 @pytest.fixture
 def writer(path: str) -> Iterator[GuardedConn]:
     """The one writer, as in the daemon: the loop's reader counts its commits."""
-    conn = open_guarded(path, readonly=False, busy_timeout_ms=100)
-    migrate(conn, MIGRATIONS, log=lambda _: None)
-    proxy.execute_script(conn, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
-    try:
+    with assistant_writer(path) as conn:
         yield conn
+
+
+def loop_reader_on(path: str, writer: GuardedConn, budget: float) -> Iterator[LoopReader]:
+    conn = open_guarded(path, readonly=True, busy_timeout_ms=5000)
+    reader = LoopReader(conn, writer, timeout_error, budget)
+    try:
+        yield reader
     finally:
-        conn.db.close()
+        reader.close()
 
 
 @pytest.fixture
@@ -52,22 +57,12 @@ def loop(path: str, writer: GuardedConn) -> Iterator[LoopReader]:
     """A loop reader with a budget no machine misses (with 100 us, a quick query the
     machine's own load holds up is stopped too, by design): what it passes on, it passes
     for what the query is. `slow_loop` has the daemon's budget."""
-    conn = open_guarded(path, readonly=True, busy_timeout_ms=5000)
-    reader = LoopReader(conn, writer, timeout_error, MAX_BUDGET)
-    try:
-        yield reader
-    finally:
-        reader.close()
+    yield from loop_reader_on(path, writer, MAX_BUDGET)
 
 
 @pytest.fixture
 def slow_loop(path: str, writer: GuardedConn) -> Iterator[LoopReader]:
-    conn = open_guarded(path, readonly=True, busy_timeout_ms=5000)
-    reader = LoopReader(conn, writer, timeout_error)
-    try:
-        yield reader
-    finally:
-        reader.close()
+    yield from loop_reader_on(path, writer, BUDGET)
 
 
 def rows_of(done: Done[Any] | None) -> list[dict[str, Any]]:
@@ -184,7 +179,7 @@ async def test_a_statement_that_could_stall_the_loop_is_passed_on_before_it_runs
 ) -> None:
     assert loop.attempt(query(sql), sql, 0.0) is None
     # Refused before it ran, not stopped by the budget after it did.
-    assert not loop.stopped_once
+    assert not loop.stops
     assert loop.failures == {}
 
 
@@ -225,7 +220,7 @@ async def test_what_the_schema_compiles_in_is_passed_on_before_it_runs(
     rows_of(answered(loop, query("SELECT id FROM t"), "SELECT id FROM t"))
     assert loop.attempt(query(sql), sql, 0.0) is None
     assert loop.conn.guard.denial is denial
-    assert not loop.stopped_once
+    assert not loop.stops
     assert hash(sql) in loop.too_slow
     # Refused midway, the statement left no read open: the loop still sees each commit.
     proxy.run(writer, "INSERT INTO t (v) VALUES ('after')", None, 10)
